@@ -1,0 +1,105 @@
+"""The result schema both implementations write, and the metrics/result files of a run folder."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+RESULT_FILE = "result.json"
+METRICS_FILE = "metrics.jsonl"
+
+# Every result.json carries exactly these keys (more are allowed), with the same meaning for every implementation.
+RESULT_KEYS = (
+    "impl", "n_labels", "seed", "steps", "spec_hash",
+    "final_top1", "best_top1", "median20_top1", "final_top5", "final_loss",
+    "split_sha256", "data_sha256", "data_kind", "param_count",
+    "wall_seconds", "steps_per_second", "device", "torch_version", "code_version", "evals",
+)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    """One JSON line per record; `kind` is "train" (training statistics) or "eval" (one evaluation)."""
+    with open(Path(run_dir) / METRICS_FILE, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a kill: everything before it stands
+                continue
+    return out
+
+
+def truncate_metrics(run_dir: Path, after_step: int) -> None:
+    """On resume, drop records past the checkpoint's step so no step is logged twice."""
+    path = Path(run_dir) / METRICS_FILE
+    keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= after_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
+    tmp.replace(path)
+
+
+def summarize_evals(evals: list[dict[str, Any]]) -> dict[str, float]:
+    """final, best (chosen on the test set) and the paper's median of the last 20 evaluations, all top-1 in %."""
+    if not evals:
+        raise ValueError("no evaluation was recorded")
+    evals = sorted(evals, key=lambda r: r["step"])
+    top1 = [r["top1"] for r in evals]
+    return {
+        "final_top1": top1[-1],
+        "best_top1": max(top1),
+        "median20_top1": statistics.median(top1[-20:]),
+        "final_top5": evals[-1]["top5"],
+        "final_loss": evals[-1]["loss"],
+    }
+
+
+def validate_result(result: dict[str, Any]) -> None:
+    missing = [k for k in RESULT_KEYS if k not in result]
+    if missing:
+        raise ValueError(f"result is missing keys {missing}")
+
+
+def read_result(run_dir: Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / RESULT_FILE
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def code_version(repo_dir: Path | None = None) -> str:
+    """The git commit of this project (with -dirty when the tree has uncommitted changes), or "unknown"."""
+    import subprocess
+
+    repo_dir = Path(repo_dir or Path(__file__).resolve().parents[1])
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_dir,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not head:
+        return "unknown"
+    return head + ("-dirty" if dirty else "")

@@ -1,0 +1,250 @@
+"""CIFAR-10 from any supported source, decoded once into cached uint8 arrays with a data identity."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+import shutil
+import tarfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from contract.arrays import ARRAY_NAMES, arrays_sha256
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_COUNTS = {"train": 5000, "test": 1000}  # images per class
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
+SOURCE_KINDS = ("torchvision", "cifar10-python-tar", "image-folder", "image-folder-tar")
+SUPPORTED = (
+    "a torchvision CIFAR-10 folder (containing cifar-10-batches-py), the original cifar-10-python.tar.gz, "
+    "an image-folder tree laid out train/<class>/* and test/<class>/*, or a .tar/.tar.gz of such a tree"
+)
+
+
+class DataError(ValueError):
+    """A data source that is missing, corrupt or not laid out as CIFAR-10."""
+
+
+@dataclass(frozen=True)
+class DataIdentity:
+    kind: str  # one of SOURCE_KINDS
+    source_sha256: str  # checksum of the source files (the cache key)
+    data_sha256: str  # checksum of the decoded arrays: what every result carries
+    source: str  # the path as given (informational)
+
+    def describe(self) -> str:
+        label = {"torchvision": "torchvision original", "cifar10-python-tar": "original python tarball",
+                 "image-folder": "image folder", "image-folder-tar": "image-folder archive"}[self.kind]
+        return f"cifar10 ({label}, source sha256 {self.source_sha256[:8]}, pixels sha256 {self.data_sha256[:8]})"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    data_dir: Path  # folder of cached arrays: train_x.npy, train_y.npy, test_x.npy, test_y.npy, identity.json
+    identity: DataIdentity
+    classes: tuple[str, ...]
+    train_y: np.ndarray
+    test_y: np.ndarray
+
+
+def default_cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("FIXMATCH_BENCH_CACHE", Path.home() / ".cache" / "fixmatch_bench"))
+
+
+def load_cifar10(source: str | Path | None, cache_dir: Path | None = None, download: bool = False,
+                 counts: dict[str, int] = CIFAR10_COUNTS) -> Dataset:
+    """Resolve, decode (once) and validate CIFAR-10. `source` None means torchvision's folder in the cache.
+
+    `counts` is the number of images per class expected in each split (tests pass smaller trees)."""
+    cache_dir = Path(cache_dir or default_cache_dir())
+    if source is None:
+        source = cache_dir / "torchvision"
+        download = True
+    path = Path(source).expanduser()
+    if download and not (path / "cifar-10-batches-py").is_dir() and path.name != "cifar-10-batches-py":
+        _torchvision_download(path)
+    kind, files = _inspect(path)
+    source_sha = _sha256_files(files, base=path if path.is_dir() else path.parent)
+    entry = cache_dir / "arrays" / f"cifar10-{kind}-{source_sha[:16]}"
+    ident_file = entry / "identity.json"
+    if ident_file.exists() and all((entry / f"{n}.npy").exists() for n in ARRAY_NAMES):
+        meta = json.loads(ident_file.read_text())
+        train_y, test_y = np.load(entry / "train_y.npy"), np.load(entry / "test_y.npy")
+    else:
+        arrays, classes, kind = _decode(kind, path)
+        _validate(arrays, classes, str(path), counts)
+        meta = {"kind": kind, "source_sha256": source_sha, "data_sha256": arrays_sha256(arrays),
+                "classes": list(classes), "source": str(path)}
+        tmp = entry.with_name(entry.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in ARRAY_NAMES:
+            np.save(tmp / f"{name}.npy", arrays[name])
+        (tmp / "identity.json").write_text(json.dumps(meta, indent=2) + "\n")
+        shutil.rmtree(entry, ignore_errors=True)
+        tmp.replace(entry)
+        train_y, test_y = arrays["train_y"], arrays["test_y"]
+    identity = DataIdentity(meta["kind"], meta["source_sha256"], meta["data_sha256"], str(path))
+    return Dataset(entry, identity, tuple(meta["classes"]), train_y, test_y)
+
+
+def _torchvision_download(root: Path) -> None:
+    try:
+        import torchvision
+
+        torchvision.datasets.CIFAR10(str(root), train=True, download=True)
+        torchvision.datasets.CIFAR10(str(root), train=False, download=True)
+    except Exception as e:  # network errors come in many types
+        raise DataError(f"could not download CIFAR-10 into {root} ({e}); pass --data with {SUPPORTED}") from None
+
+
+def _inspect(path: Path) -> tuple[str, list[Path]]:
+    """Which kind of source `path` is, and the files its checksum covers."""
+    if not path.exists():
+        raise DataError(f"data path {path} does not exist; expected {SUPPORTED}")
+    if path.is_dir():
+        batches = path if path.name == "cifar-10-batches-py" else path / "cifar-10-batches-py"
+        if batches.is_dir():
+            names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+            missing = [n for n in names if not (batches / n).is_file()]
+            if missing:
+                raise DataError(f"torchvision CIFAR-10 folder {batches} lacks {missing}")
+            return "torchvision", [batches / n for n in names]
+        if (path / "train").is_dir() and (path / "test").is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            return "image-folder", files
+        raise DataError(f"data folder {path} has neither cifar-10-batches-py/ nor train/ and test/ folders; "
+                        f"expected {SUPPORTED}")
+    if not tarfile.is_tarfile(path):
+        raise DataError(f"data file {path} is not a tar archive; expected {SUPPORTED}")
+    return "tar", [path]
+
+
+def _sha256_files(files: list[Path], base: Path) -> str:
+    """A single file: its plain sha256 (as `sha256sum` prints it). Several: over each relative name and content."""
+    h = hashlib.sha256()
+    for f in files:
+        if len(files) > 1:
+            h.update(str(f.relative_to(base)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _decode(kind: str, path: Path) -> tuple[dict[str, np.ndarray], tuple[str, ...], str]:
+    """The arrays, the class names, and the source kind (a tar's kind is known once it is read)."""
+    if kind == "torchvision":
+        batches = path if path.name == "cifar-10-batches-py" else path / "cifar-10-batches-py"
+        files = {p.name: p.read_bytes() for p in batches.iterdir() if p.is_file()}
+        return (*_decode_python_batches(files, str(path)), kind)
+    if kind == "image-folder":
+        members = {str(p.relative_to(path)): p.read_bytes for p in path.rglob("*") if p.is_file()}
+        return (*_decode_image_tree(members, str(path)), kind)
+    return _decode_tar(path)
+
+
+def _decode_tar(path: Path) -> tuple[dict[str, np.ndarray], tuple[str, ...], str]:
+    try:
+        with tarfile.open(path) as tar:
+            blobs = {}
+            for m in tar.getmembers():
+                if m.isfile():
+                    blobs[m.name] = tar.extractfile(m).read()
+    except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as e:
+        raise DataError(f"archive {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
+    names = {n.split("/")[-1] for n in blobs}
+    if "data_batch_1" in names:
+        files = {n.split("/")[-1]: b for n, b in blobs.items()}
+        return (*_decode_python_batches(files, str(path)), "cifar10-python-tar")
+    return (*_decode_image_tree({n: (lambda b=b: b) for n, b in blobs.items()}, str(path)), "image-folder-tar")
+
+
+def _decode_python_batches(files: dict[str, bytes], where: str) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
+    def unpickle(name: str) -> dict:
+        if name not in files:
+            raise DataError(f"CIFAR-10 python data in {where} lacks {name}")
+        try:
+            return pickle.loads(files[name], encoding="latin1")
+        except Exception as e:
+            raise DataError(f"CIFAR-10 file {name} in {where} is corrupt ({type(e).__name__}: {e})") from None
+
+    def stack(names):
+        parts = [unpickle(n) for n in names]
+        x = np.concatenate([np.asarray(p["data"], dtype=np.uint8).reshape(-1, 3, 32, 32) for p in parts])
+        y = np.concatenate([np.asarray(p["labels"], dtype=np.int64) for p in parts])
+        return np.ascontiguousarray(x.transpose(0, 2, 3, 1)), y
+
+    train_x, train_y = stack([f"data_batch_{i}" for i in range(1, 6)])
+    test_x, test_y = stack(["test_batch"])
+    classes = tuple(unpickle("batches.meta")["label_names"])
+    return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}, classes
+
+
+def _decode_image_tree(members: dict, where: str) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
+    """members: relative path -> callable returning the bytes. Paths may carry one leading folder."""
+    from PIL import Image, UnidentifiedImageError
+
+    by_split: dict[str, dict[str, list[tuple[str, object]]]] = {"train": {}, "test": {}}
+    for name, read in members.items():
+        parts = [p for p in name.split("/") if p not in ("", ".")]
+        if len(parts) >= 3 and parts[-3] in by_split:
+            split, cls, fname = parts[-3:]
+        else:
+            continue
+        if fname.startswith("."):
+            continue
+        by_split[split].setdefault(cls, []).append((fname, read))
+    if not by_split["train"] or not by_split["test"]:
+        raise DataError(f"{where} is not laid out as train/<class>/* and test/<class>/* image folders")
+    classes = tuple(sorted(by_split["train"]))
+    if tuple(sorted(by_split["test"])) != classes:
+        raise DataError(f"{where}: train classes {classes} differ from test classes {tuple(sorted(by_split['test']))}")
+    out = {}
+    for split, per_class in by_split.items():
+        xs, ys = [], []
+        for label, cls in enumerate(classes):
+            for fname, read in sorted(per_class[cls], key=lambda t: _natural_key(t[0])):
+                rel = f"{split}/{cls}/{fname}"
+                if not fname.lower().endswith(IMAGE_SUFFIXES):
+                    raise DataError(f"{where}: {rel} is not an image file (expected one of {IMAGE_SUFFIXES})")
+                try:
+                    with Image.open(io.BytesIO(read())) as im:
+                        im.load()
+                        if im.mode != "RGB":
+                            raise DataError(f"{where}: {rel} is {im.mode}, expected an RGB image")
+                        arr = np.asarray(im, dtype=np.uint8)
+                except (UnidentifiedImageError, OSError, SyntaxError) as e:
+                    raise DataError(f"{where}: {rel} is not a readable image ({e})") from None
+                if arr.shape != (32, 32, 3):
+                    raise DataError(f"{where}: {rel} is {arr.shape[1]}x{arr.shape[0]}, expected 32x32 RGB")
+                xs.append(arr)
+                ys.append(label)
+        out[f"{split}_x"] = np.stack(xs) if xs else np.zeros((0, 32, 32, 3), np.uint8)
+        out[f"{split}_y"] = np.asarray(ys, dtype=np.int64)
+    return out, classes
+
+
+def _natural_key(name: str):
+    stem = name.rsplit(".", 1)[0]
+    return (0, int(stem), name) if stem.isdigit() else (1, 0, name)
+
+
+def _validate(arrays: dict[str, np.ndarray], classes: tuple[str, ...], where: str,
+              counts: dict[str, int]) -> None:
+    if tuple(classes) != CIFAR10_CLASSES:
+        raise DataError(f"{where}: classes {tuple(classes)} are not CIFAR-10's {CIFAR10_CLASSES}")
+    for split, per_class in counts.items():
+        x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
+        if x.ndim != 4 or x.shape[1:] != (32, 32, 3) or x.dtype != np.uint8:
+            raise DataError(f"{where}: {split} images are {x.dtype}{x.shape}, expected uint8 (N, 32, 32, 3)")
+        counts = np.bincount(y, minlength=len(classes))
+        if len(x) != len(y) or (counts != per_class).any():
+            raise DataError(f"{where}: {split} has {len(x)} images with per-class counts {counts.tolist()}, "
+                            f"expected {per_class} per class ({per_class * len(classes)} in all)")

@@ -1,0 +1,68 @@
+"""Seeded, class-balanced label splits, saved once as files and verified on every later use."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from contract.arrays import indices_sha256
+from contract.results import write_json_atomic
+
+
+class SplitError(ValueError):
+    """A bad label budget, or a split file that disagrees with the split it should hold."""
+
+
+def check_budget(n_labels: int, per_class_available: int, num_classes: int = 10) -> None:
+    """A budget must be a positive multiple of the class count that the smallest class can supply."""
+    if n_labels <= 0 or n_labels % num_classes:
+        raise SplitError(f"label budget {n_labels} is not accepted: it must be a positive multiple of "
+                         f"{num_classes} (the number of classes), e.g. 40, 250 or 4000")
+    if n_labels // num_classes > per_class_available:
+        raise SplitError(f"label budget {n_labels} is not accepted: it needs {n_labels // num_classes} images per "
+                         f"class, but the smallest class holds {per_class_available} "
+                         f"(at most {per_class_available * num_classes})")
+
+
+def make_split(train_y: np.ndarray, n_labels: int, seed: int, num_classes: int = 10) -> np.ndarray:
+    """n/num_classes indices per class drawn without replacement by a local Generator(seed); sorted."""
+    check_budget(n_labels, int(np.bincount(train_y, minlength=num_classes).min()), num_classes)
+    rng = np.random.default_rng(seed)
+    per_class = n_labels // num_classes
+    picks = [rng.choice(np.flatnonzero(train_y == c), per_class, replace=False) for c in range(num_classes)]
+    return np.sort(np.concatenate(picks)).astype(np.int64)
+
+
+def split_path(out_dir: Path, dataset: str, n_labels: int, seed: int) -> Path:
+    return Path(out_dir) / "splits" / f"{dataset}-{n_labels}-seed{seed}.json"
+
+
+def ensure_split(out_dir: Path, dataset: str, train_y: np.ndarray, n_labels: int, seed: int,
+                 data_sha256: str) -> tuple[Path, str]:
+    """Write the split file if absent; if present, check it equals the regenerated split. Returns (path, sha256)."""
+    idx = make_split(train_y, n_labels, seed)
+    sha = indices_sha256(idx)
+    labels_sha = indices_sha256(train_y[idx])  # the labels of the chosen images, in index order
+    path = split_path(out_dir, dataset, n_labels, seed)
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+            old_sha = indices_sha256(old["labeled_indices"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise SplitError(f"split file {path} is unreadable ({e}); move it away to regenerate it") from None
+        if old_sha != sha or old.get("sha256") != sha:
+            raise SplitError(f"split file {path} holds split {old_sha[:12]} but (budget {n_labels}, seed {seed}) on "
+                             f"this data gives {sha[:12]}; it is never overwritten: use another --out, or move the "
+                             f"file away if it is stale")
+        if old.get("data_sha256") != data_sha256:
+            raise SplitError(f"split file {path} was drawn on data {str(old.get('data_sha256'))[:12]}, not on this "
+                             f"data set ({data_sha256[:12]}); use another --out for another data source")
+        return path, sha
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {
+        "dataset": dataset, "n_labels": n_labels, "seed": seed, "data_sha256": data_sha256,
+        "per_class": np.bincount(train_y[idx], minlength=10).tolist(),
+        "labels_sha256": labels_sha, "sha256": sha, "labeled_indices": idx.tolist(),
+    })
+    return path, sha

@@ -1,0 +1,53 @@
+"""Optimizer pieces: weight-decay parameter groups, the cosine learning-rate schedule, the EMA of the weights."""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn as nn
+
+
+def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
+    """FixMatch's schedule: lr * cos(7 pi k / (16 K)) at step k of K (no warm-up); ends at lr * cos(7 pi / 16)."""
+    return base_lr * math.cos(7.0 * math.pi * step / (16.0 * total_steps))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on conv and linear weights only; none on biases or BatchNorm scales and shifts.
+
+    The official code decays only 'kernel' variables; TorchSSL skips every parameter whose name holds 'bn' or
+    'bias'. Both leave exactly the conv/linear weights, which is what this selects, by module type, not by name.
+    """
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            is_kernel = isinstance(module, (nn.Conv2d, nn.Linear)) and name == "weight"
+            (decay if is_kernel else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class EMA:
+    """An exponential moving average of a model's parameters: ema = decay * ema + (1 - decay) * live, every step.
+
+    Starts as a copy of the live model, with no bias correction (as the official code and TorchSSL). BatchNorm
+    running statistics are not averaged: they are copied from the live model at every update, so the averaged
+    weights are evaluated with the live model's statistics, as in both references.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_params, live_params = list(self.model.parameters()), [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(ema_params, live_params, 1.0 - self.decay)  # ema += (1 - decay) * (live - ema)
+        for ema_b, live_b in zip(self.model.buffers(), model.buffers()):
+            ema_b.copy_(live_b)
+
+    def state_dict(self) -> dict:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state)

@@ -1,0 +1,59 @@
+"""Shared fixtures: the real CIFAR-10 archive, its cached arrays, and ready-made run folders."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_archive_path() -> Path:
+    """The JPEG CIFAR-10 archive: $FIXMATCH_BENCH_DATA, else ../shared/data beside the checkout."""
+    env = os.environ.get("FIXMATCH_BENCH_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+@pytest.fixture(scope="session")
+def shared_archive() -> Path:
+    path = shared_archive_path()
+    if not path.exists():
+        pytest.skip(f"real CIFAR-10 archive not found at {path} (set FIXMATCH_BENCH_DATA to its path)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar(shared_archive):
+    """The real data set, decoded once into the user cache (FIXMATCH_BENCH_CACHE) and reused."""
+    from harness.data import load_cifar10
+
+    return load_cifar10(shared_archive)
+
+
+@pytest.fixture(scope="session")
+def cifar_data_dir(cifar) -> Path:
+    return cifar.data_dir
+
+
+@pytest.fixture
+def make_run_dir(cifar, tmp_path):
+    """make_run_dir(impl, n_labels=40, seed=0, device="cpu", extra=None, **spec_overrides) -> run folder."""
+    from contract.spec import RunFiles, RunSpec, write_spec
+    from harness.splits import ensure_split
+
+    def make(impl: str, n_labels: int = 40, seed: int = 0, device: str = "cpu", extra: dict | None = None,
+             **overrides):
+        split_file, split_sha = ensure_split(tmp_path, "cifar10", cifar.train_y, n_labels, seed,
+                                             cifar.identity.data_sha256)
+        values = dict(steps=3, eval_every=3, batch_size=2, uratio=2, eval_subset=100, eval_batch_size=100,
+                      checkpoint_every=3, log_every=1)
+        values.update(overrides)
+        spec = RunSpec(impl=impl, n_labels=n_labels, seed=seed, data_kind=cifar.identity.kind,
+                       data_sha256=cifar.identity.data_sha256, split_sha256=split_sha, **values)
+        run_dir = tmp_path / "runs" / spec.name
+        write_spec(run_dir, spec, RunFiles(data_dir=str(cifar.data_dir), split_file=str(split_file),
+                                           device=device, extra=extra or {}))
+        return run_dir
+
+    return make
