@@ -1,0 +1,67 @@
+"""run_all.py's command line: the dry-run plan and one clear line for each bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from harness.plan import OVERRIDABLE
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, str(REPO / "run_all.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_every_override_flag_is_a_spec_field():
+    sys.path.insert(0, str(REPO))
+    from run_all import build_parser
+
+    dests = {a.dest for g in build_parser()._action_groups if g.title.startswith("overrides") for a in g._group_actions}
+    assert dests == set(OVERRIDABLE)
+
+
+def test_dry_run_prints_plan_and_writes_only_splits(shared_archive, cifar, tmp_path):
+    out = tmp_path / "res"
+    r = run_cli("--budgets", "40", "250", "4000", "--dry-run", "--data", str(shared_archive), "--out", str(out),
+                "--preset", "smoke", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "train per class [5000, 5000" in r.stdout
+    assert sorted(p.name for p in (out / "splits").iterdir()) == [
+        "cifar10-250-seed0.json", "cifar10-40-seed0.json", "cifar10-4000-seed0.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["splits"]
+    for n in (40, 250, 4000):
+        sha = json.loads((out / "splits" / f"cifar10-{n}-seed0.json").read_text())["sha256"]
+        assert f"sha256 {sha}" in r.stdout
+    plan_lines = [line for line in r.stdout.splitlines() if "hash=" in line]
+    assert len(plan_lines) == 6 and sum("torchssl" in line for line in plan_lines) == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budgets", "45"], "label budget 45 is not accepted: it must be a positive multiple of 10"),
+    (["--budgets", "0"], "label budget 0 is not accepted"),
+    (["--budgets", "60000"], "label budget 60000 is not accepted: it needs 6000 images per class"),
+    (["--impls", "mixmatch"], "argument --impls: invalid choice: 'mixmatch'"),
+    (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
+    (["--device", "tpu"], "--device 'tpu' is not accepted; accepted: auto, cpu, cuda, cuda:N"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
+    (["--steps", "0"], "steps must be a positive integer, got 0"),
+])
+def test_bad_flags_fail_with_one_clear_line(tmp_path, shared_archive, args, message):
+    r = run_cli(*args, "--dry-run", "--data", str(shared_archive), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "o" / "runs").exists()
+
+
+def test_missing_data_path_is_one_line(tmp_path):
+    r = run_cli("--dry-run", "--data", str(tmp_path / "missing.tar.gz"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"error: data path {tmp_path / 'missing.tar.gz'} does not exist; expected a torchvision CIFAR-10 folder "
+        "(containing cifar-10-batches-py), the original cifar-10-python.tar.gz, an image-folder tree laid out "
+        "train/<class>/* and test/<class>/*, or a .tar/.tar.gz of such a tree"]
