@@ -1,0 +1,180 @@
+"""Scheduling: one subprocess per run in its run folder; skip finished runs, resume interrupted ones, keep going."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from contract.results import read_metrics, read_result
+from contract.spec import RunFiles, write_spec
+from harness.plan import PlannedRun
+
+REPO = Path(__file__).resolve().parents[1]
+ENTRY = {"own": "own_impl.train", "torchssl": "third_party.torchssl.entry"}
+PROCESS_LOG = "process.log"  # the subprocess's stdout and stderr; each implementation keeps its own log.txt
+
+
+def is_done(run: PlannedRun) -> bool:
+    result = read_result(run.run_dir)
+    return result is not None and result.get("spec_hash") == run.spec.hash()
+
+
+def command(run: PlannedRun) -> list[str]:
+    spec_path = run.run_dir / "spec.json"
+    return [sys.executable, "-m", ENTRY[run.spec.impl], "--spec", str(spec_path), "--run-dir", str(run.run_dir)]
+
+
+def prepare(run: PlannedRun, data_dir: Path, device: str, extra: dict) -> None:
+    write_spec(run.run_dir, run.spec, RunFiles(data_dir=str(data_dir), split_file=str(run.split_file.resolve()),
+                                               device=device, extra=extra))
+
+
+def launch(run: PlannedRun) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "PYTHONUNBUFFERED": "1"}
+    log = open(run.run_dir / PROCESS_LOG, "a")
+    log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command(run))}\n")
+    log.flush()
+    return subprocess.Popen(command(run), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+
+
+def log_tail(run: PlannedRun, lines: int = 15) -> str:
+    path = run.run_dir / PROCESS_LOG
+    if not path.exists():
+        return "(no log)"
+    with open(path, errors="replace") as f:
+        return "".join(deque(f, maxlen=lines))
+
+
+def progress(run: PlannedRun) -> tuple[int, float | None]:
+    """(last step logged, last top-1) read from the run's metrics.jsonl."""
+    step, top1 = 0, None
+    for rec in read_metrics(run.run_dir):
+        step = max(step, rec.get("step", 0))
+        if rec.get("kind") == "eval":
+            top1 = rec.get("top1")
+    return step, top1
+
+
+def warmup_estimate(runs: list[PlannedRun], data_dir: Path, device: str, extras: dict[str, dict]) -> float | None:
+    """Time a few steps of each implementation at the planned batch sizes; return the estimated total seconds."""
+    pending = [r for r in runs if not is_done(r)]
+    if not pending:
+        return 0.0
+    total = 0.0
+    for impl in sorted({r.spec.impl for r in pending}):
+        mine = [r for r in pending if r.spec.impl == impl]
+        probe_steps = 4
+        spec = dataclasses.replace(mine[0].spec, steps=probe_steps, eval_every=probe_steps,
+                                   checkpoint_every=probe_steps, log_every=1)
+        with tempfile.TemporaryDirectory(prefix=f"warmup-{impl}-") as tmp:
+            probe = PlannedRun(spec, Path(tmp) / "run", mine[0].split_file)
+            prepare(probe, data_dir, device, extras.get(impl, {}))
+            t0 = time.perf_counter()
+            proc = launch(probe)
+            code = proc.wait()
+            wall = time.perf_counter() - t0
+            result = read_result(probe.run_dir)
+            if code != 0 or result is None:
+                print(f"warm-up of {impl} failed (exit {code}):\n{log_tail(probe)}", file=sys.stderr)
+                return None
+        sps = result["steps_per_second"]
+        overhead = max(wall - probe_steps / sps, 0.0)  # start-up plus one evaluation
+        for r in mine:
+            n_evals = -(-r.spec.steps // r.spec.eval_every)
+            done = progress(r)[0]
+            total += (r.spec.steps - done) / sps + overhead * max(n_evals, 1)
+        print(f"warm-up {impl}: {sps:.2f} steps/s, {overhead:.0f} s start-up + evaluation")
+    return total
+
+
+def execute(runs: list[PlannedRun], *, data, devices: list[str], torchssl_source: str | None,
+            cache_dir: Path | None, warmup: bool = True) -> list[PlannedRun]:
+    """Run every planned run that is not done; return the ones that failed."""
+    from tqdm import tqdm
+
+    extras: dict[str, dict] = {"own": {}, "torchssl": {}}
+    if any(r.spec.impl == "torchssl" and not is_done(r) for r in runs):
+        from third_party.torchssl.checkout import ensure_checkout
+
+        checkout = ensure_checkout(torchssl_source or os.environ.get("TORCHSSL_SOURCE"), cache_dir=cache_dir)
+        extras["torchssl"] = {"torchssl_checkout": str(checkout)}
+
+    todo = []
+    for r in runs:
+        if is_done(r):
+            print(f"done already: {r.spec.name}")
+        else:
+            todo.append(r)
+    if not todo:
+        return []
+    if warmup:
+        est = warmup_estimate(todo, data.data_dir, devices[0], extras)
+        if est is not None:
+            print(f"estimated time for {len(todo)} runs on {len(devices)} device(s): "
+                  f"{est / len(devices) / 60:.1f} min")
+
+    failed: list[PlannedRun] = []
+    active: set[subprocess.Popen] = set()
+    lock = threading.Lock()
+    queue = deque(todo)
+    overall = tqdm(total=len(todo), desc="runs", position=0, unit="run", dynamic_ncols=True)
+
+    def worker(device: str, slot: int) -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                run = queue.popleft()
+            prepare(run, data.data_dir, device, extras[run.spec.impl])
+            bar = tqdm(total=run.spec.steps, desc=f"{run.spec.impl}/{run.spec.n_labels}/s{run.spec.seed}",
+                       position=slot + 1, leave=False, unit="step", dynamic_ncols=True)
+            with lock:
+                proc = launch(run)
+                active.add(proc)
+            while proc.poll() is None:
+                time.sleep(1.0)
+                step, top1 = progress(run)
+                bar.n = step
+                bar.set_postfix_str(f"top1 {top1:.2f}%" if top1 is not None else "", refresh=False)
+                bar.refresh()
+            bar.close()
+            with lock:
+                active.discard(proc)
+                if proc.returncode != 0 or not is_done(run):
+                    failed.append(run)
+                    tqdm.write(f"FAILED {run.spec.name} (exit {proc.returncode}); end of "
+                               f"{run.run_dir / PROCESS_LOG}:\n{log_tail(run)}")
+                else:
+                    res = read_result(run.run_dir)
+                    tqdm.write(f"finished {run.spec.name}: final top-1 {res['final_top1']:.2f}%, "
+                               f"{res['steps_per_second']:.2f} steps/s")
+                overall.update(1)
+
+    threads = [threading.Thread(target=worker, args=(d, i), daemon=True) for i, d in enumerate(devices)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.5)
+    finally:
+        with lock:
+            queue.clear()
+            for proc in active:  # an interruption: each run checkpoints on SIGTERM and resumes next time
+                proc.terminate()
+        for proc in list(active):
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        overall.close()
+    return failed
+
