@@ -103,3 +103,25 @@ def code_version(repo_dir: Path | None = None) -> str:
     if not head:
         return "unknown"
     return head + ("-dirty" if dirty else "")
+
+
+def machine_info(device: str) -> str:
+    """One line naming the machine a run used: the accelerator if any, else the CPU model and core count."""
+    import platform
+
+    if device.startswith("cuda"):
+        try:
+            import torch
+
+            return f"{torch.cuda.get_device_name(torch.device(device))} ({platform.node() or 'host'})"
+        except Exception:
+            return device
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
