@@ -1,0 +1,163 @@
+"""Steps/s of both implementations on one device and batch setting, side by side in one run; prints the ratio.
+
+Each implementation runs as the harness runs it (its own subprocess, from a run spec), for warm-up + repeats x
+window steps. Every implementation logs a training record every `window` steps with `train_seconds` (training time
+so far, evaluation and checkpoints excluded), so each window gives one steps/s sample; the median over the windows
+after warm-up is reported. Last line: `speedup own/torchssl: X.XX`.
+
+    python bench/throughput.py --device cpu --batch-size 16 --uratio 7
+    python bench/throughput.py --device cuda --batch-size 64 --uratio 7 --precision bf16 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from contract.results import machine_info, read_metrics  # noqa: E402
+from contract.spec import RunFiles, RunSpec, write_spec  # noqa: E402
+
+# Dense peak of the device in TFLOP/s, where known (bf16 tensor cores; fp32 without TF32 is far lower).
+PEAK_TFLOPS = {"H200": {"bf16": 989.0, "fp32": 67.0}, "H100": {"bf16": 989.0, "fp32": 67.0},
+               "A100": {"bf16": 312.0, "fp32": 19.5}}
+
+
+def step_flops(spec: RunSpec, device: str) -> float:
+    """FLOPs of one training step of our model (forward + backward over B(1 + 2mu) images), by torch's counter."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from own_impl.model import WideResNet
+
+    model = WideResNet(num_classes=spec.num_classes, depth=spec.depth, widen_factor=spec.widen_factor)
+    n = spec.batch_size * (1 + 2 * spec.uratio)
+    x = torch.randn(min(n, 8), 3, 32, 32)
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    return counter.get_total_flops() / x.shape[0] * n
+
+
+def measured_peak_tflops(device: str, precision: str) -> float:
+    """A large square matmul's TFLOP/s on this device: the practical ceiling that the step is compared with."""
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    n = 4096 if device.startswith("cuda") else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    reps = 50 if device.startswith("cuda") else 5
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def run_impl(impl: str, args, data, split_file: Path, split_sha: str, workdir: Path) -> dict:
+    steps = args.warmup + args.repeats * args.window
+    spec = RunSpec(impl=impl, n_labels=args.n_labels, seed=0, data_kind=data.identity.kind,
+                   data_sha256=data.identity.data_sha256, split_sha256=split_sha, steps=steps, eval_every=steps,
+                   batch_size=args.batch_size, uratio=args.uratio, precision=args.precision,
+                   channels_last=args.channels_last, eval_subset=100, eval_batch_size=100,
+                   checkpoint_every=steps, log_every=args.window)
+    run_dir = workdir / impl
+    write_spec(run_dir, spec, RunFiles(data_dir=str(data.data_dir), split_file=str(split_file), device=args.device,
+                                       extra=args.extras.get(impl, {})))
+    module = {"own": "own_impl.train", "torchssl": "third_party.torchssl.entry"}[impl]
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", module, "--spec", str(run_dir / "spec.json"), "--run-dir",
+                           str(run_dir)], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{impl} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    records = [r for r in read_metrics(run_dir) if r.get("kind") == "train"]
+    marks = [(0, 0.0)] + [(r["step"], r["train_seconds"]) for r in records]
+    samples = [(s1 - s0) / (t1 - t0) for (s0, t0), (s1, t1) in zip(marks, marks[1:]) if s0 >= args.warmup]
+    data_frac = [r["data_frac"] for r in records if r["step"] > args.warmup and r.get("data_frac") is not None]
+    return {"impl": impl, "steps_per_second": statistics.median(samples), "samples": samples,
+            "data_frac": statistics.median(data_frac) if data_frac else None, "process_wall_seconds": wall,
+            "spec_hash": spec.hash()}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--uratio", type=int, default=7)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--impls", nargs="+", choices=["own", "torchssl"], default=["own", "torchssl"])
+    p.add_argument("--warmup", type=int, default=4, help="steps before timing starts")
+    p.add_argument("--window", type=int, default=4, help="steps per timed sample")
+    p.add_argument("--repeats", type=int, default=5, help="timed samples; the median is reported")
+    p.add_argument("--n-labels", type=int, default=4000)
+    p.add_argument("--data", default=os.environ.get("FIXMATCH_BENCH_DATA"), help="CIFAR-10 source (see README)")
+    p.add_argument("--torchssl-source", default=os.environ.get("TORCHSSL_SOURCE"))
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = p.parse_args()
+
+    import torch
+
+    from harness.data import load_cifar10
+    from harness.splits import ensure_split
+
+    data = load_cifar10(args.data)
+    args.extras = {}
+    if "torchssl" in args.impls:
+        from third_party.torchssl.checkout import ensure_checkout
+
+        args.extras["torchssl"] = {"torchssl_checkout": str(ensure_checkout(args.torchssl_source))}
+    with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
+        split_file, split_sha = ensure_split(Path(tmp), "cifar10", data.train_y, args.n_labels, 0,
+                                             data.identity.data_sha256)
+        results = {impl: run_impl(impl, args, data, split_file, split_sha, Path(tmp)) for impl in args.impls}
+    spec = RunSpec(impl="own", n_labels=args.n_labels, seed=0, data_kind="-", data_sha256="-", split_sha256="-",
+                   batch_size=args.batch_size, uratio=args.uratio)
+    flops = step_flops(spec, args.device)
+    peak = measured_peak_tflops(args.device, args.precision)
+    name = machine_info(args.device)
+    listed = next((v[args.precision] for k, v in PEAK_TFLOPS.items() if k in name), None)
+    report = {"device": args.device, "machine": name, "torch": torch.__version__, "python": platform.python_version(),
+              "batch_size": args.batch_size, "uratio": args.uratio, "precision": args.precision,
+              "channels_last": args.channels_last, "gflop_per_step": flops / 1e9,
+              "matmul_peak_tflops": peak, "listed_peak_tflops": listed, "impls": results}
+    print(f"device {args.device} ({name}), torch {torch.__version__}, B={args.batch_size}, mu={args.uratio}, "
+          f"{args.precision}{', channels_last' if args.channels_last else ''}")
+    print(f"one step = {flops / 1e9:.1f} GFLOP (forward + backward, {args.batch_size * (1 + 2 * args.uratio)} "
+          f"images); measured matmul peak {peak:.2f} TFLOP/s" + (f", listed peak {listed:.0f}" if listed else ""))
+    print(f"{'impl':10s} {'steps/s':>9s} {'samples':>30s} {'data wait':>10s} {'TFLOP/s':>8s} {'of matmul peak':>15s}")
+    for impl, r in results.items():
+        tflops = r["steps_per_second"] * flops / 1e12
+        r["achieved_tflops"] = tflops
+        frac = f"{100 * r['data_frac']:.0f}%" if r["data_frac"] is not None else "n/a"
+        samples = ",".join(f"{s:.2f}" for s in r["samples"])
+        print(f"{impl:10s} {r['steps_per_second']:9.3f} {samples:>30s} {frac:>10s} {tflops:8.3f} "
+              f"{100 * tflops / peak:14.1f}%")
+    if set(results) == {"own", "torchssl"}:
+        ratio = results["own"]["steps_per_second"] / results["torchssl"]["steps_per_second"]
+        report["speedup_own_over_torchssl"] = ratio
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if "speedup_own_over_torchssl" in report:
+        print(f"speedup own/torchssl: {report['speedup_own_over_torchssl']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
