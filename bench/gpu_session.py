@@ -1,0 +1,119 @@
+"""One prepared GPU session: environment, side-by-side throughput, a short side-by-side accuracy run; all to --out.
+
+Made for a lent GPU with a hard limit (finishes in under 9 minutes on one H200 by default); tried first on the CPU
+with `--device cpu`, which shrinks every stage to a few steps of tiny batches so the whole script runs in minutes:
+
+    python bench/gpu_session.py --device cpu --out /tmp/gpu-dry --data ../shared/data/cifar10-jpeg.tar.gz
+    python bench/gpu_session.py --device cuda --out "$OUT" --data data/cifar10-jpeg.tar.gz
+
+It writes at most 8 files (what the device tool brings back): env.txt, throughput-fp32.json, throughput-bf16.json,
+accuracy.json, RESULTS.md, curves-4000.png, session.log, summary.md. Each stage has its own time limit, and a stage
+that fails or runs out of time is recorded and the next one still runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p.add_argument("--out", required=True, help="folder for everything the session learns")
+    p.add_argument("--device", default="cuda", help="cuda | cuda:N | cpu (dry mode: tiny settings)")
+    p.add_argument("--data", default=os.environ.get("FIXMATCH_BENCH_DATA"))
+    p.add_argument("--torchssl-source", default=os.environ.get("TORCHSSL_SOURCE"))
+    p.add_argument("--accuracy-steps", type=int, default=None, help="steps of the accuracy run (default 3000 on "
+                   "a GPU, 8 on the CPU)")
+    p.add_argument("--time-limit", type=float, default=510.0, help="seconds for the whole session")
+    args = p.parse_args()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cpu = args.device == "cpu"
+    t_start = time.monotonic()
+    log = open(out / "session.log", "a")
+    summary = [f"# GPU session on {args.device}", ""]
+
+    def left() -> float:
+        return args.time_limit - (time.monotonic() - t_start)
+
+    def stage(name: str, cmd: list[str], share: float) -> bool:
+        """Run one stage with at most `share` of the time still left; log its output."""
+        limit = max(10.0, left() * share)
+        log.write(f"\n=== {name}: {' '.join(cmd)} (limit {limit:.0f} s)\n")
+        log.flush()
+        t = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=limit,
+                                  env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
+            ok = proc.returncode == 0
+            status = "ok" if ok else f"failed (exit {proc.returncode})"
+        except subprocess.TimeoutExpired:
+            ok, status = False, f"stopped at its {limit:.0f} s limit"
+        summary.append(f"- {name}: {status}, {time.monotonic() - t:.0f} s")
+        log.flush()
+        print(f"{name}: {status}", flush=True)
+        return ok
+
+    env_cmd = ("import torch, platform, sys; print('python', sys.version); print('torch', torch.__version__, "
+               "'cuda', torch.version.cuda); print('gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() "
+               "else 'none'); print(platform.platform())")
+    with open(out / "env.txt", "w") as f:
+        subprocess.run([sys.executable, "-c", env_cmd], stdout=f, stderr=subprocess.STDOUT)
+        if shutil.which("nvidia-smi"):
+            subprocess.run(["nvidia-smi"], stdout=f, stderr=subprocess.STDOUT)
+        subprocess.run([sys.executable, "-m", "pip", "list", "--format=freeze"], stdout=f, stderr=subprocess.DEVNULL)
+
+    common = ["--device", args.device]
+    if args.data:
+        common += ["--data", args.data]
+    if args.torchssl_source:
+        common += ["--torchssl-source", args.torchssl_source]
+    batch = ["--batch-size", "4", "--uratio", "2", "--warmup", "2", "--window", "2", "--repeats", "2"] if cpu else \
+        ["--batch-size", "64", "--uratio", "7", "--warmup", "30", "--window", "20", "--repeats", "5"]
+    for precision, share in (("fp32", 0.2), ("bf16", 0.25)):
+        stage(f"throughput {precision}", [sys.executable, "bench/throughput.py", *common, *batch, "--precision",
+                                          precision, "--json", str(out / f"throughput-{precision}.json")], share)
+
+    steps = args.accuracy_steps or (8 if cpu else 3000)
+    acc_out = out / "acc"
+    size = ["--batch-size", "4", "--uratio", "2", "--eval-subset", "1000"] if cpu else []
+    ok = stage("accuracy 4000 labels", [
+        sys.executable, "run_all.py", "--budgets", "4000", "--preset", "short", "--steps", str(steps),
+        "--eval-every", str(max(steps // 6, 1)), "--checkpoint-every", str(steps), "--log-every",
+        str(max(steps // 30, 1)), "--precision", "fp32" if cpu else "bf16", "--out", str(acc_out), "--no-warmup",
+        *common, *size], 0.95)
+    if (acc_out / "RESULTS.md").exists():
+        shutil.copy(acc_out / "RESULTS.md", out / "RESULTS.md")
+        fig = acc_out / "figures" / "curves-4000.png"
+        if fig.exists():
+            shutil.copy(fig, out / "curves-4000.png")
+        results = [json.loads(r.read_text()) for r in sorted(acc_out.glob("runs/*/result.json"))]
+        (out / "accuracy.json").write_text(json.dumps(results, indent=1) + "\n")
+    shutil.rmtree(acc_out, ignore_errors=True)  # checkpoints stay behind: only the 8 files travel back
+
+    for precision in ("fp32", "bf16"):
+        path = out / f"throughput-{precision}.json"
+        if path.exists():
+            t = json.loads(path.read_text())
+            for impl, r in t["impls"].items():
+                summary.append(f"- {precision} {impl}: {r['steps_per_second']:.2f} steps/s, "
+                               f"{r['achieved_tflops']:.1f} TFLOP/s, data wait {r['data_frac']}")
+            if "speedup_own_over_torchssl" in t:
+                summary.append(f"- {precision} speedup own/torchssl: {t['speedup_own_over_torchssl']:.2f}")
+    summary.append(f"- accuracy run: {'ok' if ok else 'see session.log'}; total {time.monotonic() - t_start:.0f} s")
+    (out / "summary.md").write_text("\n".join(summary) + "\n")
+    print("\n".join(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
