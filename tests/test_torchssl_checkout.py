@@ -1,0 +1,124 @@
+"""The TorchSSL pin: clone, verify, reuse, and the three promised one-line errors (no torch, no network needed)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import git
+import pytest
+
+from third_party.torchssl import checkout as co
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_source(path: Path) -> str:
+    """A tiny git repository with a .gitignore like TorchSSL's; returns its one commit."""
+    repo = git.Repo.init(path)
+    (path / "fixmatch.py").write_text("print('hello')\n")
+    (path / ".gitignore").write_text("__pycache__/\n*.so\ndata/\n")
+    repo.index.add(["fixmatch.py", ".gitignore"])
+    who = git.Actor("test", "test@example.com")
+    commit = repo.index.commit("one commit", author=who, committer=who).hexsha
+    repo.close()
+    return commit
+
+
+def pinned_source() -> str:
+    """A local source holding the real pin: the cached verified checkout, else $TORCHSSL_SOURCE; else skip."""
+    cached = co.checkout_path()
+    if cached.exists() and not co.problems(cached):
+        return str(cached)
+    if os.environ.get(co.SOURCE_ENV):
+        return os.environ[co.SOURCE_ENV]
+    pytest.skip(f"no TorchSSL source: no verified checkout at {cached} and {co.SOURCE_ENV} is not set "
+                f"(set it to a git URL or a local clone/mirror of TorchSSL)")
+
+
+def test_checkout_of_the_pin_from_a_local_source(tmp_path):
+    path = co.ensure_checkout(pinned_source(), cache_dir=tmp_path)
+    assert path == tmp_path / f"torchssl-{co.COMMIT[:12]}"
+    with git.Repo(path) as repo:
+        assert repo.head.commit.hexsha == co.COMMIT
+    assert (path / "models" / "fixmatch" / "fixmatch.py").is_file()
+    assert co.problems(path) == []
+
+
+def test_clone_verify_and_reuse(tmp_path, monkeypatch):
+    commit = make_source(tmp_path / "src")
+    path = co.ensure_checkout(str(tmp_path / "src"), cache_dir=tmp_path / "cache", commit=commit)
+    assert path == tmp_path / "cache" / f"torchssl-{commit[:12]}"
+    assert (path / "fixmatch.py").read_text() == "print('hello')\n"
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [path.name]  # no partial clone left behind
+
+    def no_clone(*args, **kwargs):
+        raise AssertionError("a verified cached checkout must be reused, not cloned again")
+
+    monkeypatch.setattr(git.Repo, "clone_from", no_clone)
+    assert co.ensure_checkout("/nowhere", cache_dir=tmp_path / "cache", commit=commit) == path
+
+
+def test_a_changed_checkout_is_refused_but_bytecode_is_not_a_change(tmp_path):
+    commit = make_source(tmp_path / "src")
+    path = co.ensure_checkout(str(tmp_path / "src"), cache_dir=tmp_path / "cache", commit=commit)
+    again = lambda: co.ensure_checkout(str(tmp_path / "src"), cache_dir=tmp_path / "cache", commit=commit)  # noqa
+
+    (path / "__pycache__").mkdir()
+    (path / "__pycache__" / "fixmatch.cpython-311.pyc").write_bytes(b"\0")
+    assert again() == path
+
+    for make, undo in [
+        (lambda: (path / "fixmatch.py").write_text("print('edited')\n"),
+         lambda: (path / "fixmatch.py").write_text("print('hello')\n")),
+        (lambda: (path / "extra.py").write_text(""), lambda: (path / "extra.py").unlink()),
+        (lambda: (path / "utils.so").write_bytes(b"\0"), lambda: (path / "utils.so").unlink()),  # ignored, counts
+    ]:
+        make()
+        with pytest.raises(co.CheckoutModified) as err:
+            again()
+        assert str(path) in str(err.value) and "delete the folder" in str(err.value)
+        assert "\n" not in str(err.value)
+        undo()
+        assert again() == path
+
+    with git.Repo(path) as repo:
+        repo.git.checkout("--detach", "--quiet", "HEAD")  # same commit: still fine
+    assert again() == path
+
+
+def test_a_source_without_the_pin_is_refused(tmp_path):
+    make_source(tmp_path / "src")
+    with pytest.raises(co.PinnedCommitMissing) as err:
+        co.ensure_checkout(str(tmp_path / "src"), cache_dir=tmp_path / "cache")
+    msg = str(err.value)
+    assert co.COMMIT in msg and str(tmp_path / "src") in msg and "--torchssl-source" in msg and "\n" not in msg
+    assert not any((tmp_path / "cache").iterdir())  # nothing half-made is left to be mistaken for a checkout
+
+
+@pytest.mark.parametrize("source", ["{tmp}/no-such-repo", "http://127.0.0.1:9/TorchSSL.git"])
+def test_an_unreachable_source_says_how_to_use_a_local_mirror(tmp_path, source):
+    source = source.format(tmp=tmp_path)
+    with pytest.raises(co.SourceUnreachable) as err:
+        co.ensure_checkout(source, cache_dir=tmp_path / "cache")
+    msg = str(err.value)
+    assert source in msg and "--torchssl-source" in msg and co.SOURCE_ENV in msg and "\n" not in msg
+    assert not any((tmp_path / "cache").iterdir())
+
+
+def test_source_and_cache_come_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(co.SOURCE_ENV, "/some/mirror")
+    monkeypatch.setenv(co.CACHE_ENV, str(tmp_path))
+    assert co.resolve_source(None) == "/some/mirror"
+    assert co.resolve_source("/given") == "/given"
+    assert co.checkout_path() == tmp_path / f"torchssl-{co.COMMIT[:12]}"
+    monkeypatch.delenv(co.SOURCE_ENV)
+    assert co.resolve_source(None) == co.URL == "https://github.com/TorchSSL/TorchSSL"
+
+
+def test_the_harness_can_import_checkout_and_patches_without_torch():
+    code = ("import sys, third_party.torchssl.checkout, third_party.torchssl.patches; "
+            "bad = [m for m in ('torch', 'train_utils', 'models') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)

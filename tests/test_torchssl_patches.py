@@ -1,0 +1,94 @@
+"""The patch table, the spec -> TorchSSL argument mapping, and the patch pieces that need no TorchSSL checkout."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from contract.spec import RunSpec
+from third_party.torchssl import patches
+from third_party.torchssl.entry import torchssl_args, verify_data
+
+
+def test_every_patch_is_named_explained_and_applied_only_where_it_belongs():
+    names = [p.name for p in patches.PATCHES]
+    assert len(names) == len(set(names))
+    assert all(len(p.why) > 80 and p.target and p.when in ("always", "cpu", "bf16") for p in patches.PATCHES)
+    always = [p.name for p in patches.PATCHES if p.when == "always"]
+    assert patches.applied("cuda", "fp32") == always
+    assert patches.applied("cpu", "fp32") == always + ["cpu_device_shim"]
+    assert patches.applied("cuda", "bf16") == always + ["amp_bf16"]
+
+
+def test_spec_maps_onto_torchssl_arguments(tmp_path):
+    spec = RunSpec(impl="torchssl", n_labels=250, seed=3, data_kind="k", data_sha256="a" * 64,
+                   split_sha256="b" * 64, steps=1000, eval_every=100, batch_size=32, uratio=5, lr=0.05,
+                   momentum=0.8, weight_decay=1e-3, threshold=0.9, lambda_u=2.0, ema_decay=0.99, depth=16,
+                   widen_factor=4, eval_batch_size=64, precision="bf16")
+    a = torchssl_args(spec, tmp_path, gpu=1, num_workers=2)
+    assert (a.num_train_iter, a.num_eval_iter, a.num_labels, a.seed) == (1000, 100, 250, 3)
+    assert (a.batch_size, a.uratio, a.eval_batch_size) == (32, 5, 64)
+    assert (a.lr, a.momentum, a.weight_decay) == (0.05, 0.8, 1e-3)
+    assert (a.p_cutoff, a.ulb_loss_ratio, a.ema_m) == (0.9, 2.0, 0.99)
+    assert (a.depth, a.widen_factor, a.leaky_slope, a.dropout) == (16, 4, 0.1, 0.0)
+    assert a.hard_label is True and a.amp is True and a.gpu == 1 and a.num_workers == 2
+    assert a.multiprocessing_distributed is False and a.distributed is False and a.world_size == 1
+    assert (a.save_dir, a.save_name) == (str(tmp_path), "torchssl")
+
+
+class CountingLoader:
+    def __init__(self, n: int):
+        self.n, self.requested, self.dataset = n, 0, "the dataset"
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        for i in range(self.n):
+            self.requested += 1
+            yield i
+
+
+def test_limited_batches_stop_at_the_budget_without_fetching_more():
+    loader, seen = CountingLoader(10), []
+    batches = patches.LimitedBatches(loader, 4, on_fetch=lambda b, t: seen.append(b))
+    assert list(batches) == [0, 1, 2, 3] and seen == [0, 1, 2, 3]
+    assert loader.requested == 4 and len(batches) == 4 and batches.dataset == "the dataset"
+    assert list(patches.LimitedBatches(CountingLoader(10), 0)) == []
+    # zip stops at the limited (first) loader without drawing a batch from the second
+    second = CountingLoader(10)
+    assert len(list(zip(patches.LimitedBatches(CountingLoader(10), 3), second))) == 3 and second.requested == 3
+
+
+def test_verify_data_refuses_any_other_labelled_set():
+    rng = np.random.default_rng(0)
+    arrays = SimpleNamespace(train_x=rng.integers(0, 256, (50, 32, 32, 3), dtype=np.uint8),
+                             train_y=np.arange(50) % 10, test_x=rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8),
+                             test_y=np.arange(20) % 10)
+    split, eval_idx = np.array([1, 7, 30]), np.array([0, 5, 19])
+    held = lambda x, y: SimpleNamespace(data=x, targets=list(y))  # noqa: E731
+    ulb = held(arrays.train_x, arrays.train_y)
+    ev = held(arrays.test_x[eval_idx], arrays.test_y[eval_idx])
+    verify_data(held(arrays.train_x[split], arrays.train_y[split]), ulb, ev, arrays, split, eval_idx)
+    for wrong in ([1, 7, 31], [7, 1, 30], [1, 7]):
+        with pytest.raises(ValueError, match="labelled"):
+            verify_data(held(arrays.train_x[wrong], arrays.train_y[wrong]), ulb, ev, arrays, split, eval_idx)
+    with pytest.raises(ValueError, match="evaluation"):
+        verify_data(held(arrays.train_x[split], arrays.train_y[split]), ulb, held(arrays.test_x, arrays.test_y),
+                    arrays, split, eval_idx)
+
+
+def test_cpu_device_shim_redirects_cuda_calls_and_restores_them():
+    torch = pytest.importorskip("torch")
+    original = (torch.Tensor.cuda, torch.nn.Module.cuda, torch.cuda.Event, torch.cuda.synchronize)
+    with patches.cpu_device_shim(torch.device("cpu")):
+        x = torch.ones(3).cuda(0)
+        m = torch.nn.Linear(2, 2).cuda(0)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda.synchronize()
+        end.record()
+        assert x.device.type == "cpu" and m.weight.device.type == "cpu"
+        assert 0.0 <= start.elapsed_time(end) < 1000.0  # milliseconds, as torch.cuda.Event
+    assert (torch.Tensor.cuda, torch.nn.Module.cuda, torch.cuda.Event, torch.cuda.synchronize) == original

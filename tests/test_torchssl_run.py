@@ -1,0 +1,112 @@
+"""TorchSSL's FixMatch through our entry, on the CPU, on the real data: files in our schema, exact steps, resume."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from contract.arrays import indices_sha256
+from contract.results import RESULT_KEYS, read_metrics
+from contract.spec import read_spec
+from third_party.torchssl import checkout as co
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def torchssl_checkout() -> Path:
+    """The cached verified checkout, else one cloned from $TORCHSSL_SOURCE; else skip."""
+    found = co.find_checkout()  # a modified cached checkout fails here, with what to do
+    if found is not None:
+        return found
+    if os.environ.get(co.SOURCE_ENV):
+        return co.ensure_checkout(os.environ[co.SOURCE_ENV])
+    pytest.skip(f"no TorchSSL checkout: none cached at {co.checkout_path()} and {co.SOURCE_ENV} is not set "
+                f"(set it to a git URL or a local clone/mirror of TorchSSL)")
+
+
+def entry(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "third_party.torchssl.entry", "--spec", str(run_dir / "spec.json"),
+                           "--run-dir", str(run_dir), *extra], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def checkpoint(run_dir: Path) -> dict:
+    import torch
+
+    return torch.load(run_dir / "torchssl" / "latest_model.pth", map_location="cpu", weights_only=True)
+
+
+def wrn_param_count(depth: int, width: int, classes: int) -> int:
+    """WideResNet-depth-width as TorchSSL builds it (biases on every conv), counted by hand from its layers."""
+    n, ch = (depth - 4) // 6, [16, 16 * width, 32 * width, 64 * width]
+    conv = lambda i, o, k: i * o * k * k + o  # noqa: E731  weights + bias
+    bn = lambda c: 2 * c  # noqa: E731  scale + shift
+    total = conv(3, ch[0], 3) + bn(ch[3]) + ch[3] * classes + classes
+    for i, o in zip(ch[:-1], ch[1:]):
+        total += bn(i) + conv(i, o, 3) + bn(o) + conv(o, o, 3) + conv(i, o, 1)  # first block, with shortcut
+        total += (n - 1) * (bn(o) + conv(o, o, 3) + bn(o) + conv(o, o, 3))
+    return total
+
+
+def test_three_step_run_writes_our_schema(make_run_dir, torchssl_checkout):
+    run_dir = make_run_dir("torchssl", extra={"torchssl_checkout": str(torchssl_checkout), "num_workers": 0})
+    spec, files = read_spec(run_dir / "spec.json")
+    proc = entry(run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    result = json.loads((run_dir / "result.json").read_text())
+    assert set(RESULT_KEYS) <= set(result)
+    split = json.loads(Path(files.split_file).read_text())
+    assert result["split_sha256"] == split["sha256"] == indices_sha256(split["labeled_indices"]) == spec.split_sha256
+    assert result["data_sha256"] == spec.data_sha256 and result["spec_hash"] == spec.hash()
+    assert result["impl"] == "torchssl" and result["steps"] == 3 and result["eval_images"] == 100
+    assert result["param_count"] == wrn_param_count(28, 2, 10) == 1_469_642
+    assert result["torchssl_commit"] == co.COMMIT and result["torchssl_checkout_clean"] is True
+    assert "cpu_device_shim" in result["patches"] and "amp_bf16" not in result["patches"]
+    assert result["steps_per_second"] > 0 and result["wall_seconds"] >= result["train_seconds"] > 0
+
+    metrics = read_metrics(run_dir)
+    train = [r for r in metrics if r["kind"] == "train"]
+    evals = [r for r in metrics if r["kind"] == "eval"]
+    assert [r["step"] for r in train] == [1, 2, 3] and [r["step"] for r in evals] == [3]
+    assert result["evals"] == evals and result["final_top1"] == evals[-1]["top1"]
+    for r in train:  # TorchSSL's cosine schedule, worked out by hand: lr * cos(7 pi k / (16 K)) at step k+1
+        assert r["lr"] == pytest.approx(0.03 * math.cos(7 * math.pi * (r["step"] - 1) / (16 * 3)), rel=1e-9)
+        assert r["loss"] == pytest.approx(r["loss_x"] + spec.lambda_u * r["loss_u"], rel=1e-6)
+        assert 0.0 <= r["mask_rate"] <= 1.0 and r["images_per_s"] > 0
+    assert 0.0 <= evals[0]["top1"] <= evals[0]["top5"] <= 100.0 and evals[0]["top1"] % 1.0 == 0.0  # 100 images
+
+    ckpt = checkpoint(run_dir)  # exactly spec.steps optimizer and scheduler steps, not one more
+    assert ckpt["it"] == 3 and ckpt["scheduler"]["last_epoch"] == 3
+    assert co.problems(torchssl_checkout) == []  # nothing was written into the checkout
+
+    again = entry(run_dir)  # done: recognized from result.json, nothing rerun
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    assert read_metrics(run_dir) == metrics
+
+
+def test_interrupted_run_resumes_to_exactly_the_budget(make_run_dir, torchssl_checkout):
+    # threshold 0: every pseudo-label is accepted, so mask_rate (the ACCEPTED fraction) must be exactly 1
+    run_dir = make_run_dir("torchssl", extra={"torchssl_checkout": str(torchssl_checkout), "num_workers": 0},
+                           steps=4, eval_every=2, checkpoint_every=2, threshold=0.0)
+    first = entry(run_dir, "--stop-after", "3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert not (run_dir / "result.json").exists() and checkpoint(run_dir)["it"] == 3
+
+    second = entry(run_dir)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming" in second.stdout and "at step 3 of 4" in second.stdout
+    metrics = read_metrics(run_dir)
+    assert [r["step"] for r in metrics if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in metrics if r["kind"] == "eval"] == [2, 4]
+    assert all(r["mask_rate"] == 1.0 and r["loss_u"] > 0 for r in metrics if r["kind"] == "train")
+    ckpt = checkpoint(run_dir)
+    assert ckpt["it"] == 4 and ckpt["scheduler"]["last_epoch"] == 4
+    assert json.loads((run_dir / "result.json").read_text())["steps"] == 4

@@ -1,0 +1,257 @@
+"""Every run-time change to how TorchSSL's FixMatch runs, in one table (PATCHES), and the code of each.
+
+TorchSSL's files are never edited. Each patch below is a subclass, a wrapper that returns TorchSSL's own result
+unchanged, or an argument TorchSSL already accepts. None of them touches the loss, the model, the optimizer, the
+schedule, the EMA or the augmentation. result.json lists the names applied to each run under "patches".
+
+This module imports neither torch nor TorchSSL at import time, so the table can be read anywhere.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Patch:
+    name: str
+    target: str  # what of TorchSSL it replaces or wraps
+    when: str  # "always", "cpu" (a device without CUDA) or "bf16" (spec.precision == "bf16")
+    why: str
+
+
+PATCHES: tuple[Patch, ...] = (
+    Patch("entry_replaces_main", "fixmatch.py main() / main_worker()", "always",
+          "entry.py repeats main_worker's wiring line by line for ONE device (no mp.spawn, DDP or DataParallel; "
+          "the GPU index comes from the device string) and skips main(): main() deletes or refuses an existing "
+          "save folder, which would defeat resuming. Its save folder is RUN/torchssl, and the process runs there "
+          "so its relative writes (./data_statistics/) stay in the run folder. No YAML config is read: the "
+          "arguments come from the spec (see entry.torchssl_args) and are saved to RUN/torchssl/args.json."),
+    Patch("our_arrays", "datasets.ssl_dataset.SSL_Dataset.get_data", "always",
+          "A subclass returns our cached uint8 arrays (train: all images; test: the spec's test set or fixed "
+          "subset) instead of torchvision's CIFAR10 download, which cannot run offline and would not be the data "
+          "the other implementation sees. TorchSSL's BasicDataset, transforms and RandAugment(3, 5) are unchanged."),
+    Patch("our_split", "SSL_Dataset.get_ssl_dset(index=...)", "always",
+          "The labelled indices come from our split file through TorchSSL's own `index` argument, instead of "
+          "np.random.choice on the global numpy state (or its hard-coded list for cifar10@10). entry.py then "
+          "checks that the labelled dataset TorchSSL built holds exactly train[split] (pixels and labels, in "
+          "order) and refuses to run otherwise."),
+    Patch("exact_step_budget", "the zip of train loaders in FixMatch.train()", "always",
+          "Its loaders are built as in main_worker (RandomSampler, num_samples = steps * batch) and wrapped to "
+          "yield at most the steps still to do. A fresh run stops after spec.steps either way; a resumed run "
+          "would otherwise take one extra step, because train() stops only when self.it > num_train_iter."),
+    Patch("spec_schedule", "FixMatch.num_eval_iter (subclass property)", "always",
+          "train() reads self.num_eval_iter once per step, after the update, scheduler and EMA and before "
+          "self.it += 1. The property answers it from the spec: evaluate every eval_every steps (the final "
+          "evaluation is train()'s own closing one), instead of after steps 1, E+1, 2E+1, ... and every 1000 "
+          "steps in the last 20%, so that both implementations are evaluated at the same steps and "
+          "'median of the last 20' means the same thing. The same read is the end-of-step hook that writes "
+          "training statistics every log_every steps and checkpoints (its own save_model) every "
+          "checkpoint_every steps and at the end; TorchSSL's own save every 10000 steps still happens."),
+    Patch("observe_losses", "models.fixmatch.fixmatch.ce_loss / consistency_loss", "always",
+          "Wrappers return TorchSSL's own results unchanged and keep the supervised loss, the unsupervised loss "
+          "and the per-sample confidence mask of each step: train() logs them only at evaluations, and logs "
+          "mask_ratio = 1 - mask, the REJECTED fraction. metrics.jsonl gets mask_rate = the accepted fraction."),
+    Patch("observe_evaluate", "FixMatch.evaluate (subclass)", "always",
+          "Calls TorchSSL's evaluate (EMA weights, its metrics) and records top-1/top-5 (fractions there, percent "
+          "here) and the mean loss into metrics.jsonl, at the spec's evaluation steps only."),
+    Patch("atomic_checkpoint", "FixMatch.save_model (subclass)", "always",
+          "TorchSSL's save_model writes to a temporary name that is then renamed, so a kill during a save leaves "
+          "the previous latest_model.pth intact. Its content is TorchSSL's own; progress.json beside it keeps "
+          "the step and seconds so far for resumes. main_worker's final save after train() (which stores "
+          "it = steps + 1) is replaced by the end-of-step save at the last step."),
+    Patch("cpu_device_shim", "Tensor.cuda, Module.cuda, torch.cuda.Event, torch.cuda.synchronize", "cpu",
+          "TorchSSL calls .cuda() and CUDA events throughout and refuses to run without a GPU. For tests and CPU "
+          "comparisons, .cuda(...) moves to the chosen device, the event is a wall-clock stand-in and "
+          "synchronize does nothing. Not applied on CUDA devices."),
+    Patch("amp_bf16", "models.fixmatch.fixmatch.autocast", "bf16",
+          "TorchSSL's amp is fp16 autocast with a GradScaler. For spec.precision == 'bf16' its autocast name is "
+          "bound to torch.autocast(device, bfloat16) and args.amp is set; its GradScaler is left as it is "
+          "(harmless with bf16: the gradients are fp32). Not applied for fp32."),
+)
+
+
+def applied(device_type: str, precision: str) -> list[str]:
+    """Names of the patches a run on `device_type` ("cpu", "cuda", ...) with `precision` gets, in table order."""
+    on = {"always": True, "cpu": device_type != "cuda", "bf16": precision == "bf16"}
+    return [p.name for p in PATCHES if on[p.when]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cpu_device_shim
+
+
+class WallClockEvent:
+    """Stand-in for torch.cuda.Event on a CPU: record() notes the wall time; elapsed_time() is in milliseconds."""
+
+    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False):
+        self.t: float | None = None
+
+    def record(self, stream=None) -> None:
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end: "WallClockEvent") -> float:
+        return (end.t - self.t) * 1000.0
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def wait(self, stream=None) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def cpu_device_shim(device):
+    """While active: Tensor.cuda / Module.cuda move to `device`, torch.cuda.Event and synchronize are stand-ins."""
+    import torch
+
+    saved = (torch.Tensor.cuda, torch.nn.Module.cuda, torch.cuda.Event, torch.cuda.synchronize)
+
+    def tensor_cuda(self, device_index=None, non_blocking=False, memory_format=torch.preserve_format):
+        return self.to(device, non_blocking=non_blocking, memory_format=memory_format)
+
+    def module_cuda(self, device_index=None):
+        return self.to(device)
+
+    torch.Tensor.cuda, torch.nn.Module.cuda = tensor_cuda, module_cuda
+    torch.cuda.Event, torch.cuda.synchronize = WallClockEvent, lambda device=None: None
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda, torch.nn.Module.cuda, torch.cuda.Event, torch.cuda.synchronize = saved
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# amp_bf16
+
+
+def amp_bf16(fixmatch_module, device_type: str) -> None:
+    """Bind the `autocast` name train() uses (`amp_cm = autocast if args.amp ...; with amp_cm():`) to bf16."""
+    import torch
+
+    fixmatch_module.autocast = lambda: torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# observe_losses
+
+
+def observe_losses(fixmatch_module, on_sup_loss, on_unsup_loss) -> None:
+    """Wrap the two loss functions train() calls; each wrapper passes TorchSSL's result through unchanged.
+
+    on_sup_loss(sup_loss): the mean labelled cross-entropy (a 0-d tensor). In models/fixmatch/fixmatch.py the name
+    ce_loss is called only there (consistency_loss uses its own module's ce_loss).
+    on_unsup_loss(unsup_loss, mask_mean, select, pseudo_label): consistency_loss's four results; select (muB,) is
+    1 where the weak view's confidence reached the threshold, pseudo_label (muB,) the weak view's argmax.
+    """
+    ce_loss, consistency_loss = fixmatch_module.ce_loss, fixmatch_module.consistency_loss
+
+    def observed_ce_loss(*args, **kwargs):
+        out = ce_loss(*args, **kwargs)
+        on_sup_loss(out)
+        return out
+
+    def observed_consistency_loss(*args, **kwargs):
+        out = consistency_loss(*args, **kwargs)
+        on_unsup_loss(*out)
+        return out
+
+    fixmatch_module.ce_loss = observed_ce_loss
+    fixmatch_module.consistency_loss = observed_consistency_loss
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# our_arrays
+
+
+def arrays_dataset_class(SSL_Dataset, train: tuple, test: tuple):
+    """SSL_Dataset whose get_data returns our arrays: train = (x, y) of all train images, test = (x, y) to evaluate.
+
+    x is (N, 32, 32, 3) uint8 (HWC, like torchvision's CIFAR10.data), y is (N,) int64.
+    """
+
+    class ArraysSSLDataset(SSL_Dataset):
+        def get_data(self, svhn_extra=True):
+            return train if self.train else test
+
+    return ArraysSSLDataset
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# exact_step_budget
+
+
+class LimitedBatches:
+    """A loader's batches, unchanged, at most `limit` of them.
+
+    on_fetch(batch, t_request) hears of each batch when it arrives; t_request is time.perf_counter() at the moment
+    the batch was asked for, so the caller can tell time spent waiting for data.
+    """
+
+    def __init__(self, loader, limit: int, on_fetch=None):
+        self.loader, self.limit, self.on_fetch = loader, limit, on_fetch
+        self.dataset = loader.dataset
+
+    def __len__(self) -> int:
+        return min(self.limit, len(self.loader))
+
+    def __iter__(self):
+        if self.limit <= 0:
+            return
+        batches = iter(self.loader)
+        for _ in range(self.limit):  # never asks the loader for a batch it will not yield
+            t_request = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            if self.on_fetch is not None:
+                self.on_fetch(batch, t_request)
+            yield batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# spec_schedule, observe_evaluate, atomic_checkpoint
+
+
+def bench_fixmatch_class(FixMatch):
+    """TorchSSL's FixMatch with the spec's schedule, evaluations observed and atomic saves; train() is its own.
+
+    Needs `hooks` set before train(): an object with end_of_step(model) -> bool (evaluate now?),
+    evaluated(result_dict, seconds) and saved(save_name, step, seconds).
+    """
+    import os
+
+    class BenchFixMatch(FixMatch):
+        hooks = None
+
+        @property
+        def num_eval_iter(self):
+            # train(): `if self.it % self.num_eval_iter == 0: evaluate`. it % 1 == 0 always; it % nan is nan and
+            # nan == 0 is False, so no evaluation (also none after the first step, where self.it == 0).
+            return 1 if self.hooks.end_of_step(self) else math.nan
+
+        @num_eval_iter.setter
+        def num_eval_iter(self, value):
+            self.torchssl_num_eval_iter = value  # its own schedule, incl. the switch to 1000; kept, not used
+
+        def evaluate(self, eval_loader=None, args=None):
+            t0 = time.perf_counter()
+            out = super().evaluate(eval_loader=eval_loader, args=args)
+            self.hooks.evaluated(out, time.perf_counter() - t0)
+            return out
+
+        def save_model(self, save_name, save_path):
+            t0 = time.perf_counter()
+            tmp = save_name + ".tmp"
+            super().save_model(tmp, save_path)
+            os.replace(os.path.join(save_path, tmp), os.path.join(save_path, save_name))
+            # save_model stores it = self.it + 1: the steps done when called inside the loop, as it is here
+            self.hooks.saved(save_name, self.it + 1, time.perf_counter() - t0)
+
+    return BenchFixMatch
