@@ -1,0 +1,480 @@
+"""Training entry point: python -m own_impl.train --spec RUN/spec.json --run-dir RUN [--device D].
+
+Reads the run folder's spec.json and the arrays it names, trains FixMatch for exactly spec.steps optimizer steps,
+and writes metrics.jsonl, result.json, log.txt and checkpoint.pt into the run folder (see contract/).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from contract.arrays import eval_subset_indices, load_arrays, load_split
+from contract.results import (RESULT_FILE, append_metrics, code_version, machine_info, read_metrics, read_result,
+                              summarize_evals, truncate_metrics, validate_result, write_json_atomic)
+from contract.spec import RunFiles, RunSpec, read_spec
+from own_impl.augment import strong_augment, weak_augment
+from own_impl.loss import fixmatch_loss
+from own_impl.model import WideResNet
+from own_impl.optim import EMA, cosine_lr, param_groups
+
+CHECKPOINT_FILE = "checkpoint.pt"
+LOG_FILE = "log.txt"
+# CIFAR-10 per-channel mean and std of the training pixels, in [0, 1] units (the constants TorchSSL uses).
+CIFAR10_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
+CIFAR10_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss (or the weights) became NaN or infinite: the run stops and keeps its last good checkpoint."""
+
+
+class RunInterrupted(Exception):
+    """SIGTERM or SIGINT arrived; a checkpoint of the last whole step was written."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name} after step {step}; checkpoint written")
+        self.signum = signum
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: the whole uint8 train set on the device, indices from local generators, augmentation batched on the device
+
+
+@dataclass
+class DeviceData:
+    train_x: torch.Tensor  # (N, 3, 32, 32) uint8
+    train_y: torch.Tensor  # (N,) int64
+    labelled: np.ndarray  # (n_labels,) sorted indices into the train set
+    eval_x: torch.Tensor  # (M, 3, 32, 32) uint8: the test set or its fixed subset
+    eval_y: torch.Tensor  # (M,) int64
+    sha256: str  # recomputed from the arrays
+
+
+def normalize(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float32, standardized with the CIFAR-10 mean and std."""
+    # (x/255 - mean)/std = x * scale + shift, with per-channel Python floats: no host tensor to copy to the device
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    for c, (m, s) in enumerate(zip(CIFAR10_MEAN, CIFAR10_STD)):
+        torch.add(x[:, c].float().mul_(1.0 / (255.0 * s)), -m / s, out=out[:, c])
+    return out
+
+
+def load_device_data(spec: RunSpec, files: RunFiles, device: torch.device) -> DeviceData:
+    arrays = load_arrays(Path(files.data_dir), expect_sha256=spec.data_sha256)
+    labelled = load_split(Path(files.split_file), expect_sha256=spec.split_sha256)
+    if len(arrays.classes) != spec.num_classes:
+        raise ValueError(f"data has {len(arrays.classes)} classes, the spec says {spec.num_classes}")
+    if len(labelled) != spec.n_labels:
+        raise ValueError(f"split file {files.split_file} holds {len(labelled)} indices, the spec says {spec.n_labels}")
+    if labelled.min() < 0 or labelled.max() >= len(arrays.train_y):
+        raise ValueError(f"split file {files.split_file} indexes outside the {len(arrays.train_y)} train images")
+    sub = eval_subset_indices(arrays.test_y, spec.eval_subset, spec.num_classes)
+
+    def images(x: np.ndarray) -> torch.Tensor:  # (N, 32, 32, 3) HWC -> (N, 3, 32, 32) on the device
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
+
+    return DeviceData(images(arrays.train_x), torch.from_numpy(arrays.train_y).to(device), labelled,
+                      images(arrays.test_x[sub]), torch.from_numpy(arrays.test_y[sub]).to(device), arrays.sha256)
+
+
+class EpochSampler:
+    """Indices from shuffled passes over a pool: each pass is a fresh permutation drawn from a local generator."""
+
+    def __init__(self, pool: np.ndarray, seed: int):
+        self.pool = torch.as_tensor(pool, dtype=torch.int64)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order = self.pool[:0]
+        self.pos = 0
+
+    def next(self, n: int) -> torch.Tensor:  # (n,) int64 on the CPU; a batch may run into the next pass
+        parts = []
+        while n > 0:
+            if self.pos == len(self.order):
+                self.order = self.pool[torch.randperm(len(self.pool), generator=self.generator)]
+                self.pos = 0
+            take = min(n, len(self.order) - self.pos)
+            parts.append(self.order[self.pos:self.pos + take])
+            self.pos += take
+            n -= take
+        return torch.cat(parts)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": self.order.clone(), "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.order, self.pos = state["order"].clone(), state["pos"]
+
+
+def make_batch(data: DeviceData, labelled: EpochSampler, unlabelled: EpochSampler, spec: RunSpec,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step's input: x = [weak(labelled); weak(unlabelled); strong(unlabelled)], (B + 2muB, 3, 32, 32)."""
+    device = data.train_x.device
+    idx_x = labelled.next(spec.batch_size).to(device, non_blocking=True)  # (B,)
+    # Unlabelled images come from all N train images, the labelled ones included (as the paper and TorchSSL).
+    idx_u = unlabelled.next(spec.batch_size * spec.uratio).to(device, non_blocking=True)  # (muB,)
+    weak = weak_augment(data.train_x[torch.cat([idx_x, idx_u])], generator=generator)  # (B + muB, 3, 32, 32)
+    strong = strong_augment(data.train_x[idx_u], generator=generator)  # (muB, 3, 32, 32)
+    x = normalize(torch.cat([weak, strong]), spec.channels_last)
+    return x, data.train_y[idx_x], data.train_y[idx_u]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One step and one evaluation
+
+
+def autocast(spec: RunSpec, device: torch.device):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16")
+
+
+def build(spec: RunSpec, device: torch.device) -> tuple[torch.nn.Module, EMA, torch.optim.Optimizer]:
+    """The live model (train mode), its EMA copy and the SGD optimizer, freshly initialized from the global RNG."""
+    model = WideResNet(spec.num_classes, spec.depth, spec.widen_factor).to(device)
+    if spec.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    ema = EMA(model, spec.ema_decay)
+    # Weight decay on conv/linear weights only, none on biases or BatchNorm (as TorchSSL and the official code).
+    optimizer = torch.optim.SGD(param_groups(model, spec.weight_decay), lr=spec.lr, momentum=spec.momentum,
+                                nesterov=spec.nesterov)
+    return model, ema, optimizer
+
+
+def train_step(model: torch.nn.Module, ema: EMA, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               y_x: torch.Tensor, y_u: torch.Tensor, spec: RunSpec, lr: float) -> dict[str, torch.Tensor]:
+    """Forward labelled, weak and strong images in ONE pass (BatchNorm sees them all), then SGD and EMA."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    b = y_x.shape[0]
+    with autocast(spec, x.device):
+        logits = model(x)  # (B + 2muB, C)
+    logits = logits.float()  # the loss in fp32, whatever the forward precision
+    logits_u_weak, logits_u_strong = logits[b:].chunk(2)  # (muB, C) each
+    loss, stats = fixmatch_loss(logits[:b], y_x, logits_u_weak, logits_u_strong, spec.threshold, spec.lambda_u,
+                                y_u_true=y_u)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    ema.update(model)
+    return stats
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, spec: RunSpec) -> dict[str, float]:
+    """top-1 and top-5 accuracy (%) and mean cross-entropy of `model` (in eval mode) on uint8 images x."""
+    model.eval()
+    totals = torch.zeros(3, device=x.device)  # top-1 hits, top-5 hits, summed cross-entropy
+    for i in range(0, len(x), spec.eval_batch_size):
+        xb, yb = normalize(x[i:i + spec.eval_batch_size], spec.channels_last), y[i:i + spec.eval_batch_size]
+        with autocast(spec, x.device):
+            logits = model(xb)
+        logits = logits.float()  # (b, C)
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == yb[:, None]  # (b, 5)
+        totals += torch.stack([hits[:, 0].sum().float(), hits.any(dim=1).sum().float(),
+                               F.cross_entropy(logits, yb, reduction="sum")])
+    top1, top5, loss = totals.tolist()
+    n = len(y)
+    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bookkeeping: timing without per-step syncs, signals, the log file, checkpoints
+
+
+class StepClock:
+    """Per-step marks (start, data ready, step done): CUDA events on a GPU, read only when logging; else wall time."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.steps: list[list] = []
+
+    def mark(self, new_step: bool = False) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        else:
+            event = time.perf_counter()
+        if new_step:
+            self.steps.append([])
+        self.steps[-1].append(event)
+
+    def data_fraction(self) -> float:
+        """Share of step time spent preparing data (sampling, augmentation, normalization); clears the marks."""
+        if self.cuda:
+            spans = [(s.elapsed_time(d), s.elapsed_time(e)) for s, d, e in self.steps]
+        else:
+            spans = [(d - s, e - s) for s, d, e in self.steps]
+        self.steps = []
+        total = sum(t for _, t in spans)
+        return sum(d for d, _ in spans) / total if total > 0 else 0.0
+
+
+class StopFlag:
+    """SIGTERM/SIGINT only set a flag that the loop reads between steps, so a checkpoint always holds whole steps."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> "StopFlag":
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread: signals stay with whoever owns them
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+def make_log(run_dir: Path):
+    path = run_dir / LOG_FILE
+
+    def log(msg: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
+        print(line, flush=True)
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+    return log
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: a reader sees the old checkpoint or the new one, never half of one
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def resolve_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available here")
+    return device
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device,
+          stop_after: int | None = None) -> dict | None:
+    """Run (or resume, or recognize as done) one run in run_dir. Returns result.json's content.
+
+    stop_after=k (tests): stop after step k as an interruption would, with a checkpoint; returns None.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    if spec.impl != "own":
+        raise ValueError(f"this is the 'own' implementation; the spec says impl={spec.impl!r}")
+    done = read_result(run_dir)
+    if done is not None:
+        if done.get("spec_hash") != spec.hash():
+            raise ValueError(f"{run_dir / RESULT_FILE} belongs to spec {done.get('spec_hash')}, not {spec.hash()}")
+        print(f"run {spec.name} is done ({run_dir / RESULT_FILE}); nothing to do")
+        return done
+
+    log = make_log(run_dir)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest conv algorithms
+    torch.manual_seed(spec.seed)  # the one global seeding: model initialization
+    seeds = [int(s) for s in np.random.SeedSequence(spec.seed).generate_state(3, dtype=np.uint64)]
+    data = load_device_data(spec, files, device)
+    labelled = EpochSampler(data.labelled, seeds[0])
+    unlabelled = EpochSampler(np.arange(len(data.train_y)), seeds[1])
+    aug_gen = torch.Generator(device=device).manual_seed(seeds[2])
+
+    model, ema, optimizer = build(spec, device)
+    param_count = sum(p.numel() for p in model.parameters())
+
+    ckpt_path = run_dir / CHECKPOINT_FILE
+    step, good_step, prior_train_s, prior_wall_s = 0, None, 0.0, 0.0
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ckpt["spec_hash"] != spec.hash():
+            raise ValueError(f"checkpoint {ckpt_path} belongs to spec {ckpt['spec_hash']}, not {spec.hash()}")
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        aug_gen.set_state(ckpt["rng"]["augment"])
+        labelled.load_state_dict(ckpt["rng"]["labelled"])
+        unlabelled.load_state_dict(ckpt["rng"]["unlabelled"])
+        step = good_step = ckpt["step"]
+        prior_train_s, prior_wall_s = ckpt["train_seconds"], ckpt["wall_seconds"]
+        log(f"resuming {spec.name} from {ckpt_path} at step {step} of {spec.steps}")
+    else:
+        log(f"starting {spec.name}: {spec.steps} steps on {device}, {param_count:,} parameters, "
+            f"{spec.precision}{', channels_last' if spec.channels_last else ''}")
+    truncate_metrics(run_dir, step)  # drop records a killed session wrote past its last checkpoint
+
+    images_per_step = spec.batch_size * (1 + 2 * spec.uratio)  # images through the forward pass
+    stats_acc = torch.zeros(5, device=device)  # sums over the log window: loss, loss_x, loss_u, mask, mask*pacc
+    window_first = step + 1
+    clock = StepClock(device)
+    paused_s = 0.0  # this session's time in evaluation, checkpoints and logging, kept out of train_seconds
+    t_loop = t_window = time.perf_counter()
+
+    def train_seconds() -> float:
+        return prior_train_s + (time.perf_counter() - t_loop) - paused_s
+
+    def check_finite(upto: int) -> None:
+        if not math.isfinite(float(stats_acc[0])):
+            where = f"step {good_step} ({ckpt_path})" if good_step is not None else "none was written"
+            raise NonFiniteLoss(f"non-finite loss between steps {window_first} and {upto}; "
+                                f"stopping; last good checkpoint: {where}")
+
+    def checkpoint(at: int) -> None:
+        nonlocal good_step
+        check_finite(at)
+        if not bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all()):
+            raise NonFiniteLoss(f"non-finite weights after step {at}; stopping; last good checkpoint: step "
+                                f"{good_step}")
+        save_checkpoint(ckpt_path, {
+            "spec_hash": spec.hash(), "step": at, "model": model.state_dict(), "ema": ema.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                    "augment": aug_gen.get_state(), "labelled": labelled.state_dict(),
+                    "unlabelled": unlabelled.state_dict()},
+            "train_seconds": train_seconds(), "wall_seconds": prior_wall_s + time.perf_counter() - t_start})
+        good_step = at
+
+    with StopFlag() as stop:
+        while step < spec.steps:  # the one place that bounds the number of optimizer steps
+            lr = cosine_lr(spec.lr, step, spec.steps)
+            clock.mark(new_step=True)
+            x, y_x, y_u = make_batch(data, labelled, unlabelled, spec, aug_gen)
+            clock.mark()
+            stats = train_step(model, ema, optimizer, x, y_x, y_u, spec, lr)
+            stats_acc += torch.stack([stats["loss"], stats["loss_x"], stats["loss_u"], stats["mask_rate"],
+                                      stats["mask_rate"] * stats["pseudo_acc"]])
+            clock.mark()
+            step += 1
+            last = step == spec.steps
+
+            if step % spec.log_every == 0 or last:
+                s = stats_acc.tolist()  # the sync point: once per log window
+                t_now = time.perf_counter()
+                check_finite(step)
+                n = step - window_first + 1
+                record = {"kind": "train", "step": step, "lr": lr, "loss": s[0] / n, "loss_x": s[1] / n,
+                          "loss_u": s[2] / n, "mask_rate": s[3] / n,
+                          "pseudo_acc": s[4] / s[3] if s[3] > 0 else None,  # among accepted; None: none accepted
+                          "images_per_s": n * images_per_step / (t_now - t_window),
+                          "data_frac": clock.data_fraction(),
+                          "train_seconds": train_seconds()}  # training time so far, all sessions
+                append_metrics(run_dir, record)
+                log(f"step {step}/{spec.steps} lr {lr:.5f} loss {record['loss']:.4f} (x {record['loss_x']:.4f} "
+                    f"u {record['loss_u']:.4f}) mask_rate {record['mask_rate']:.3f} "
+                    f"{record['images_per_s']:.1f} img/s data_frac {record['data_frac']:.2f}")
+                stats_acc.zero_()
+                window_first = step + 1
+                paused_s += time.perf_counter() - t_now
+                t_window = time.perf_counter()
+
+            t_pause = time.perf_counter()
+            if step % spec.eval_every == 0 or last:
+                check_finite(step)
+                _sync(device)
+                t_pause = time.perf_counter()  # queued training work is counted as training, not as pause
+                ev = {"kind": "eval", "step": step, **evaluate(ema.model, data.eval_x, data.eval_y, spec)}
+                append_metrics(run_dir, ev)
+                log(f"eval step {step}: top1 {ev['top1']:.2f} top5 {ev['top5']:.2f} loss {ev['loss']:.4f} "
+                    f"(EMA model, {len(data.eval_y)} test images)")
+            stopping = stop.signum is not None or step == stop_after
+            if step % spec.checkpoint_every == 0 or last or stopping:
+                checkpoint(step)
+            pause = time.perf_counter() - t_pause
+            paused_s += pause
+            t_window += pause
+            if stop.signum is not None:
+                log(f"stopped by {signal.Signals(stop.signum).name} after step {step}; checkpoint written")
+                raise RunInterrupted(stop.signum, step)
+            if step == stop_after and not last:
+                log(f"stopping after step {step} (stop_after); checkpoint written")
+                return None
+
+    if step != spec.steps:  # unreachable unless the loop above changes: the step budget is a contract
+        raise RuntimeError(f"ran {step} steps, the spec says {spec.steps}")
+    evals = [r for r in read_metrics(run_dir) if r.get("kind") == "eval"]
+    train_s = train_seconds()
+    result = {
+        "impl": "own", "n_labels": spec.n_labels, "seed": spec.seed, "steps": step, "spec_hash": spec.hash(),
+        **summarize_evals(evals),
+        "split_sha256": spec.split_sha256, "data_sha256": data.sha256, "data_kind": spec.data_kind,
+        "param_count": param_count,
+        "wall_seconds": prior_wall_s + time.perf_counter() - t_start,  # summed over sessions, evaluation included
+        "train_seconds": train_s,  # training steps only
+        "steps_per_second": step / train_s if train_s > 0 else None,
+        "device": str(device),
+        "device_name": machine_info(str(device)),
+        "torch_version": torch.__version__, "code_version": code_version(),
+        "precision": spec.precision, "channels_last": spec.channels_last, "eval_images": len(data.eval_y),
+        "evals": evals,
+    }
+    validate_result(result)
+    write_json_atomic(run_dir / RESULT_FILE, result)
+    log(f"done: final top1 {result['final_top1']:.2f}, median of last 20 {result['median20_top1']:.2f}; "
+        f"{result['steps_per_second']:.3f} steps/s")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m own_impl.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", type=Path, required=True, help="the run's spec.json")
+    parser.add_argument("--run-dir", type=Path, required=True, help="the run folder (outputs go here)")
+    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: spec.json's)")
+    args = parser.parse_args(argv)
+    try:
+        spec, files = read_spec(args.spec)
+        train(spec, files, args.run_dir, resolve_device(args.device or files.device))
+    except RunInterrupted as e:
+        print(f"own_impl.train: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print("own_impl.train: interrupted twice; stopped without a new checkpoint", file=sys.stderr)
+        return 130
+    except (NonFiniteLoss, ValueError, FileNotFoundError) as e:
+        print(f"own_impl.train: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # unexpected: one line here, the traceback in log.txt
+        if args.run_dir.is_dir():
+            with open(args.run_dir / LOG_FILE, "a") as f:
+                f.write(traceback.format_exc())
+        print(f"own_impl.train: error: {type(e).__name__}: {e} (traceback in {args.run_dir / LOG_FILE})",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

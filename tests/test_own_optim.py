@@ -1,0 +1,53 @@
+"""own_impl.optim: the cosine schedule, EMA arithmetic by hand, weight-decay groups."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from own_impl.model import WideResNet
+from own_impl.optim import EMA, cosine_lr, param_groups
+
+
+def test_schedule_values():
+    K = 1000
+    assert cosine_lr(0.03, 0, K) == 0.03
+    # cos(7 pi / 32) = cos(39.375 deg) = 0.7730104534; cos(7 pi / 16) = cos(78.75 deg) = sin(11.25 deg) = 0.1950903220
+    assert cosine_lr(0.03, K // 2, K) == pytest.approx(0.03 * 0.7730104534, rel=1e-9)
+    assert cosine_lr(0.03, K, K) == pytest.approx(0.03 * 0.1950903220, rel=1e-9)
+    lrs = [cosine_lr(0.03, k, K) for k in range(K + 1)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_ema_arithmetic_and_bn_buffers():
+    live = nn.Sequential(nn.Linear(1, 1), nn.BatchNorm1d(1))
+    with torch.no_grad():
+        live[0].weight.fill_(1.0), live[0].bias.fill_(-2.0)
+    ema = EMA(live, decay=0.9)
+    with torch.no_grad():
+        live[0].weight.fill_(2.0), live[0].bias.fill_(0.0)
+    live[1].running_mean.fill_(5.0), live[1].running_var.fill_(7.0), live[1].num_batches_tracked.fill_(3)
+    ema.update(live)
+    # 0.9 * 1 + 0.1 * 2 = 1.1 ; 0.9 * -2 + 0.1 * 0 = -1.8
+    assert ema.model[0].weight.item() == pytest.approx(1.1, abs=1e-6)
+    assert ema.model[0].bias.item() == pytest.approx(-1.8, abs=1e-6)
+    ema.update(live)
+    # 0.9 * 1.1 + 0.1 * 2 = 1.19
+    assert ema.model[0].weight.item() == pytest.approx(1.19, abs=1e-6)
+    # BN statistics are copied from the live model, not averaged
+    assert ema.model[1].running_mean.item() == 5.0 and ema.model[1].running_var.item() == 7.0
+    assert ema.model[1].num_batches_tracked.item() == 3
+    assert live[0].weight.item() == 2.0  # the live model is untouched
+    assert not any(p.requires_grad for p in ema.model.parameters()) and not ema.model.training
+
+
+def test_weight_decay_only_on_conv_and_linear_weights():
+    model = WideResNet(num_classes=10)
+    decay, no_decay = param_groups(model, 5e-4)
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    # TorchSSL's rule, by name: no decay for anything named 'bn' or 'bias'
+    by_name = {id(p) for n, p in model.named_parameters() if "bn" not in n and "bias" not in n}
+    assert {id(p) for p in decay["params"]} == by_name
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert all(p.dim() == 1 for p in no_decay["params"]) and all(p.dim() > 1 for p in decay["params"])
+    assert math.isclose(sum(p.numel() for p in decay["params"]), 1_463_984)
