@@ -132,7 +132,7 @@ def settings_section(runs: list[dict]) -> list[str]:
     env_rows = []
     for i in impls:
         res = per_impl[i]
-        env_rows.append(f"| {IMPL_NAMES.get(i, i)} | {res.get('device')} | {res.get('machine', '–')} "
+        env_rows.append(f"| {IMPL_NAMES.get(i, i)} | {res.get('device')} | {res.get('device_name', '–')} "
                         f"| {res.get('torch_version')} | {str(res.get('code_version'))[:12]} "
                         f"| {str(res.get('torchssl_commit', '–'))[:12]} | {len(res.get('patches', []))} |")
     lines += ["", "| implementation | device | machine | torch | our code version | TorchSSL commit "

@@ -57,6 +57,22 @@ class NonFiniteLoss(RuntimeError):
     """TorchSSL's loss became NaN or infinite: the run stops and keeps its last checkpoint."""
 
 
+# How TorchSSL realises the spec, for the report's side-by-side settings (see README.md here for the sources).
+IMPL_SETTINGS = {
+    "strong_augmentation": "RandAugment(3, 5): 3 of 14 ops with replacement, each always applied, magnitude uniform "
+                           "in its range; then Cutout of side U[0, 16] px, fill (125, 123, 114)",
+    "weak_augmentation": "flip p=0.5, reflect-pad 4 + random 32x32 crop (torchvision, PIL)",
+    "labelled_sampling": "with replacement (RandomSampler)",
+    "unlabelled_sampling": "with replacement over all 50,000 train images (RandomSampler)",
+    "weight_decay_applies_to": "conv and linear weights (parameter names without 'bn' or 'bias')",
+    "ema": "parameters only, decay as spec; BatchNorm running statistics of the live model",
+    "evaluated_model": "EMA parameters with the live model's BatchNorm statistics",
+    "wrn_first_block_of_groups_2_3": "conv1 sees the raw input (its bn1 is unused)",
+    "conv_bias_init": "PyTorch default (uniform)",
+    "headline_statistic_upstream": "best test accuracy (here: final, median of last 20, and best, as for ours)",
+}
+
+
 def torchssl_args(spec: RunSpec, run_dir: Path, gpu: int | None, num_workers: int) -> argparse.Namespace:
     """fixmatch.py's arguments (every one its parser defines) for this spec. Spec -> TorchSSL:
 
@@ -240,7 +256,8 @@ class Recorder:
         record = {"kind": "train", "step": step, "lr": self.lr, "loss": s[0] / n, "loss_x": s[1] / n,
                   "loss_u": s[2] / n, "mask_rate": s[3] / n, "pseudo_acc": s[4] / s[3] if s[3] > 0 else None,
                   "images_per_s": images / self.window_s if self.window_s > 0 else None,
-                  "data_frac": self.window_data_s / self.window_s if self.window_s > 0 else None}
+                  "data_frac": self.window_data_s / self.window_s if self.window_s > 0 else None,
+                  "train_seconds": self.train_s}  # training time so far: what bench/throughput.py times
         append_metrics(self.run_dir, record)
         self.log(f"step {step}/{self.spec.steps} lr {self.lr:.5f} loss {record['loss']:.4f} "
                  f"(x {record['loss_x']:.4f} u {record['loss_u']:.4f}) mask_rate {record['mask_rate']:.3f} "
@@ -446,6 +463,8 @@ def run(spec: RunSpec, files: RunFiles, run_dir: Path, device_name: str, num_wor
         "evals": evals,
         "patches": applied, "torchssl_url": URL, "torchssl_commit": COMMIT, "torchssl_checkout_clean": clean_after,
         "torchssl_args": vars(args), "num_workers": num_workers,
+        "impl_settings": {**IMPL_SETTINGS, "data_pipeline": f"PIL transforms in DataLoader workers "
+                          f"({num_workers} labelled, {4 * num_workers} unlabelled)"},
     }
     validate_result(result)
     write_json_atomic(run_dir / RESULT_FILE, result)
