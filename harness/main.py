@@ -41,7 +41,14 @@ def resolve_devices(device: str, gpus: list[int] | None) -> list[str]:
     raise UsageError(f"--device {device!r} is not accepted; accepted: auto, cpu, cuda, cuda:N")
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(args) -> int:
+    import signal
+
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # a kill checkpoints the running runs, like Ctrl-C
     try:
         return _main(args)
     except (UsageError, DataError, SplitError, ValueError, FileNotFoundError) as e:
