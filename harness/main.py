@@ -49,9 +49,11 @@ def main(args) -> int:
     import signal
 
     signal.signal(signal.SIGTERM, _raise_interrupt)  # a kill checkpoints the running runs, like Ctrl-C
+    from third_party.torchssl.checkout import CheckoutError  # gitpython only: no TorchSSL, no torch
+
     try:
         return _main(args)
-    except (UsageError, DataError, SplitError, ValueError, FileNotFoundError) as e:
+    except (UsageError, DataError, SplitError, CheckoutError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -57,3 +57,17 @@ def make_run_dir(cifar, tmp_path):
         return run_dir
 
     return make
+
+
+@pytest.fixture(scope="session")
+def torchssl_checkout() -> Path:
+    """The cached verified TorchSSL checkout, else one cloned from $TORCHSSL_SOURCE; else skip with the reason."""
+    from third_party.torchssl import checkout as co
+
+    found = co.find_checkout()  # a modified cached checkout fails here, with what to do
+    if found is not None:
+        return found
+    if os.environ.get(co.SOURCE_ENV):
+        return co.ensure_checkout(os.environ[co.SOURCE_ENV])
+    pytest.skip(f"no TorchSSL checkout: none cached at {co.checkout_path()} and {co.SOURCE_ENV} is not set "
+                f"(set it to a git URL or a local clone/mirror of TorchSSL)")

@@ -65,3 +65,13 @@ def test_missing_data_path_is_one_line(tmp_path):
         f"error: data path {tmp_path / 'missing.tar.gz'} does not exist; expected a torchvision CIFAR-10 folder "
         "(containing cifar-10-batches-py), the original cifar-10-python.tar.gz, an image-folder tree laid out "
         "train/<class>/* and test/<class>/*, or a .tar/.tar.gz of such a tree"]
+
+
+def test_unreachable_torchssl_source_is_one_line(shared_archive, tmp_path):
+    r = run_cli("--budgets", "40", "--preset", "smoke", "--device", "cpu", "--data", str(shared_archive),
+                "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "cache"),
+                "--torchssl-source", str(tmp_path / "no-such-repo"), "--no-warmup")
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot clone TorchSSL from") and "TORCHSSL_SOURCE" in lines[0]
+    assert not list((tmp_path / "o").glob("runs/*/result.json"))

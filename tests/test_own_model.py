@@ -1,21 +1,15 @@
 """own_impl.model: WRN-28-2's parameter count by hand and against TorchSSL's network, gradients, BN settings."""
-import io
 import json
-import os
 import subprocess
 import sys
-import tarfile
-from pathlib import Path
 
-import pytest
 import torch
 import torch.nn as nn
 
 from own_impl.model import WideResNet, _act
 from own_impl.optim import param_groups
 
-TORCHSSL_PIN = "f26e1d42967cec7f7c8a00c2e7ff9219d8ab7c92"  # the TorchSSL commit this project compares against
-TORCHSSL_DEFAULT = Path("/work/.mirror/TorchSSL+TorchSSL/repo")
+
 
 
 def wrn_count_by_hand(depth: int = 28, k: int = 2, classes: int = 10) -> tuple[int, int]:
@@ -44,25 +38,8 @@ def test_param_count_matches_hand_count():
     assert sum(p.numel() for p in param_groups(model, 5e-4)[0]["params"]) == decayed == 1_463_984
 
 
-def _torchssl_source(tmp_path: Path) -> Path:
-    """A folder holding TorchSSL's models/ at the pin: TORCHSSL_SOURCE (a checkout or a git dir) or the mirror."""
-    src = Path(os.environ.get("TORCHSSL_SOURCE", TORCHSSL_DEFAULT))
-    if (src / "models" / "nets" / "wrn.py").exists():
-        return src
-    if not src.exists():
-        pytest.skip(f"TorchSSL source not found at {src} (set TORCHSSL_SOURCE to a checkout or git dir)")
-    # Only models/nets at the pinned commit is needed: export it instead of cloning the whole tree.
-    r = subprocess.run(["git", f"--git-dir={src}" if (src / "objects").is_dir() else f"--git-dir={src / '.git'}",
-                        "archive", TORCHSSL_PIN, "models/nets"], capture_output=True, timeout=60)
-    if r.returncode != 0:
-        pytest.skip(f"cannot export TorchSSL {TORCHSSL_PIN[:8]} from {src}: {r.stderr.decode().strip()}")
-    with tarfile.open(fileobj=io.BytesIO(r.stdout)) as tar:
-        tar.extractall(tmp_path, filter="data")
-    return tmp_path
-
-
-def test_same_parameters_as_torchssl_wideresnet(tmp_path):
-    src = _torchssl_source(tmp_path)
+def test_same_parameters_as_torchssl_wideresnet(torchssl_checkout):
+    src = torchssl_checkout
     # TorchSSL's code runs in a child process, so its top-level 'models' package never enters this one.
     code = (
         "import json, sys; sys.path.insert(0, sys.argv[1]);"

@@ -18,17 +18,6 @@ from third_party.torchssl import checkout as co
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def torchssl_checkout() -> Path:
-    """The cached verified checkout, else one cloned from $TORCHSSL_SOURCE; else skip."""
-    found = co.find_checkout()  # a modified cached checkout fails here, with what to do
-    if found is not None:
-        return found
-    if os.environ.get(co.SOURCE_ENV):
-        return co.ensure_checkout(os.environ[co.SOURCE_ENV])
-    pytest.skip(f"no TorchSSL checkout: none cached at {co.checkout_path()} and {co.SOURCE_ENV} is not set "
-                f"(set it to a git URL or a local clone/mirror of TorchSSL)")
-
 
 def entry(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
