@@ -7,8 +7,15 @@ from harness.plan import PRESETS
 from harness.main import main
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag is reported in one line (the usage block is for --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         description=__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,

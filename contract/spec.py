@@ -57,6 +57,16 @@ class RunSpec:
                 problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.n_labels < 1 or self.n_labels % self.num_classes:
             problems.append(f"n_labels must be a positive multiple of {self.num_classes}, got {self.n_labels}")
+        if not self.lr > 0:
+            problems.append(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            problems.append(f"momentum must lie in [0, 1), got {self.momentum}")
+        if not self.weight_decay >= 0:
+            problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.lambda_u >= 0:
+            problems.append(f"lambda_u must be >= 0, got {self.lambda_u}")
+        if self.seed < 0:
+            problems.append(f"seed must be >= 0, got {self.seed}")
         if not 0.0 <= self.threshold <= 1.0:
             problems.append(f"threshold must lie in [0, 1], got {self.threshold}")
         if not 0.0 <= self.ema_decay < 1.0:

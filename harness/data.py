@@ -244,7 +244,7 @@ def _validate(arrays: dict[str, np.ndarray], classes: tuple[str, ...], where: st
         x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
         if x.ndim != 4 or x.shape[1:] != (32, 32, 3) or x.dtype != np.uint8:
             raise DataError(f"{where}: {split} images are {x.dtype}{x.shape}, expected uint8 (N, 32, 32, 3)")
-        counts = np.bincount(y, minlength=len(classes))
-        if len(x) != len(y) or (counts != per_class).any():
-            raise DataError(f"{where}: {split} has {len(x)} images with per-class counts {counts.tolist()}, "
+        found = np.bincount(y, minlength=len(classes))
+        if len(x) != len(y) or (found != per_class).any():
+            raise DataError(f"{where}: {split} has {len(x)} images with per-class counts {found.tolist()}, "
                             f"expected {per_class} per class ({per_class * len(classes)} in all)")

@@ -9,6 +9,7 @@ import numpy as np
 
 from harness.data import CIFAR10_COUNTS, DataError, load_cifar10
 from harness.plan import OVERRIDABLE, plan_runs, preset_values
+from contract.spec import RunSpec
 from harness.splits import SplitError, check_budget, ensure_split
 
 
@@ -48,9 +49,9 @@ def _raise_interrupt(signum, frame):
 def main(args) -> int:
     import signal
 
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # a kill checkpoints the running runs, like Ctrl-C
     from third_party.torchssl.checkout import CheckoutError  # gitpython only: no TorchSSL, no torch
 
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # a kill checkpoints the running runs, like Ctrl-C
     try:
         return _main(args)
     except (UsageError, DataError, SplitError, CheckoutError, ValueError, FileNotFoundError) as e:
@@ -60,6 +61,8 @@ def main(args) -> int:
         print("interrupted: finished runs are kept, interrupted ones resume from their checkpoint on the next call",
               file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _main(args) -> int:
@@ -72,11 +75,21 @@ def _main(args) -> int:
         return 0
 
     overrides = {k: getattr(args, k) for k in OVERRIDABLE if getattr(args, k, None) is not None}
-    preset_values(args.preset, overrides)  # unknown preset or bad override: fail before any work
-    if len(set(args.budgets)) != len(args.budgets) or len(set(args.seeds)) != len(args.seeds):
-        raise UsageError(f"--budgets {args.budgets} / --seeds {args.seeds} repeat a value; give each once")
-    for n in args.budgets:  # CIFAR-10 counts: catch a bad budget before decoding any data
+    for flag, values in (("--budgets", args.budgets), ("--seeds", args.seeds), ("--impls", args.impls)):
+        if len(set(values)) != len(values):
+            raise UsageError(f"{flag} {' '.join(map(str, values))} repeats a value; give each once")
+    bad_seeds = [s for s in args.seeds if s < 0]
+    if bad_seeds:
+        raise UsageError(f"--seeds {bad_seeds[0]} is not accepted; seeds are integers >= 0")
+    for n in args.budgets:  # CIFAR-10's counts: catch a bad budget before decoding any data
         check_budget(n, CIFAR10_COUNTS["train"])
+    test_images = CIFAR10_COUNTS["test"] * 10
+    if (overrides.get("eval_subset") or 0) > test_images:
+        raise UsageError(f"--eval-subset {overrides['eval_subset']} is more than the {test_images} test images; "
+                         f"accepted: 0 (all) or a multiple of 10 up to {test_images}")
+    # Every spec value is checked here, before any data is decoded or any split file written.
+    RunSpec(impl=args.impls[0], n_labels=args.budgets[0], seed=args.seeds[0], data_kind="-", data_sha256="-",
+            split_sha256="-", **preset_values(args.preset, overrides))
     devices = resolve_devices(args.device, args.gpus)
     source = args.data or os.environ.get("FIXMATCH_BENCH_DATA")
     cache_dir = Path(args.cache_dir) if args.cache_dir else None

@@ -55,6 +55,11 @@ def pair_check(runs: list[dict]) -> dict[tuple[int, int], list[str]]:
     return problems
 
 
+def _mean_or_dash(values: list) -> str:
+    values = [v for v in values if v is not None]
+    return f"{statistics.mean(values):.2f}" if values else "–"
+
+
 def fmt_seconds(s: float) -> str:
     if s < 120:
         return f"{s:.0f} s"
@@ -93,7 +98,7 @@ def results_table(runs: list[dict], checks: dict) -> list[str]:
                 f"| {n} | {name} | {mean_std([x['final_top1'] for x in res])} "
                 f"| {mean_std([x['median20_top1'] for x in res])} | {mean_std([x['best_top1'] for x in res])} "
                 f"| {steps} | {fmt_seconds(statistics.mean(x['wall_seconds'] for x in res))} "
-                f"| {statistics.mean(x['steps_per_second'] for x in res):.2f} | {check} |")
+                f"| {_mean_or_dash([x.get('steps_per_second') for x in res])} | {check} |")
     return lines
 
 
@@ -204,13 +209,13 @@ def make_figures(runs: list[dict], fig_dir: Path, tag: str) -> list[tuple[str, P
     impls = sorted({r["spec"]["impl"] for r in runs}, key=lambda i: list(IMPL_NAMES).index(i))
     width = 0.8 / max(len(impls), 1)
     for j, impl in enumerate(impls):
-        vals = [statistics.mean([r["result"]["steps_per_second"] for r in runs
+        vals = [statistics.mean([r["result"]["steps_per_second"] or 0.0 for r in runs
                                  if r["spec"]["impl"] == impl and r["spec"]["n_labels"] == n] or [0.0])
                 for n in budgets]
         ax.bar(np.arange(len(budgets)) + j * width, vals, width, label=IMPL_NAMES.get(impl, impl),
                color=colors.get(impl))
     ax.set_xticks(np.arange(len(budgets)) + width * (len(impls) - 1) / 2, [str(b) for b in budgets])
-    ax.set(title="training throughput (whole run, evaluation included)", xlabel="labels",
+    ax.set(title="training throughput (training steps only; evaluation and checkpoints excluded)", xlabel="labels",
            ylabel="steps per second")
     ax.legend()
     ax.grid(alpha=0.3, axis="y")

@@ -63,7 +63,8 @@ def progress(run: PlannedRun) -> tuple[int, float | None]:
     return step, top1
 
 
-def warmup_estimate(runs: list[PlannedRun], data_dir: Path, device: str, extras: dict[str, dict]) -> float | None:
+def warmup_estimate(runs: list[PlannedRun], data_dir: Path, data_test_y, device: str,
+                    extras: dict[str, dict]) -> float | None:
     """Time a few steps of each implementation at the planned batch sizes; return the estimated total seconds."""
     pending = [r for r in runs if not is_done(r)]
     if not pending:
@@ -86,12 +87,16 @@ def warmup_estimate(runs: list[PlannedRun], data_dir: Path, device: str, extras:
                 print(f"warm-up of {impl} failed (exit {code}):\n{log_tail(probe)}", file=sys.stderr)
                 return None
         sps = result["steps_per_second"]
-        overhead = max(wall - probe_steps / sps, 0.0)  # start-up plus one evaluation
+
+        def eval_seconds(s) -> float:  # a forward pass costs about a third of a training step's per image
+            images = s.eval_subset or len(data_test_y)
+            return images / (3 * s.batch_size * (1 + 2 * s.uratio) * sps)
+
+        startup = max(wall - probe_steps / sps - eval_seconds(spec), 0.0)
         for r in mine:
             n_evals = -(-r.spec.steps // r.spec.eval_every)
-            done = progress(r)[0]
-            total += (r.spec.steps - done) / sps + overhead * max(n_evals, 1)
-        print(f"warm-up {impl}: {sps:.2f} steps/s, {overhead:.0f} s start-up + evaluation")
+            total += startup + (r.spec.steps - progress(r)[0]) / sps + n_evals * eval_seconds(r.spec)
+        print(f"warm-up {impl}: {sps:.2f} steps/s, {startup:.0f} s start-up per run")
     return total
 
 
@@ -116,13 +121,14 @@ def execute(runs: list[PlannedRun], *, data, devices: list[str], torchssl_source
     if not todo:
         return []
     if warmup:
-        est = warmup_estimate(todo, data.data_dir, devices[0], extras)
+        est = warmup_estimate(todo, data.data_dir, data.test_y, devices[0], extras)
         if est is not None:
             print(f"estimated time for {len(todo)} runs on {len(devices)} device(s): "
                   f"{est / len(devices) / 60:.1f} min")
 
     failed: list[PlannedRun] = []
     active: set[subprocess.Popen] = set()
+    stopping = threading.Event()  # set on an interruption: no new run starts, running ones checkpoint
     lock = threading.Lock()
     queue = deque(todo)
     overall = tqdm(total=len(todo), desc="runs", position=0, unit="run", dynamic_ncols=True)
@@ -130,13 +136,16 @@ def execute(runs: list[PlannedRun], *, data, devices: list[str], torchssl_source
     def worker(device: str, slot: int) -> None:
         while True:
             with lock:
-                if not queue:
+                if not queue or stopping.is_set():
                     return
                 run = queue.popleft()
             prepare(run, data.data_dir, device, extras[run.spec.impl])
             bar = tqdm(total=run.spec.steps, desc=f"{run.spec.impl}/{run.spec.n_labels}/s{run.spec.seed}",
                        position=slot + 1, leave=False, unit="step", dynamic_ncols=True)
             with lock:
+                if stopping.is_set():
+                    bar.close()
+                    return
                 proc = launch(run)
                 active.add(proc)
             while proc.poll() is None:
@@ -148,7 +157,9 @@ def execute(runs: list[PlannedRun], *, data, devices: list[str], torchssl_source
             bar.close()
             with lock:
                 active.discard(proc)
-                if proc.returncode != 0 or not is_done(run):
+                if stopping.is_set() and not is_done(run):
+                    tqdm.write(f"interrupted {run.spec.name}: it resumes from its checkpoint on the next call")
+                elif proc.returncode != 0 or not is_done(run):
                     failed.append(run)
                     tqdm.write(f"FAILED {run.spec.name} (exit {proc.returncode}); end of "
                                f"{run.run_dir / PROCESS_LOG}:\n{log_tail(run)}")
@@ -167,6 +178,7 @@ def execute(runs: list[PlannedRun], *, data, devices: list[str], torchssl_source
                 t.join(0.5)
     finally:
         with lock:
+            stopping.set()
             queue.clear()
             for proc in active:  # an interruption: each run checkpoints on SIGTERM and resumes next time
                 proc.terminate()

@@ -62,7 +62,7 @@ def ensure_split(out_dir: Path, dataset: str, train_y: np.ndarray, n_labels: int
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, {
         "dataset": dataset, "n_labels": n_labels, "seed": seed, "data_sha256": data_sha256,
-        "per_class": np.bincount(train_y[idx], minlength=10).tolist(),
+        "per_class": np.bincount(train_y[idx]).tolist(),
         "labels_sha256": labels_sha, "sha256": sha, "labeled_indices": idx.tolist(),
     })
     return path, sha
