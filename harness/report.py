@@ -55,6 +55,12 @@ def pair_check(runs: list[dict]) -> dict[tuple[int, int], list[str]]:
     return problems
 
 
+def short_version(version) -> str:
+    """The first 12 digits of a commit, keeping the -dirty mark that says the tree had uncommitted changes."""
+    version = str(version)
+    return version[:12] + ("-dirty" if version.endswith("-dirty") else "")
+
+
 def _mean_or_dash(values: list) -> str:
     values = [v for v in values if v is not None]
     return f"{statistics.mean(values):.2f}" if values else "–"
@@ -138,7 +144,7 @@ def settings_section(runs: list[dict]) -> list[str]:
     for i in impls:
         res = per_impl[i]
         env_rows.append(f"| {IMPL_NAMES.get(i, i)} | {res.get('device')} | {res.get('device_name', '–')} "
-                        f"| {res.get('torch_version')} | {str(res.get('code_version'))[:12]} "
+                        f"| {res.get('torch_version')} | {short_version(res.get('code_version'))} "
                         f"| {str(res.get('torchssl_commit', '–'))[:12]} | {len(res.get('patches', []))} |")
     lines += ["", "| implementation | device | machine | torch | our code version | TorchSSL commit "
               "| run-time patches |", "|---|---|---|---|---|---|---|", *env_rows]
@@ -146,7 +152,7 @@ def settings_section(runs: list[dict]) -> list[str]:
     if patches:
         lines += ["", "Run-time patches applied to TorchSSL (its files are never edited):", ""]
         for p in patches:
-            lines.append(f"- `{p['name']}`: {p['why']}" if isinstance(p, dict) else f"- {p}")
+            lines.append(f"- `{p['name']}` ({p.get('target', '')}): {p['why']}" if isinstance(p, dict) else f"- {p}")
     return lines
 
 

@@ -461,7 +461,9 @@ def run(spec: RunSpec, files: RunFiles, run_dir: Path, device_name: str, num_wor
         "torch_version": torch.__version__, "code_version": code_version(),
         "precision": spec.precision, "channels_last": spec.channels_last, "eval_images": len(eval_idx),
         "evals": evals,
-        "patches": applied, "torchssl_url": URL, "torchssl_commit": COMMIT, "torchssl_checkout_clean": clean_after,
+        "patches": [{"name": p.name, "target": p.target, "why": p.why} for p in patches.PATCHES
+                    if p.name in applied],
+        "torchssl_url": URL, "torchssl_commit": COMMIT, "torchssl_checkout_clean": clean_after,
         "torchssl_args": vars(args), "num_workers": num_workers,
         "impl_settings": {**IMPL_SETTINGS, "data_pipeline": f"PIL transforms in DataLoader workers "
                           f"({num_workers} labelled, {4 * num_workers} unlabelled)"},
