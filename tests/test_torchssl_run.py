@@ -58,7 +58,8 @@ def test_three_step_run_writes_our_schema(make_run_dir, torchssl_checkout):
     assert result["impl"] == "torchssl" and result["steps"] == 3 and result["eval_images"] == 100
     assert result["param_count"] == wrn_param_count(28, 2, 10) == 1_469_642
     assert result["torchssl_commit"] == co.COMMIT and result["torchssl_checkout_clean"] is True
-    assert "cpu_device_shim" in result["patches"] and "amp_bf16" not in result["patches"]
+    names = [p["name"] for p in result["patches"]]
+    assert "cpu_device_shim" in names and "amp_bf16" not in names and all(p["why"] for p in result["patches"])
     assert result["steps_per_second"] > 0 and result["wall_seconds"] >= result["train_seconds"] > 0
 
     metrics = read_metrics(run_dir)
