@@ -23,7 +23,6 @@ import random
 import signal
 import sys
 import time
-import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,6 +31,7 @@ import numpy as np
 from contract.arrays import eval_subset_indices, load_arrays, load_split
 from contract.results import (RESULT_FILE, append_metrics, code_version, machine_info, read_metrics, read_result,
                               summarize_evals, truncate_metrics, validate_result, write_json_atomic)
+from contract.runtime import NonFiniteLoss, RunInterrupted, StopFlag, make_log, run_entry
 from contract.spec import RunFiles, RunSpec, read_spec
 from third_party.torchssl import patches
 from third_party.torchssl.checkout import COMMIT, URL, CheckoutError, ensure_checkout, problems, verify_checkout
@@ -39,28 +39,18 @@ from third_party.torchssl.checkout import COMMIT, URL, CheckoutError, ensure_che
 SAVE_NAME = "torchssl"  # TorchSSL's save folder: RUN/torchssl
 CHECKPOINT = "latest_model.pth"  # TorchSSL's name; its load_model resumes from it
 PROGRESS = "progress.json"  # beside the checkpoint: the step it holds and the seconds spent so far
-LOG_FILE = "log.txt"
 TORCHSSL_NUM_WORKERS = 1  # fixmatch.py's default: 1 worker for labelled and eval batches, 4 for unlabelled ones
-
-
-class RunInterrupted(Exception):
-    def __init__(self, signum: int, step: int):
-        super().__init__(f"interrupted by {signal.Signals(signum).name} after step {step}; checkpoint written")
-        self.signum = signum
 
 
 class StoppedAfter(Exception):
     """stop_after=k (tests): the run stopped after step k as an interruption would, with a checkpoint."""
 
 
-class NonFiniteLoss(RuntimeError):
-    """TorchSSL's loss became NaN or infinite: the run stops and keeps its last checkpoint."""
-
-
 # How TorchSSL realises the spec, for the report's side-by-side settings (see README.md here for the sources).
 IMPL_SETTINGS = {
     "strong_augmentation": "RandAugment(3, 5): 3 of 14 ops with replacement, each always applied, magnitude uniform "
-                           "in its range; then Cutout of side U[0, 16] px, fill (125, 123, 114)",
+                           "in its range; then Cutout of side U[0, 16] px, fill (125, 123, 114); all of it BEFORE "
+                           "the flip and crop",
     "weak_augmentation": "flip p=0.5, reflect-pad 4 + random 32x32 crop (torchvision, PIL)",
     "labelled_sampling": "with replacement (RandomSampler)",
     "unlabelled_sampling": "with replacement over all 50,000 train images (RandomSampler)",
@@ -69,6 +59,8 @@ IMPL_SETTINGS = {
     "evaluated_model": "EMA parameters with the live model's BatchNorm statistics",
     "wrn_first_block_of_groups_2_3": "conv1 sees the raw input (its bn1 is unused)",
     "conv_bias_init": "PyTorch default (uniform)",
+    "resume": "reseeds the global RNGs from the spec's seed on every start: a resumed run replays the data order "
+              "and augmentations of its first steps",
     "headline_statistic_upstream": "best test accuracy (here: final, median of last 20, and best, as for ours)",
 }
 
@@ -132,48 +124,6 @@ def import_torchssl(checkout: Path) -> SimpleNamespace:
             raise ImportError(f"module {mod.__name__} came from {mod.__file__}, not from the checkout {checkout}")
     return SimpleNamespace(utils=utils, train_utils=train_utils, data_utils=data_utils, ssl_dataset=ssl_dataset,
                            fixmatch=fixmatch)
-
-
-class StopFlag:
-    """SIGTERM/SIGINT set a flag read at the end of each step, so a checkpoint always holds whole steps."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._old = {}
-        self._pid = os.getpid()
-
-    def _handle(self, signum, frame) -> None:
-        if os.getpid() != self._pid:  # a forked DataLoader worker inherited the handler: behave as if it had none
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        if self.signum is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __enter__(self) -> "StopFlag":
-        for s in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, old in self._old.items():
-            signal.signal(s, old)
-
-
-def make_log(run_dir: Path):
-    path = run_dir / LOG_FILE
-
-    def log(msg: str) -> None:
-        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
-        print(line, flush=True)
-        with open(path, "a") as f:
-            f.write(line + "\n")
-
-    return log
 
 
 class Recorder:
@@ -380,7 +330,7 @@ def run(spec: RunSpec, files: RunFiles, run_dir: Path, device_name: str, num_wor
         model.set_optimizer(optimizer, scheduler)
         if device.type == "cuda":
             torch.cuda.set_device(args.gpu)
-        model.model = model.model.cuda(args.gpu)  # on a CPU: .to(device) through cpu_device_shim
+        model.model = model.model.to(device)  # main_worker's .cuda(args.gpu), with the device as a parameter
         model.ema_model = copy.deepcopy(model.model)
         logger.info(f"model_arch: {model}")
         logger.info(f"Arguments: {args}")
@@ -499,25 +449,12 @@ def main(argv: list[str] | None = None) -> int:
                              f"extra['num_workers'], else TorchSSL's {TORCHSSL_NUM_WORKERS}")
     args = parser.parse_args(argv)
     run_dir = args.run_dir.resolve()
-    try:
+
+    def body() -> None:
         spec, files = read_spec(args.spec)
         run(spec, files, run_dir, args.device or files.device, args.num_workers, args.stop_after)
-    except RunInterrupted as e:
-        print(f"torchssl.entry: {e}", file=sys.stderr)
-        return 128 + e.signum
-    except KeyboardInterrupt:
-        print("torchssl.entry: interrupted twice; stopped without a new checkpoint", file=sys.stderr)
-        return 130
-    except (CheckoutError, NonFiniteLoss, ValueError, FileNotFoundError) as e:
-        print(f"torchssl.entry: error: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:  # unexpected: one line here, the traceback in log.txt
-        if run_dir.is_dir():
-            with open(run_dir / LOG_FILE, "a") as f:
-                f.write(traceback.format_exc())
-        print(f"torchssl.entry: error: {type(e).__name__}: {e} (traceback in {run_dir / LOG_FILE})", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_entry("torchssl.entry", run_dir, body, expected=(CheckoutError,))
 
 
 if __name__ == "__main__":

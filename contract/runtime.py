@@ -1,0 +1,116 @@
+"""What every implementation's entry point shares: the run-folder lock, stop signals, the log, exit codes."""
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+LOG_FILE = "log.txt"
+LOCK_FILE = ".lock"
+
+
+class RunInterrupted(Exception):
+    """SIGTERM or SIGINT arrived; the run wrote a checkpoint after its last whole step and stops."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; the checkpoint resumes it")
+        self.signum, self.step = signum, step
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite: the run stops and keeps its last good checkpoint."""
+
+
+class RunFolderBusy(RuntimeError):
+    """Another process holds the run folder."""
+
+
+class StopFlag:
+    """SIGTERM/SIGINT only set a flag that the loop reads between steps, so a checkpoint always holds whole steps."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {}
+        self._pid = os.getpid()
+
+    def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a forked DataLoader worker inherited the handler: behave as if it had none
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> "StopFlag":
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread: signals stay with whoever owns them
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+def make_log(run_dir: Path) -> Callable[[str], None]:
+    """A logger that prints a time-stamped line and appends it to RUN/log.txt."""
+    path = Path(run_dir) / LOG_FILE
+
+    def log(msg: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
+        print(line, flush=True)
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+    return log
+
+
+@contextmanager
+def run_lock(run_dir: Path):
+    """Hold RUN/.lock for the whole run, so two processes can never write one run folder."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK_FILE, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunFolderBusy(f"run folder {run_dir} is in use by another process; wait for it or stop it") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_entry(prog: str, run_dir: Path, body: Callable[[], object], expected: tuple = ()) -> int:
+    """Run `body` under the run-folder lock; turn every way it can end into one stderr line and an exit code.
+
+    0 done; 128 + signal when stopped by a signal (checkpoint written); 130 on a second interrupt; 1 on an error.
+    """
+    try:
+        with run_lock(run_dir):
+            body()
+    except RunInterrupted as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted twice; stopped without a new checkpoint", file=sys.stderr)
+        return 130
+    except (RunFolderBusy, NonFiniteLoss, ValueError, FileNotFoundError, *expected) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # unexpected: one line here, the traceback in log.txt
+        if Path(run_dir).is_dir():
+            with open(Path(run_dir) / LOG_FILE, "a") as f:
+                f.write(traceback.format_exc())
+        print(f"{prog}: error: {type(e).__name__}: {e} (traceback in {Path(run_dir) / LOG_FILE})", file=sys.stderr)
+        return 1
+    return 0
