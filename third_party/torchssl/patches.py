@@ -13,6 +13,8 @@ import math
 import time
 from dataclasses import dataclass
 
+from contract.runtime import NonFiniteLoss
+
 
 @dataclass(frozen=True)
 class Patch:
@@ -61,7 +63,9 @@ PATCHES: tuple[Patch, ...] = (
           "TorchSSL's save_model writes to a temporary name that is then renamed, so a kill during a save leaves "
           "the previous latest_model.pth intact. Its content is TorchSSL's own; progress.json beside it keeps "
           "the step and seconds so far for resumes. main_worker's final save after train() (which stores "
-          "it = steps + 1) is replaced by the end-of-step save at the last step."),
+          "it = steps + 1) is replaced by the end-of-step save at the last step. A save of non-finite weights "
+          "(TorchSSL's own save every 10,000 steps runs before our loss check) is refused, keeping the last good "
+          "checkpoint."),
     Patch("cpu_device_shim", "Tensor.cuda, Module.cuda, torch.cuda.Event, torch.cuda.synchronize", "cpu",
           "TorchSSL calls .cuda() and CUDA events throughout and refuses to run without a GPU. For tests and CPU "
           "comparisons, .cuda(...) moves to the chosen device, the event is a wall-clock stand-in and "
@@ -247,9 +251,17 @@ def bench_fixmatch_class(FixMatch):
             return out
 
         def save_model(self, save_name, save_path):
+            import torch
+
+            # TorchSSL's own save every 10,000 steps comes before our end-of-step loss check: never let it
+            # replace the last good checkpoint with non-finite weights.
+            if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+                raise NonFiniteLoss(f"non-finite weights at step {self.it + 1}; the last good checkpoint is kept")
             t0 = time.perf_counter()
             tmp = save_name + ".tmp"
             super().save_model(tmp, save_path)
+            with open(os.path.join(save_path, tmp), "rb") as f:
+                os.fsync(f.fileno())  # on disk before it replaces the previous checkpoint
             os.replace(os.path.join(save_path, tmp), os.path.join(save_path, save_name))
             # save_model stores it = self.it + 1: the steps done when called inside the loop, as it is here
             self.hooks.saved(save_name, self.it + 1, time.perf_counter() - t0)
