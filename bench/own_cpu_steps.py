@@ -1,16 +1,22 @@
 """Steps per second of own_impl's whole training step (sampling, augmentation, forward, backward, SGD, EMA).
 
-    python bench/own_cpu_steps.py [--device cpu] [--warmup 2] [--repeats 3] [--batch 16 64] [--uratio 7]
+    python bench/own_cpu_steps.py [--device cpu] [--batch 16] [--uratio 7] [--warmup 3] [--repeats 5]
+                                  [--configs fp32 fp32-cl bf16-cl fp32-cl-compile] [--compile-mode MODE]
+    python bench/own_cpu_steps.py --device cuda --batch 64 --configs bf16-cl bf16-cl-compile --window 20
 
-For each batch size, fp32 and bf16 autocast, with and without channels_last: `warmup` untimed steps, then
-`repeats` timed steps; prints the median wall time (and this process's CPU time, all threads, which other load
-on a shared machine disturbs less) as a table and one JSON line. Images are random uint8 (the step's cost
-does not depend on pixel values), so no data set is needed.
+A configuration is precision (fp32 | bf16 autocast) plus optional `-cl` (channels_last) and `-compile`
+(torch.compile of forward + loss + backward, as own_impl.train does it). All configurations are built first
+(compilation timed apart, as `compile_s`), then each gets `warmup` untimed steps, then `repeats` rounds run
+`window` timed steps of every configuration in turn, so that load from other processes on a shared machine falls
+on all of them alike. The device is synchronized only at the ends of a window (a GPU runs ahead of the host as in
+training). Prints per configuration the median wall time per step (steps/s), the fastest window, the process's
+CPU seconds per step (all threads), the host seconds per step spent issuing the data preparation and the step
+(on a GPU: launch overhead, unless the queue is full), and one JSON line. Images are random uint8 (the step's
+cost does not depend on pixel values), so no data set is needed.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import platform
 import statistics
@@ -25,73 +31,127 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from contract.spec import RunSpec  # noqa: E402
 from own_impl.optim import cosine_lr  # noqa: E402
-from own_impl.train import DeviceData, EpochSampler, build, make_batch, resolve_device, train_step  # noqa: E402
+from own_impl.train import (DeviceData, EpochSampler, build, compile_warm_up, make_batch, make_loss_fn,  # noqa: E402
+                            resolve_device, train_step)
 
 N_TRAIN = 50_000
 
 
-def bench_one(device: torch.device, batch: int, uratio: int, precision: str, channels_last: bool, warmup: int,
-              repeats: int) -> dict:
-    spec = RunSpec(impl="own", n_labels=250, seed=0, data_kind="synthetic", data_sha256="-", split_sha256="-",
-                   batch_size=batch, uratio=uratio, precision=precision, channels_last=channels_last,
-                   steps=warmup + repeats)
-    g = torch.Generator().manual_seed(0)
-    train_x = torch.randint(0, 256, (N_TRAIN, 3, 32, 32), dtype=torch.uint8, generator=g).to(device)
-    train_y = torch.randint(0, 10, (N_TRAIN,), generator=g).to(device)
-    labelled = np.arange(spec.n_labels)
-    data = DeviceData(train_x, train_y, labelled, train_x[:0], train_y[:0], "-")
-    torch.manual_seed(0)
-    model, ema, optimizer = build(spec, device)
-    lab, unl = EpochSampler(labelled, 1), EpochSampler(np.arange(N_TRAIN), 2)
-    aug_gen = torch.Generator(device=device).manual_seed(3)
+def parse_config(name: str) -> dict:
+    parts = name.split("-")
+    if parts[0] not in ("fp32", "bf16") or not set(parts[1:]) <= {"cl", "compile"}:
+        raise SystemExit(f"bad configuration {name!r}: fp32|bf16, then optional -cl and -compile")
+    return {"precision": parts[0], "channels_last": "cl" in parts, "compile": "compile" in parts}
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
-    step_s, data_s, cpu_s = [], [], []
-    for k in range(warmup + repeats):
-        sync()
+class Runner:
+    """One configuration's model, optimizer, EMA, samplers and generator, stepping on shared data."""
+
+    def __init__(self, name: str, data: DeviceData, device: torch.device, batch: int, uratio: int, steps: int,
+                 compile_mode: str | None):
+        cfg = parse_config(name)
+        self.name, self.data, self.device = name, data, device
+        self.spec = RunSpec(impl="own", n_labels=len(data.labelled), seed=0, data_kind="synthetic",
+                            data_sha256="-", split_sha256="-", batch_size=batch, uratio=uratio,
+                            precision=cfg["precision"], channels_last=cfg["channels_last"], steps=steps)
+        torch.manual_seed(0)
+        self.model, self.ema, self.optimizer = build(self.spec, device)
+        self.loss_fn = make_loss_fn(self.model, self.spec, cfg["compile"], compile_mode)
+        self.compile_s = (compile_warm_up(self.model, self.loss_fn, self.spec, data.train_x.shape[1:])
+                          if cfg["compile"] else 0.0)
+        self.lab, self.unl = EpochSampler(data.labelled, 1), EpochSampler(np.arange(len(data.train_y)), 2)
+        self.aug_gen = torch.Generator(device=device).manual_seed(3)
+        self.k = 0
+        self.step_s, self.data_host_s, self.step_host_s, self.cpu_s = [], [], [], []
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def window(self, steps: int, timed: bool) -> None:
+        """`steps` training steps between two synchronizations."""
+        self.sync()
         t0, c0 = time.perf_counter(), time.process_time()
-        x, y_x, y_u = make_batch(data, lab, unl, spec, aug_gen)
-        sync()
-        t1 = time.perf_counter()
-        stats = train_step(model, ema, optimizer, x, y_x, y_u, spec, cosine_lr(spec.lr, k, spec.steps))
-        float(stats["loss"])  # sync, and a NaN here would mean a broken step
-        t2 = time.perf_counter()
-        if k >= warmup:
-            step_s.append(t2 - t0)
-            data_s.append(t1 - t0)
-            cpu_s.append(time.process_time() - c0)
-    med = statistics.median(step_s)
-    return {"batch": batch, "uratio": uratio, "precision": precision, "channels_last": channels_last,
-            "steps_per_s": 1.0 / med, "images_per_s": batch * (1 + 2 * uratio) / med,
-            "step_s_median": med, "step_s_all": step_s, "data_frac": statistics.median(data_s) / med,
-            # CPU seconds of this process per step, all threads: less sensitive to other load on a shared machine
-            "cpu_s_median": statistics.median(cpu_s)}
+        data_s = step_s = 0.0
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(steps):
+            t1 = time.perf_counter()
+            x, y_x, y_u = make_batch(self.data, self.lab, self.unl, self.spec, self.aug_gen)
+            t2 = time.perf_counter()
+            stats = train_step(self.model, self.ema, self.optimizer, x, y_x, y_u, self.spec,
+                               cosine_lr(self.spec.lr, self.k, self.spec.steps), self.loss_fn)
+            loss_sum += stats["loss"]
+            data_s, step_s = data_s + t2 - t1, step_s + time.perf_counter() - t2
+            self.k += 1
+        loss = float(loss_sum)  # the sync; a NaN here would mean a broken step
+        t3 = time.perf_counter()
+        if not np.isfinite(loss):
+            raise SystemExit(f"{self.name}: non-finite loss before step {self.k}")
+        if timed:
+            self.step_s.append((t3 - t0) / steps)
+            self.data_host_s.append(data_s / steps)
+            self.step_host_s.append(step_s / steps)
+            self.cpu_s.append((time.process_time() - c0) / steps)
+
+    def row(self) -> dict:
+        med = statistics.median(self.step_s)
+        b, mu = self.spec.batch_size, self.spec.uratio
+        return {"config": self.name, "batch": b, "uratio": mu, "precision": self.spec.precision,
+                "channels_last": self.spec.channels_last, "compile_s": self.compile_s,
+                "steps_per_s": 1.0 / med, "images_per_s": b * (1 + 2 * mu) / med, "step_s_median": med,
+                "step_s_min": min(self.step_s), "step_s_all": self.step_s,
+                # host time issuing data preparation / the step (on the CPU, doing it; on a GPU, mostly launching)
+                "data_host_s": statistics.median(self.data_host_s),
+                "step_host_s": statistics.median(self.step_host_s),
+                # CPU seconds of this process per step, all threads: less sensitive to other load on a shared machine
+                "cpu_s_median": statistics.median(self.cpu_s)}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per configuration (median reported)")
-    p.add_argument("--batch", type=int, nargs="+", default=[16, 64], help="B, labelled images per step")
+    p.add_argument("--configs", nargs="+", default=["fp32", "fp32-cl", "bf16-cl", "fp32-cl-compile"])
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
+    p.add_argument("--window", type=int, default=None, help="steps per timed sample (default: 1 on the CPU, "
+                   "20 on a GPU)")
+    p.add_argument("--batch", type=int, nargs="+", default=[16], help="B, labelled images per step")
     p.add_argument("--uratio", type=int, default=7, help="mu")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args()
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as own_impl.train
+    g = torch.Generator().manual_seed(0)
+    train_x = torch.randint(0, 256, (N_TRAIN, 3, 32, 32), dtype=torch.uint8, generator=g).to(device)
+    train_y = torch.randint(0, 10, (N_TRAIN,), generator=g).to(device)
+    data = DeviceData(train_x, train_y, np.arange(250), train_x[:0], train_y[:0], "-")
+    window = args.window or (20 if device.type == "cuda" else 1)
     rows = []
-    for batch, precision, cl in itertools.product(args.batch, ("fp32", "bf16"), (False, True)):
-        rows.append(bench_one(device, batch, args.uratio, precision, cl, args.warmup, args.repeats))
-        r = rows[-1]
-        print(f"B={batch:<3} mu={args.uratio} {precision:4} channels_last={str(cl):5}  "
-              f"{r['steps_per_s']:8.3f} steps/s  {r['images_per_s']:8.1f} img/s  data_frac {r['data_frac']:.2f}  "
-              f"cpu {r['cpu_s_median']:.2f} s/step",
-              flush=True)
+    for batch in args.batch:
+        runners = []
+        for name in args.configs:
+            runners.append(Runner(name, data, device, batch, args.uratio, args.warmup + args.repeats * window,
+                                  args.compile_mode))
+            runners[-1].window(args.warmup, timed=False)
+        for _ in range(args.repeats):
+            for r in runners:
+                r.window(window, timed=True)
+        for r in runners:
+            rows.append(r.row())
+            w = rows[-1]
+            print(f"B={batch:<3} mu={args.uratio} {r.name:18s} {w['steps_per_s']:8.3f} steps/s (fastest "
+                  f"{1 / w['step_s_min']:.3f})  {w['images_per_s']:8.1f} img/s  cpu {w['cpu_s_median']:.3f} s/step  "
+                  f"host: data {1e3 * w['data_host_s']:.1f} ms, step {1e3 * w['step_host_s']:.1f} ms"
+                  + (f"  compile {w['compile_s']:.1f} s" if w["compile_s"] else ""), flush=True)
     env = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
            else platform.processor() or platform.machine(), "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "warmup": args.warmup, "repeats": args.repeats}
+           "threads": torch.get_num_threads(), "warmup": args.warmup, "repeats": args.repeats, "window": window,
+           "compile_mode": args.compile_mode}
     out = {"env": env, "rows": rows}
     print(json.dumps(out))
     if args.json:

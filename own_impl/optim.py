@@ -43,8 +43,7 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         ema_params, live_params = list(self.model.parameters()), [p.detach() for p in model.parameters()]
         torch._foreach_lerp_(ema_params, live_params, 1.0 - self.decay)  # ema += (1 - decay) * (live - ema)
-        for ema_b, live_b in zip(self.model.buffers(), model.buffers()):
-            ema_b.copy_(live_b)
+        torch._foreach_copy_(list(self.model.buffers()), list(model.buffers()))  # multi-tensor: few kernels on a GPU
 
     def state_dict(self) -> dict:
         return self.model.state_dict()

@@ -1,4 +1,4 @@
-"""Training entry point: python -m own_impl.train --spec RUN/spec.json --run-dir RUN [--device D].
+"""Training entry point: python -m own_impl.train --spec RUN/spec.json --run-dir RUN [--device D] [--[no-]compile].
 
 Reads the run folder's spec.json and the arrays it names, trains FixMatch for exactly spec.steps optimizer steps,
 and writes metrics.jsonl, result.json, log.txt and checkpoint.pt into the run folder (see contract/).
@@ -32,6 +32,13 @@ LOG_FILE = "log.txt"
 # CIFAR-10 per-channel mean and std of the training pixels, in [0, 1] units (the constants TorchSSL uses).
 CIFAR10_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
 CIFAR10_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
+FUSED_SGD_DEVICES = ("cpu", "cuda")  # where torch.optim.SGD(fused=True) exists (CPU since torch 2.4)
+# torch.compile of forward + loss + backward where neither the spec nor a flag says. It fuses BatchNorm, activations
+# and the loss around the convolutions: on a 2-core CPU at B=16, mu=7, 0.78 steps/s against 0.60 eager (0.68 eager
+# channels_last), bench/own_cpu_steps.py. Off on the CPU by default all the same: compiling costs ~35 s per new
+# shape there (~4 s from inductor's disk cache), which tests and short runs never win back.
+COMPILE_BY_DEFAULT = {"cuda": True, "cpu": False}
+COMPILE_MODE = None  # torch.compile's default; "max-autotune-no-cudagraphs" and "reduce-overhead" untried on a GPU
 
 
 class NonFiniteLoss(RuntimeError):
@@ -121,9 +128,15 @@ def make_batch(data: DeviceData, labelled: EpochSampler, unlabelled: EpochSample
                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step's input: x = [weak(labelled); weak(unlabelled); strong(unlabelled)], (B + 2muB, 3, 32, 32)."""
     device = data.train_x.device
-    idx_x = labelled.next(spec.batch_size).to(device, non_blocking=True)  # (B,)
+
+    def to_device(idx: torch.Tensor) -> torch.Tensor:
+        # From pinned memory a host-to-GPU copy is truly asynchronous; from pageable memory CUDA may wait for the
+        # queued GPU work first, which would stall the host once per step.
+        return idx.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else idx
+
+    idx_x = to_device(labelled.next(spec.batch_size))  # (B,)
     # Unlabelled images come from all N train images, the labelled ones included (as the paper and TorchSSL).
-    idx_u = unlabelled.next(spec.batch_size * spec.uratio).to(device, non_blocking=True)  # (muB,)
+    idx_u = to_device(unlabelled.next(spec.batch_size * spec.uratio))  # (muB,)
     weak = weak_augment(data.train_x[torch.cat([idx_x, idx_u])], generator=generator)  # (B + muB, 3, 32, 32)
     strong = strong_augment(data.train_x[idx_u], generator=generator)  # (muB, 3, 32, 32)
     x = normalize(torch.cat([weak, strong]), spec.channels_last)
@@ -146,23 +159,81 @@ def build(spec: RunSpec, device: torch.device) -> tuple[torch.nn.Module, EMA, to
     model.train()
     ema = EMA(model, spec.ema_decay)
     # Weight decay on conv/linear weights only, none on biases or BatchNorm (as TorchSSL and the official code).
+    # fused: one multi-tensor kernel for the whole update, same arithmetic as the per-parameter loop. Parameters stay
+    # float32 (bf16 is autocast only): fused CPU SGD skipped bf16/fp16 updates in torch 2.12-2.13 (pytorch#191763).
     optimizer = torch.optim.SGD(param_groups(model, spec.weight_decay), lr=spec.lr, momentum=spec.momentum,
-                                nesterov=spec.nesterov)
+                                nesterov=spec.nesterov, fused=device.type in FUSED_SGD_DEVICES)
     return model, ema, optimizer
 
 
-def train_step(model: torch.nn.Module, ema: EMA, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               y_x: torch.Tensor, y_u: torch.Tensor, spec: RunSpec, lr: float) -> dict[str, torch.Tensor]:
-    """Forward labelled, weak and strong images in ONE pass (BatchNorm sees them all), then SGD and EMA."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+def forward_loss(model: torch.nn.Module, x: torch.Tensor, y_x: torch.Tensor, y_u: torch.Tensor,
+                 spec: RunSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Labelled, weak and strong images through the model in ONE pass (BatchNorm sees them all), then the loss."""
     b = y_x.shape[0]
     with autocast(spec, x.device):
         logits = model(x)  # (B + 2muB, C)
     logits = logits.float()  # the loss in fp32, whatever the forward precision
     logits_u_weak, logits_u_strong = logits[b:].chunk(2)  # (muB, C) each
-    loss, stats = fixmatch_loss(logits[:b], y_x, logits_u_weak, logits_u_strong, spec.threshold, spec.lambda_u,
-                                y_u_true=y_u)
+    return fixmatch_loss(logits[:b], y_x, logits_u_weak, logits_u_strong, spec.threshold, spec.lambda_u,
+                         y_u_true=y_u)
+
+
+def use_compile(spec: RunSpec, device: torch.device, override: bool | None = None) -> tuple[bool, bool]:
+    """(compile?, was it asked for?): the override (CLI), else the spec's `compile` field where the spec has one,
+    else the device's default. Compiling changes results only within float tolerance."""
+    from_spec = getattr(spec, "compile", None)
+    if override is not None and from_spec is not None and override != from_spec:
+        raise ValueError(f"--{'' if override else 'no-'}compile contradicts the spec's compile={from_spec}")
+    choice = override if override is not None else from_spec
+    if choice is None:
+        return COMPILE_BY_DEFAULT.get(device.type, False), False
+    return bool(choice), True
+
+
+def make_loss_fn(model: torch.nn.Module, spec: RunSpec, compile: bool, mode: str | None = COMPILE_MODE):
+    """(x, y_x, y_u) -> (loss, stats) for `model`; compiled (forward, loss and their backward) if `compile`.
+
+    The module itself is never wrapped, so its state_dict keys stay the same with and without compilation.
+    """
+    def loss_fn(x: torch.Tensor, y_x: torch.Tensor, y_u: torch.Tensor):
+        return forward_loss(model, x, y_x, y_u, spec)
+
+    # dynamic=False: a run has one input shape; never trade the static kernels for shape-generic ones
+    return torch.compile(loss_fn, mode=mode, dynamic=False) if compile else loss_fn
+
+
+def compile_warm_up(model: torch.nn.Module, loss_fn, spec: RunSpec, image_shape: torch.Size) -> float:
+    """Compile loss_fn and its backward on a stand-in batch of the run's shapes; leaves the model as it was.
+
+    Returns the seconds it took. No random number is drawn and no parameter changes; the BatchNorm running
+    statistics that the stand-in batch moved are put back.
+    """
+    device = next(model.parameters()).device
+    t = time.perf_counter()
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    n_x, n_u = spec.batch_size, spec.batch_size * spec.uratio
+    x = normalize(torch.zeros((n_x + 2 * n_u, *image_shape), dtype=torch.uint8, device=device), spec.channels_last)
+    try:
+        loss, _ = loss_fn(x, torch.zeros(n_x, dtype=torch.int64, device=device),
+                          torch.zeros(n_u, dtype=torch.int64, device=device))
+        loss.backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(saved)  # copies into the same tensors: the optimizer and the compiled code keep them
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def train_step(model: torch.nn.Module, ema: EMA, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               y_x: torch.Tensor, y_u: torch.Tensor, spec: RunSpec, lr: float,
+               loss_fn=None) -> dict[str, torch.Tensor]:
+    """One optimizer step: forward and loss (loss_fn, default eager forward_loss), backward, SGD, EMA."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if loss_fn is None:
+        loss, stats = forward_loss(model, x, y_x, y_u, spec)
+    else:
+        loss, stats = loss_fn(x, y_x, y_u)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -170,7 +241,7 @@ def train_step(model: torch.nn.Module, ema: EMA, optimizer: torch.optim.Optimize
     return stats
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, spec: RunSpec) -> dict[str, float]:
     """top-1 and top-5 accuracy (%) and mean cross-entropy of `model` (in eval mode) on uint8 images x."""
     model.eval()
@@ -283,10 +354,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device,
-          stop_after: int | None = None) -> dict | None:
+          stop_after: int | None = None, compile: bool | None = None) -> dict | None:
     """Run (or resume, or recognize as done) one run in run_dir. Returns result.json's content.
 
     stop_after=k (tests): stop after step k as an interruption would, with a checkpoint; returns None.
+    compile: torch.compile forward + loss (None: see use_compile).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -312,9 +384,11 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device,
 
     model, ema, optimizer = build(spec, device)
     param_count = sum(p.numel() for p in model.parameters())
+    compiled, asked = use_compile(spec, device, compile)
+    loss_fn = make_loss_fn(model, spec, compiled)
 
     ckpt_path = run_dir / CHECKPOINT_FILE
-    step, good_step, prior_train_s, prior_wall_s = 0, None, 0.0, 0.0
+    step, good_step, prior_train_s, prior_wall_s, prior_compile_s = 0, None, 0.0, 0.0, 0.0
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if ckpt["spec_hash"] != spec.hash():
@@ -330,11 +404,22 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device,
         unlabelled.load_state_dict(ckpt["rng"]["unlabelled"])
         step = good_step = ckpt["step"]
         prior_train_s, prior_wall_s = ckpt["train_seconds"], ckpt["wall_seconds"]
+        prior_compile_s = ckpt.get("compile_seconds", 0.0)
         log(f"resuming {spec.name} from {ckpt_path} at step {step} of {spec.steps}")
     else:
         log(f"starting {spec.name}: {spec.steps} steps on {device}, {param_count:,} parameters, "
-            f"{spec.precision}{', channels_last' if spec.channels_last else ''}")
+            f"{spec.precision}{', channels_last' if spec.channels_last else ''}{', compiled' if compiled else ''}")
     truncate_metrics(run_dir, step)  # drop records a killed session wrote past its last checkpoint
+    compile_s = 0.0  # this session's compilation, before the first step and apart from train_seconds
+    if compiled:
+        try:
+            compile_s = compile_warm_up(model, loss_fn, spec, data.train_x.shape[1:])
+            log(f"compiled forward + loss + backward in {compile_s:.1f} s (kept out of train_seconds)")
+        except Exception as e:  # a default (not asked for) that fails here, e.g. no Triton, falls back to eager
+            if asked:
+                raise
+            compiled, loss_fn = False, make_loss_fn(model, spec, False)
+            log(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); running eager")
 
     images_per_step = spec.batch_size * (1 + 2 * spec.uratio)  # images through the forward pass
     stats_acc = torch.zeros(5, device=device)  # sums over the log window: loss, loss_x, loss_u, mask, mask*pacc
@@ -365,7 +450,8 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device,
                     "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
                     "augment": aug_gen.get_state(), "labelled": labelled.state_dict(),
                     "unlabelled": unlabelled.state_dict()},
-            "train_seconds": train_seconds(), "wall_seconds": prior_wall_s + time.perf_counter() - t_start})
+            "train_seconds": train_seconds(), "wall_seconds": prior_wall_s + time.perf_counter() - t_start,
+            "compile_seconds": prior_compile_s + compile_s})
         good_step = at
 
     with StopFlag() as stop:
@@ -374,7 +460,7 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device,
             clock.mark(new_step=True)
             x, y_x, y_u = make_batch(data, labelled, unlabelled, spec, aug_gen)
             clock.mark()
-            stats = train_step(model, ema, optimizer, x, y_x, y_u, spec, lr)
+            stats = train_step(model, ema, optimizer, x, y_x, y_u, spec, lr, loss_fn)
             stats_acc += torch.stack([stats["loss"], stats["loss_x"], stats["loss_u"], stats["mask_rate"],
                                       stats["mask_rate"] * stats["pseudo_acc"]])
             clock.mark()
@@ -439,6 +525,8 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device,
         "device_name": machine_info(str(device)),
         "torch_version": torch.__version__, "code_version": code_version(),
         "precision": spec.precision, "channels_last": spec.channels_last, "eval_images": len(data.eval_y),
+        "compiled": compiled,  # torch.compile of forward + loss in the last session
+        "compile_seconds": prior_compile_s + compile_s,  # summed over sessions, kept out of train_seconds
         "evals": evals,
     }
     validate_result(result)
@@ -453,10 +541,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", type=Path, required=True, help="the run's spec.json")
     parser.add_argument("--run-dir", type=Path, required=True, help="the run folder (outputs go here)")
     parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: spec.json's)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile forward + loss (default: the spec's choice, else on for CUDA only)")
     args = parser.parse_args(argv)
     try:
         spec, files = read_spec(args.spec)
-        train(spec, files, args.run_dir, resolve_device(args.device or files.device))
+        train(spec, files, args.run_dir, resolve_device(args.device or files.device), compile=args.compile)
     except RunInterrupted as e:
         print(f"own_impl.train: {e}", file=sys.stderr)
         return 128 + e.signum

@@ -51,3 +51,27 @@ def test_weight_decay_only_on_conv_and_linear_weights():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert all(p.dim() == 1 for p in no_decay["params"]) and all(p.dim() > 1 for p in decay["params"])
     assert math.isclose(sum(p.numel() for p in decay["params"]), 1_463_984)
+
+
+def test_training_optimizer_is_fused_and_matches_the_plain_loop():
+    # own_impl.train builds SGD with fused=True; its update must be the per-parameter loop's (here: bit for bit)
+    from contract.spec import RunSpec
+    from own_impl.train import build
+
+    spec = RunSpec(impl="own", n_labels=40, seed=0, data_kind="-", data_sha256="-", split_sha256="-", depth=10,
+                   widen_factor=1)
+    torch.manual_seed(0)
+    model, _, fused = build(spec, torch.device("cpu"))
+    assert all(g["fused"] for g in fused.param_groups)
+    twin = WideResNet(spec.num_classes, spec.depth, spec.widen_factor)
+    twin.load_state_dict(model.state_dict())
+    plain = torch.optim.SGD(param_groups(twin, spec.weight_decay), lr=spec.lr, momentum=spec.momentum,
+                            nesterov=spec.nesterov, foreach=False)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p, q in zip(model.parameters(), twin.parameters()):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        fused.step(), plain.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)

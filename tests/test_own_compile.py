@@ -1,0 +1,138 @@
+"""own_impl.train with torch.compile: the same step as eager within float tolerance, and a resumable run."""
+import json
+import types
+
+import pytest
+import torch
+
+from contract.spec import RunSpec, read_spec
+from own_impl import train as train_mod
+
+CPU = torch.device("cpu")
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
+# WRN-10-1 keeps compilation short; the code paths are those of WRN-28-2.
+TINY = {"depth": 10, "widen_factor": 1}
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch (inductor's disk cache keeps that quick): compiled code of one test cannot
+    stand in for another's, and no test runs into dynamo's limit on recompilations of the same function."""
+    torch.compiler.reset()
+    yield
+    torch.compiler.reset()
+
+
+def tiny_spec(**overrides) -> RunSpec:
+    # threshold 0.18 with mu=4: the three batches below accept 0, 1 and 8 of 8 unlabelled images (max q from 0.14
+    # to 0.25, none within 0.002 of the threshold), so both branches of the loss count
+    values = dict(impl="own", n_labels=40, seed=0, data_kind="synthetic", data_sha256="-", split_sha256="-",
+                  batch_size=2, uratio=4, threshold=0.18, **TINY)
+    values.update(overrides)
+    return RunSpec(**values)
+
+
+def batch(spec: RunSpec, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    n_x, n_u = spec.batch_size, spec.batch_size * spec.uratio
+    x = train_mod.normalize(torch.randint(0, 256, (n_x + 2 * n_u, 3, 32, 32), dtype=torch.uint8, generator=g),
+                            spec.channels_last)
+    return x, torch.randint(0, 10, (n_x,), generator=g), torch.randint(0, 10, (n_u,), generator=g)
+
+
+def three_steps(spec: RunSpec, compiled: bool, dtype=torch.float32, device: str = "cpu"):
+    """Stats of three training steps, and the weights and EMA after them (on the CPU), from the same init."""
+    torch.manual_seed(0)
+    model, ema, optimizer = train_mod.build(spec, CPU)
+    model, ema.model = model.to(device), ema.model.to(device)  # same initial weights on every device
+    if dtype == torch.float64:  # the reference: eager, every tensor in float64
+        model.double(), ema.model.double()
+        optimizer = torch.optim.SGD(train_mod.param_groups(model, spec.weight_decay), lr=spec.lr,
+                                    momentum=spec.momentum, nesterov=spec.nesterov)
+    loss_fn = train_mod.make_loss_fn(model, spec, compiled)
+    if compiled:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        assert train_mod.compile_warm_up(model, loss_fn, spec, torch.Size((3, 32, 32))) > 0
+        # the warm-up leaves weights, BatchNorm statistics and gradients as they were
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        assert all(p.grad is None for p in model.parameters())
+    stats = []
+    for k in range(3):
+        x, y_x, y_u = batch(spec, k)
+        x, y_x, y_u = x.to(device, dtype), y_x.to(device), y_u.to(device)
+        stats.append({k: v.cpu() for k, v in
+                      train_mod.train_step(model, ema, optimizer, x, y_x, y_u, spec, 0.03, loss_fn).items()})
+    on_cpu = lambda state: {k: v.cpu() for k, v in state.items()}  # noqa: E731
+    return stats, on_cpu(model.state_dict()), on_cpu(ema.state_dict())
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compiled_steps_match_a_float64_reference(channels_last, device, monkeypatch):
+    # Against an independent float64 eager run, not against eager float32: on the CPU, eager BatchNorm in
+    # channels_last is itself ~1e-6 off in its statistics (one-pass variance), compiled code is not.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # full float32 convolutions on a GPU
+    spec = tiny_spec(channels_last=channels_last)
+    s_ref, m_ref, e_ref = three_steps(spec, False, torch.float64)
+    s_c, m_c, e_c = three_steps(spec, True, device=device)
+    assert [float(s["mask_rate"]) for s in s_ref] == [0.0, 0.125, 1.0]
+    assert m_c.keys() == m_ref.keys()  # the module is never wrapped: no "_orig_mod." prefix
+    # float32 rounding lands near 2e-7 here; lambda_u 1.1 for 1.0 moves a weight by 5e-3, threshold 0.17 by 1e-2
+    close = {"rtol": 0, "atol": 1e-5}
+    for a, b in zip(s_ref, s_c):
+        for k in a:
+            torch.testing.assert_close(b[k].double(), a[k].double(), **close, msg=lambda m, k=k: f"{k}: {m}")
+    for k in m_ref:  # three SGD steps later: weights, BN statistics, the EMA
+        if m_ref[k].is_floating_point():
+            torch.testing.assert_close(m_c[k].double(), m_ref[k], **close, msg=lambda m, k=k: f"{k}: {m}")
+            torch.testing.assert_close(e_c[k].double(), e_ref[k], **close, msg=lambda m, k=k: f"EMA {k}: {m}")
+        else:
+            assert torch.equal(m_c[k], m_ref[k])
+
+
+def test_compile_choice():
+    spec = tiny_spec()
+    assert train_mod.use_compile(spec, CPU) == (False, False)  # the CPU's default
+    assert train_mod.use_compile(spec, torch.device("cuda")) == (True, False)  # the GPU's default
+    assert train_mod.use_compile(spec, CPU, True) == (True, True)
+    with_field = types.SimpleNamespace(compile=True)  # a spec that carries a compile field
+    assert train_mod.use_compile(with_field, CPU) == (True, True)
+    assert train_mod.use_compile(with_field, CPU, True) == (True, True)
+    with pytest.raises(ValueError, match="--no-compile contradicts the spec's compile=True"):
+        train_mod.use_compile(with_field, CPU, False)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_compiled_run_resumes_like_a_straight_run(make_run_dir, tmp_path, device):
+    straight = make_run_dir("own", steps=4, eval_every=2, checkpoint_every=2, log_every=1, **TINY)
+    spec, files = read_spec(straight / "spec.json")
+    dev = torch.device(device)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "spec.json").write_text((straight / "spec.json").read_text())
+    train_mod.train(spec, files, straight, dev, compile=True)
+    assert train_mod.train(spec, files, resumed, dev, stop_after=2, compile=True) is None
+    first = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod") for k in first["model"]) and first["compile_seconds"] > 0
+    train_mod.train(spec, files, resumed, dev, compile=True)
+
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 4
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            # the CPU repeats itself exactly; a GPU's atomics and algorithm choices may differ in the last bits
+            torch.testing.assert_close(b[part][k], a[part][k], rtol=0, atol=0 if device == "cpu" else 1e-4,
+                                       msg=lambda m, k=k, part=part: f"{part} {k}: {m}")
+    result = json.loads((resumed / "result.json").read_text())
+    assert result["compiled"] is True and result["compile_seconds"] > first["compile_seconds"]
+    log = (resumed / "log.txt").read_text()
+    assert log.count("compiled forward + loss + backward") == 2  # once per session, kept out of train_seconds
+    # an eager session picks up a compiled run's checkpoint: same keys, same state
+    eager = tmp_path / "eager"
+    eager.mkdir()
+    (eager / "spec.json").write_text((straight / "spec.json").read_text())
+    assert train_mod.train(spec, files, eager, dev, stop_after=2, compile=True) is None
+    result = train_mod.train(spec, files, eager, dev, compile=False)
+    assert result["compiled"] is False and result["steps"] == 4
