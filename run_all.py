@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan and write the split files only")
     p.add_argument("--report-only", action="store_true", help="rebuild RESULTS.md and figures from result files")
     p.add_argument("--no-warmup", action="store_true", help="skip the measured warm-up and time estimate")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile our training step (default: on for CUDA, off for the CPU); changes results "
+                        "only within float tolerance, so it is not part of the run spec")
     g = p.add_argument_group("overrides of the preset's values")
     for name, typ, hint in [
         ("steps", int, "optimizer steps per run"), ("eval_every", int, "steps between evaluations"),

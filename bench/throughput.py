@@ -102,6 +102,9 @@ def main() -> int:
     p.add_argument("--uratio", type=int, default=7)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile our step (default: on for CUDA, off for the CPU)")
+    p.add_argument("--num-workers", type=int, default=None, help="TorchSSL's DataLoader workers (default: its 1)")
     p.add_argument("--impls", nargs="+", choices=["own", "torchssl"], default=["own", "torchssl"])
     p.add_argument("--warmup", type=int, default=4, help="steps before timing starts")
     p.add_argument("--window", type=int, default=4, help="steps per timed sample")
@@ -118,11 +121,13 @@ def main() -> int:
     from harness.splits import ensure_split
 
     data = load_cifar10(args.data)
-    args.extras = {}
+    args.extras = {"own": {} if args.compile is None else {"compile": args.compile}}
     if "torchssl" in args.impls:
         from third_party.torchssl.checkout import ensure_checkout
 
         args.extras["torchssl"] = {"torchssl_checkout": str(ensure_checkout(args.torchssl_source))}
+        if args.num_workers is not None:
+            args.extras["torchssl"]["num_workers"] = args.num_workers
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
         split_file, split_sha = ensure_split(Path(tmp), "cifar10", data.train_y, args.n_labels, 0,
                                              data.identity.data_sha256)
@@ -135,10 +140,11 @@ def main() -> int:
     listed = next((v[args.precision] for k, v in PEAK_TFLOPS.items() if k in name), None)
     report = {"device": args.device, "machine": name, "torch": torch.__version__, "python": platform.python_version(),
               "batch_size": args.batch_size, "uratio": args.uratio, "precision": args.precision,
-              "channels_last": args.channels_last, "gflop_per_step": flops / 1e9,
+              "channels_last": args.channels_last, "compile": args.compile, "gflop_per_step": flops / 1e9,
               "matmul_peak_tflops": peak, "listed_peak_tflops": listed, "impls": results}
     print(f"device {args.device} ({name}), torch {torch.__version__}, B={args.batch_size}, mu={args.uratio}, "
-          f"{args.precision}{', channels_last' if args.channels_last else ''}")
+          f"{args.precision}{', channels_last' if args.channels_last else ''}, "
+          f"own compile={'device default' if args.compile is None else args.compile}")
     print(f"one step = {flops / 1e9:.1f} GFLOP (forward + backward, {args.batch_size * (1 + 2 * args.uratio)} "
           f"images); measured matmul peak {peak:.2f} TFLOP/s" + (f", listed peak {listed:.0f}" if listed else ""))
     print(f"{'impl':10s} {'steps/s':>9s} {'samples':>30s} {'data wait':>10s} {'TFLOP/s':>8s} {'of matmul peak':>15s}")

@@ -119,7 +119,7 @@ def _main(args) -> int:
     from harness.runner import execute
 
     failed = execute(runs, data=data, devices=devices, torchssl_source=args.torchssl_source,
-                     cache_dir=cache_dir, warmup=not args.no_warmup)
+                     cache_dir=cache_dir, warmup=not args.no_warmup, compile_own=args.compile)
     from harness.report import write_report
 
     path = write_report(out)

@@ -101,11 +101,11 @@ def warmup_estimate(runs: list[PlannedRun], data_dir: Path, data_test_y, device:
 
 
 def execute(runs: list[PlannedRun], *, data, devices: list[str], torchssl_source: str | None,
-            cache_dir: Path | None, warmup: bool = True) -> list[PlannedRun]:
+            cache_dir: Path | None, warmup: bool = True, compile_own: bool | None = None) -> list[PlannedRun]:
     """Run every planned run that is not done; return the ones that failed."""
     from tqdm import tqdm
 
-    extras: dict[str, dict] = {"own": {}, "torchssl": {}}
+    extras: dict[str, dict] = {"own": {} if compile_own is None else {"compile": compile_own}, "torchssl": {}}
     if any(r.spec.impl == "torchssl" and not is_done(r) for r in runs):
         from third_party.torchssl.checkout import ensure_checkout
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from contract.arrays import eval_subset_indices, load_arrays, load_split
 from contract.results import (RESULT_FILE, append_metrics, code_version, machine_info, read_metrics, read_result,
                               summarize_evals, truncate_metrics, validate_result, write_json_atomic)
+from contract.runtime import NonFiniteLoss, RunInterrupted, StopFlag, make_log, run_entry
 from contract.spec import RunFiles, RunSpec, read_spec
 from own_impl.augment import strong_augment, weak_augment
 from own_impl.loss import fixmatch_loss
@@ -28,7 +29,6 @@ from own_impl.model import WideResNet
 from own_impl.optim import EMA, cosine_lr, param_groups
 
 CHECKPOINT_FILE = "checkpoint.pt"
-LOG_FILE = "log.txt"
 # CIFAR-10 per-channel mean and std of the training pixels, in [0, 1] units (the constants TorchSSL uses).
 CIFAR10_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
 CIFAR10_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
@@ -38,19 +38,24 @@ FUSED_SGD_DEVICES = ("cpu", "cuda")  # where torch.optim.SGD(fused=True) exists 
 # channels_last), bench/own_cpu_steps.py. Off on the CPU by default all the same: compiling costs ~35 s per new
 # shape there (~4 s from inductor's disk cache), which tests and short runs never win back.
 COMPILE_BY_DEFAULT = {"cuda": True, "cpu": False}
+# How this implementation realises the spec, for the report's side-by-side settings (TorchSSL's entry writes the
+# same keys).
+IMPL_SETTINGS = {
+    "strong_augmentation": "RandAugment as the paper's RA: 2 of 14 ops with replacement, each applied with p=0.5 at "
+                           "a magnitude uniform in its range; Cutout 16x16, fill 127; after the flip and shift",
+    "weak_augmentation": "flip p=0.5, reflect-pad 4 + random 32x32 crop (batched on the device)",
+    "labelled_sampling": "shuffled passes over the split",
+    "unlabelled_sampling": "shuffled passes over all 50,000 train images",
+    "weight_decay_applies_to": "conv and linear weights (chosen by module type)",
+    "ema": "parameters, decay as spec; BatchNorm buffers copied from the live model",
+    "evaluated_model": "EMA parameters with the live model's BatchNorm statistics",
+    "wrn_first_block_of_groups_2_3": "conv1 sees leaky_relu(bn1(x)), as the official code",
+    "conv_bias_init": "zero, as the official code",
+    "resume": "bit-exact: every RNG state and the sampler positions are restored",
+    "headline_statistic_upstream": "median of the last 20 evaluations (the paper's)",
+    "data_pipeline": "uint8 data set on the device, batched tensor augmentation, no DataLoader",
+}
 COMPILE_MODE = None  # torch.compile's default; "max-autotune-no-cudagraphs" and "reduce-overhead" untried on a GPU
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss (or the weights) became NaN or infinite: the run stops and keeps its last good checkpoint."""
-
-
-class RunInterrupted(Exception):
-    """SIGTERM or SIGINT arrived; a checkpoint of the last whole step was written."""
-
-    def __init__(self, signum: int, step: int):
-        super().__init__(f"interrupted by {signal.Signals(signum).name} after step {step}; checkpoint written")
-        self.signum = signum
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -178,13 +183,10 @@ def forward_loss(model: torch.nn.Module, x: torch.Tensor, y_x: torch.Tensor, y_u
                          y_u_true=y_u)
 
 
-def use_compile(spec: RunSpec, device: torch.device, override: bool | None = None) -> tuple[bool, bool]:
-    """(compile?, was it asked for?): the override (CLI), else the spec's `compile` field where the spec has one,
-    else the device's default. Compiling changes results only within float tolerance."""
-    from_spec = getattr(spec, "compile", None)
-    if override is not None and from_spec is not None and override != from_spec:
-        raise ValueError(f"--{'' if override else 'no-'}compile contradicts the spec's compile={from_spec}")
-    choice = override if override is not None else from_spec
+def use_compile(device: torch.device, choice: bool | None = None) -> tuple[bool, bool]:
+    """(compile?, was it asked for?): the choice (--[no-]compile, else spec.json's extra["compile"]), else the
+    device's default. Like the device, it is how a run executes, not what it computes: compiling changes results
+    only within float tolerance, so it is not part of the run spec."""
     if choice is None:
         return COMPILE_BY_DEFAULT.get(device.type, False), False
     return bool(choice), True
@@ -248,9 +250,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, spec: Run
     totals = torch.zeros(3, device=x.device)  # top-1 hits, top-5 hits, summed cross-entropy
     for i in range(0, len(x), spec.eval_batch_size):
         xb, yb = normalize(x[i:i + spec.eval_batch_size], spec.channels_last), y[i:i + spec.eval_batch_size]
-        with autocast(spec, x.device):
-            logits = model(xb)
-        logits = logits.float()  # (b, C)
+        logits = model(xb).float()  # (b, C); fp32 whatever the training precision, as TorchSSL evaluates
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == yb[:, None]  # (b, 5)
         totals += torch.stack([hits[:, 0].sum().float(), hits.any(dim=1).sum().float(),
                                F.cross_entropy(logits, yb, reduction="sum")])
@@ -291,46 +291,11 @@ class StepClock:
         return sum(d for d, _ in spans) / total if total > 0 else 0.0
 
 
-class StopFlag:
-    """SIGTERM/SIGINT only set a flag that the loop reads between steps, so a checkpoint always holds whole steps."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._old = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __enter__(self) -> "StopFlag":
-        for s in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread: signals stay with whoever owns them
-                pass
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, old in self._old.items():
-            signal.signal(s, old)
-
-
-def make_log(run_dir: Path):
-    path = run_dir / LOG_FILE
-
-    def log(msg: str) -> None:
-        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
-        print(line, flush=True)
-        with open(path, "a") as f:
-            f.write(line + "\n")
-
-    return log
-
-
 def save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())  # on disk before it replaces the previous checkpoint
     tmp.replace(path)  # atomic: a reader sees the old checkpoint or the new one, never half of one
 
 
@@ -384,7 +349,7 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device,
 
     model, ema, optimizer = build(spec, device)
     param_count = sum(p.numel() for p in model.parameters())
-    compiled, asked = use_compile(spec, device, compile)
+    compiled, asked = use_compile(device, compile)
     loss_fn = make_loss_fn(model, spec, compiled)
 
     ckpt_path = run_dir / CHECKPOINT_FILE
@@ -528,6 +493,7 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device,
         "compiled": compiled,  # torch.compile of forward + loss in the last session
         "compile_seconds": prior_compile_s + compile_s,  # summed over sessions, kept out of train_seconds
         "evals": evals,
+        "impl_settings": IMPL_SETTINGS,
     }
     validate_result(result)
     write_json_atomic(run_dir / RESULT_FILE, result)
@@ -542,28 +508,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, required=True, help="the run folder (outputs go here)")
     parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: spec.json's)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile forward + loss (default: the spec's choice, else on for CUDA only)")
+                        help="torch.compile forward + loss (default: spec.json's extra['compile'], else on for CUDA "
+                             "only)")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
         spec, files = read_spec(args.spec)
-        train(spec, files, args.run_dir, resolve_device(args.device or files.device), compile=args.compile)
-    except RunInterrupted as e:
-        print(f"own_impl.train: {e}", file=sys.stderr)
-        return 128 + e.signum
-    except KeyboardInterrupt:
-        print("own_impl.train: interrupted twice; stopped without a new checkpoint", file=sys.stderr)
-        return 130
-    except (NonFiniteLoss, ValueError, FileNotFoundError) as e:
-        print(f"own_impl.train: error: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:  # unexpected: one line here, the traceback in log.txt
-        if args.run_dir.is_dir():
-            with open(args.run_dir / LOG_FILE, "a") as f:
-                f.write(traceback.format_exc())
-        print(f"own_impl.train: error: {type(e).__name__}: {e} (traceback in {args.run_dir / LOG_FILE})",
-              file=sys.stderr)
-        return 1
-    return 0
+        choice = args.compile if args.compile is not None else files.extra.get("compile")
+        train(spec, files, args.run_dir, resolve_device(args.device or files.device), compile=choice)
+
+    return run_entry("own_impl.train", args.run_dir, body)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """own_impl.train with torch.compile: the same step as eager within float tolerance, and a resumable run."""
 import json
-import types
 
 import pytest
 import torch
@@ -91,15 +90,10 @@ def test_compiled_steps_match_a_float64_reference(channels_last, device, monkeyp
 
 
 def test_compile_choice():
-    spec = tiny_spec()
-    assert train_mod.use_compile(spec, CPU) == (False, False)  # the CPU's default
-    assert train_mod.use_compile(spec, torch.device("cuda")) == (True, False)  # the GPU's default
-    assert train_mod.use_compile(spec, CPU, True) == (True, True)
-    with_field = types.SimpleNamespace(compile=True)  # a spec that carries a compile field
-    assert train_mod.use_compile(with_field, CPU) == (True, True)
-    assert train_mod.use_compile(with_field, CPU, True) == (True, True)
-    with pytest.raises(ValueError, match="--no-compile contradicts the spec's compile=True"):
-        train_mod.use_compile(with_field, CPU, False)
+    assert train_mod.use_compile(CPU) == (False, False)  # the CPU's default
+    assert train_mod.use_compile(torch.device("cuda")) == (True, False)  # the GPU's default
+    assert train_mod.use_compile(CPU, True) == (True, True)
+    assert train_mod.use_compile(torch.device("cuda"), False) == (False, True)
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])

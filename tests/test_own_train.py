@@ -38,7 +38,7 @@ def test_three_steps_write_the_whole_run_folder(make_run_dir):
     r = run_cli(run)
     assert r.returncode == 0, r.stderr
     assert {p.name for p in run.iterdir()} == {"spec.json", "metrics.jsonl", "result.json", "log.txt",
-                                              "checkpoint.pt"}
+                                              "checkpoint.pt", ".lock"}
     records = read_metrics(run)
     train = [m for m in records if m["kind"] == "train"]
     assert [m["step"] for m in train] == [1, 2, 3]
@@ -150,8 +150,21 @@ def test_sigterm_writes_a_checkpoint_and_exits_143(make_run_dir):
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
     assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "interrupted by SIGTERM after step" in err and "Traceback" not in err
+    assert "stopped by SIGTERM after step" in err and "Traceback" not in err
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert 1 <= ckpt["step"] < 10_000
     assert max(m["step"] for m in read_metrics(run)) == ckpt["step"]  # the signal is read between steps
+    assert not (run / "result.json").exists()
+
+
+def test_a_busy_run_folder_is_refused(make_run_dir):
+    """Two processes never write one run folder: the second is refused in one line while the first holds it."""
+    from contract.runtime import run_lock
+
+    run = make_run_dir("own")
+    with run_lock(run):
+        r = run_cli(run)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [f"own_impl.train: error: run folder {run} is in use by another process; "
+                                             "wait for it or stop it"]
     assert not (run / "result.json").exists()
