@@ -6,6 +6,20 @@ with `--device cpu`, which shrinks every stage to a few steps of tiny batches so
     python bench/gpu_session.py --device cpu --out /tmp/gpu-dry --data ../shared/data/cifar10-jpeg.tar.gz
     python bench/gpu_session.py --device cuda --out "$OUT" --data data/cifar10-jpeg.tar.gz
 
+On the lent GPU machine (bare: torch 2.11, no GitPython, no internet), prepare here first, in the repo root:
+
+    echo /.gpu/ >> .git/info/exclude; mkdir -p .gpu/cache .gpu/whl
+    cp ../shared/data/cifar10-jpeg.tar.gz .gpu/                                   # the data set (19 MB)
+    cp -r ~/.cache/fixmatch_bench/torchssl-f26e1d42967c .gpu/cache/               # the verified checkout
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        -d .gpu/whl GitPython gitdb smmap                                         # pure-Python wheels
+
+then call the device tool's run with carry [".gpu"] and the command
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl && \
+    PYTHONPATH=/tmp/site FIXMATCH_BENCH_CACHE=$PWD/.gpu/cache PYTHONUNBUFFERED=1 \
+    python3 bench/gpu_session.py --device cuda --out "$OUT" --data .gpu/cifar10-jpeg.tar.gz
+
 It writes at most 8 files (what the device tool brings back): env.txt, throughput-fp32.json, throughput-bf16.json,
 accuracy.json, RESULTS.md, curves-4000.png, session.log, summary.md. Each stage has its own time limit, and a stage
 that fails or runs out of time is recorded and the next one still runs.
@@ -53,7 +67,9 @@ def main() -> int:
         t = time.monotonic()
         try:
             proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=limit,
-                                  env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                       "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
+                                                                                   os.environ.get("PYTHONPATH")]))})
             ok = proc.returncode == 0
             status = "ok" if ok else f"failed (exit {proc.returncode})"
         except subprocess.TimeoutExpired:

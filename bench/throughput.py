@@ -82,7 +82,8 @@ def run_impl(impl: str, args, data, split_file: Path, split_sha: str, workdir: P
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", module, "--spec", str(run_dir / "spec.json"), "--run-dir",
                            str(run_dir)], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+                              str(REPO), os.environ.get("PYTHONPATH")]))})
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{impl} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

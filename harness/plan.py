@@ -15,8 +15,8 @@ PRESETS: dict[str, dict] = {
     "short": dict(steps=2**17, eval_every=5000, checkpoint_every=5000, log_every=100),
     # Both implementations at all three budgets on a 2-core CPU in minutes: still WRN-28-2 and the paper's
     # losses and optimiser, but a handful of steps, tiny batches and a fixed 1,000-image test subset.
-    "smoke": dict(steps=12, eval_every=6, batch_size=4, uratio=2, eval_subset=1000, eval_batch_size=500,
-                  checkpoint_every=6, log_every=2),
+    "smoke": dict(steps=48, eval_every=12, batch_size=4, uratio=2, eval_subset=1000, eval_batch_size=500,
+                  checkpoint_every=24, log_every=4),
 }
 OVERRIDABLE = tuple(f.name for f in dataclasses.fields(RunSpec)
                     if f.name not in ("impl", "n_labels", "seed", "data_kind", "data_sha256", "split_sha256",
