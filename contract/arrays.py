@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from contract.results import read_json
+
 ARRAY_NAMES = ("train_x", "train_y", "test_x", "test_y")
 
 
@@ -54,13 +56,7 @@ def load_arrays(data_dir: Path, expect_sha256: str | None = None) -> DataArrays:
 
 def load_split(path: Path, expect_sha256: str | None = None) -> np.ndarray:
     """The sorted labelled indices of a split file, verified against the file's own and the spec's sha256."""
-    path = Path(path)
-    try:
-        payload = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"split file {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"split file {path} is not valid JSON: {e}") from None
+    payload = read_json(path, "split file")
     idx = np.asarray(payload["labeled_indices"], dtype=np.int64)
     sha = indices_sha256(idx)
     if sha != payload["sha256"]:

@@ -30,6 +30,17 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file's content; a missing or malformed file is one clear error naming `what` it should be."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
+
+
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
     """One JSON line per record; `kind` is "train" (training statistics) or "eval" (one evaluation)."""
     with open(Path(run_dir) / METRICS_FILE, "a") as f:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from contract.results import read_json, write_json_atomic
+
 IMPLS = ("own", "torchssl")
 PRECISIONS = ("fp32", "bf16")
 SPEC_FILE = "spec.json"
@@ -114,20 +116,12 @@ def write_spec(run_dir: Path, spec: RunSpec, files: RunFiles) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     payload = {"spec": spec.to_dict(), "spec_hash": spec.hash(), **dataclasses.asdict(files)}
     path = run_dir / SPEC_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, payload)
     return path
 
 
 def read_spec(path: Path) -> tuple[RunSpec, RunFiles]:
-    path = Path(path)
-    try:
-        payload = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no run spec at {path}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"run spec {path} is not valid JSON: {e}") from None
+    payload = read_json(path, "run spec")
     spec = RunSpec.from_dict(payload["spec"])
     if payload.get("spec_hash") not in (None, spec.hash()):
         raise ValueError(f"run spec {path}: stored hash {payload['spec_hash']} != recomputed {spec.hash()} (edited by hand?)")
