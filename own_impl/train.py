@@ -431,8 +431,9 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device,
             clock.mark()
             step += 1
             last = step == spec.steps
+            stopping = stop.signum is not None or step == stop_after
 
-            if step % spec.log_every == 0 or last:
+            if step % spec.log_every == 0 or last or stopping:  # a stop logs its partial window too
                 s = stats_acc.tolist()  # the sync point: once per log window
                 t_now = time.perf_counter()
                 check_finite(step)
@@ -461,13 +462,12 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device,
                 append_metrics(run_dir, ev)
                 log(f"eval step {step}: top1 {ev['top1']:.2f} top5 {ev['top5']:.2f} loss {ev['loss']:.4f} "
                     f"(EMA model, {len(data.eval_y)} test images)")
-            stopping = stop.signum is not None or step == stop_after
             if step % spec.checkpoint_every == 0 or last or stopping:
                 checkpoint(step)
             pause = time.perf_counter() - t_pause
             paused_s += pause
             t_window += pause
-            if stop.signum is not None:
+            if stopping and stop.signum is not None:
                 log(f"stopped by {signal.Signals(stop.signum).name} after step {step}; checkpoint written")
                 raise RunInterrupted(stop.signum, step)
             if step == stop_after and not last:

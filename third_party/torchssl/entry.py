@@ -182,17 +182,17 @@ class Recorder:
         stats = self.torch.stack([self.sup + self.lambda_u * loss_u, self.sup, loss_u, mask, correct]).float()
         self.acc = stats if self.acc is None else self.acc + stats
         last = step == spec.steps
-        if step % spec.log_every == 0 or last:
-            self._log_train(step)
         stopping = self.stop.signum is not None or (step == self.stop_after and not last)
+        if step % spec.log_every == 0 or last or stopping:  # a stop logs its partial window too
+            self._log_train(step)
         if step % spec.checkpoint_every == 0 or last or stopping:
             if self.acc is not None and not math.isfinite(float(self.acc[0])):
                 raise NonFiniteLoss(f"non-finite loss between steps {self.window_first} and {step}")
             model.save_model(CHECKPOINT, str(self.save_path))
-        if self.stop.signum is not None:
+        if stopping and self.stop.signum is not None:  # a signal during this step's save waits for the next step
             self.log(f"stopped by {signal.Signals(self.stop.signum).name} after step {step}; checkpoint written")
             raise RunInterrupted(self.stop.signum, step)
-        if stopping:
+        if stopping and self.stop.signum is None:
             self.log(f"stopping after step {step} (stop_after); checkpoint written")
             raise StoppedAfter()
         return step % spec.eval_every == 0 and not last  # the last evaluation is train()'s closing one
