@@ -66,7 +66,7 @@ def main(args) -> int:
 
 
 def _main(args) -> int:
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # runs execute in the repository root, wherever this was started
     if args.report_only:
         from harness.report import write_report
 
@@ -87,12 +87,15 @@ def _main(args) -> int:
     if (overrides.get("eval_subset") or 0) > test_images:
         raise UsageError(f"--eval-subset {overrides['eval_subset']} is more than the {test_images} test images; "
                          f"accepted: 0 (all) or a multiple of 10 up to {test_images}")
+    if "torchssl" in args.impls and overrides.get("channels_last"):
+        raise UsageError("--channels-last is not accepted with TorchSSL (its model runs as it ships); "
+                         "leave it out or use --impls own")
     # Every spec value is checked here, before any data is decoded or any split file written.
     RunSpec(impl=args.impls[0], n_labels=args.budgets[0], seed=args.seeds[0], data_kind="-", data_sha256="-",
             split_sha256="-", **preset_values(args.preset, overrides))
     devices = resolve_devices(args.device, args.gpus)
     source = args.data or os.environ.get("FIXMATCH_BENCH_DATA")
-    cache_dir = Path(args.cache_dir) if args.cache_dir else None
+    cache_dir = Path(args.cache_dir).resolve() if args.cache_dir else None
     data = load_cifar10(source, cache_dir=cache_dir)
 
     print(f"data: {data.identity.describe()}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,7 +73,7 @@ def warmup_estimate(runs: list[PlannedRun], data_dir: Path, data_test_y, device:
     total = 0.0
     for impl in sorted({r.spec.impl for r in pending}):
         mine = [r for r in pending if r.spec.impl == impl]
-        probe_steps = 4
+        probe_steps = 8
         spec = dataclasses.replace(mine[0].spec, steps=probe_steps, eval_every=probe_steps,
                                    checkpoint_every=probe_steps, log_every=1)
         with tempfile.TemporaryDirectory(prefix=f"warmup-{impl}-") as tmp:
@@ -80,13 +81,21 @@ def warmup_estimate(runs: list[PlannedRun], data_dir: Path, data_test_y, device:
             prepare(probe, data_dir, device, extras.get(impl, {}))
             t0 = time.perf_counter()
             proc = launch(probe)
-            code = proc.wait()
+            try:
+                code = proc.wait()
+            finally:
+                if proc.poll() is None:  # interrupted: the probe is in its own session, so stop it here
+                    proc.kill()
+                    proc.wait()
             wall = time.perf_counter() - t0
             result = read_result(probe.run_dir)
             if code != 0 or result is None:
                 print(f"warm-up of {impl} failed (exit {code}):\n{log_tail(probe)}", file=sys.stderr)
                 return None
-        sps = result["steps_per_second"]
+            # Steady-state speed: the median step time after the first two (cuDNN autotuning, loader start-up).
+            marks = [r["train_seconds"] for r in read_metrics(probe.run_dir) if r.get("kind") == "train"]
+            per_step = [b - a for a, b in zip(marks[2:], marks[3:])]
+        sps = 1.0 / statistics.median(per_step) if per_step else result["steps_per_second"]
 
         def eval_seconds(s) -> float:  # a forward pass costs about a third of a training step's per image
             images = s.eval_subset or len(data_test_y)

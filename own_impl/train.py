@@ -339,6 +339,7 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device,
 
     log = make_log(run_dir)
     if device.type == "cuda":
+        torch.cuda.set_device(device)  # events, pinned memory and the default stream belong to this run's GPU
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest conv algorithms
     torch.manual_seed(spec.seed)  # the one global seeding: model initialization
     seeds = [int(s) for s in np.random.SeedSequence(spec.seed).generate_state(3, dtype=np.uint64)]

@@ -43,7 +43,7 @@ def default_cache_dir() -> Path:
 
 
 def checkout_path(cache_dir: Path | None = None, commit: str = COMMIT) -> Path:
-    return Path(cache_dir or default_cache_dir()) / f"torchssl-{commit[:12]}"
+    return (Path(cache_dir or default_cache_dir()) / f"torchssl-{commit[:12]}").resolve()  # TorchSSL's run chdirs
 
 
 def resolve_source(source: str | None) -> str:
@@ -51,8 +51,18 @@ def resolve_source(source: str | None) -> str:
     return source or os.environ.get(SOURCE_ENV) or URL
 
 
+def _import_git():
+    """gitpython, which needs the git program: either missing is one clear CheckoutError."""
+    try:
+        import git
+    except ImportError as e:
+        raise CheckoutError(f"cannot use git to check TorchSSL out ({str(e).splitlines()[0]}); install the git "
+                            f"program and the gitpython package") from None
+    return git
+
+
 def _git(repo_dir: Path):
-    import git  # gitpython
+    git = _import_git()
 
     repo = git.Repo(repo_dir)
     # status must not take the index lock: several runs may verify one checkout at the same time
@@ -68,7 +78,7 @@ def _last_line(err: Exception) -> str:
 
 def problems(path: Path, commit: str = COMMIT) -> list[str]:
     """What makes `path` differ from a clean checkout of `commit` (empty: it is one)."""
-    import git
+    git = _import_git()
 
     path = Path(path)
     if not (path / ".git").exists():
@@ -121,7 +131,7 @@ def ensure_checkout(source: str | None = None, cache_dir: Path | None = None, co
     `source`: any git URL or local path (a clone, a bare repository or a mirror); None means $TORCHSSL_SOURCE, else
     the GitHub URL. A cached checkout is reused whatever its origin: its HEAD and tree are what is verified.
     """
-    import git
+    git = _import_git()
 
     dest = checkout_path(cache_dir, commit)
     if dest.exists():
@@ -159,7 +169,7 @@ def ensure_checkout(source: str | None = None, cache_dir: Path | None = None, co
 
 
 def _has_commit(repo, commit: str) -> bool:
-    import git
+    git = _import_git()
 
     try:
         repo.git.cat_file("-e", f"{commit}^{{commit}}")
