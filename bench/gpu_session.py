@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -44,7 +45,7 @@ def main() -> int:
     p.add_argument("--device", default="cuda", help="cuda | cuda:N | cpu (dry mode: tiny settings)")
     p.add_argument("--data", default=os.environ.get("FIXMATCH_BENCH_DATA"))
     p.add_argument("--torchssl-source", default=os.environ.get("TORCHSSL_SOURCE"))
-    p.add_argument("--accuracy-steps", type=int, default=None, help="steps of the accuracy run (default 3000 on "
+    p.add_argument("--accuracy-steps", type=int, default=None, help="steps of the accuracy run (default 1000 on "
                    "a GPU, 8 on the CPU)")
     p.add_argument("--time-limit", type=float, default=510.0, help="seconds for the whole session")
     args = p.parse_args()
@@ -59,20 +60,29 @@ def main() -> int:
     def left() -> float:
         return args.time_limit - (time.monotonic() - t_start)
 
-    def stage(name: str, cmd: list[str], share: float) -> bool:
-        """Run one stage with at most `share` of the time still left; log its output."""
-        limit = max(10.0, left() * share)
+    def stage(name: str, cmd: list[str], limit: float) -> bool:
+        """Run one stage for at most `limit` seconds (and never past the session's end); log its output.
+
+        A stage runs in its own process group: at its limit the whole group (training subprocesses included) gets
+        SIGTERM, so runs checkpoint and stop, then SIGKILL a minute later; nothing holds the GPU afterwards."""
+        limit = max(10.0, min(limit, left() - 5))
         log.write(f"\n=== {name}: {' '.join(cmd)} (limit {limit:.0f} s)\n")
         log.flush()
         t = time.monotonic()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
-            proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=limit,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1",
-                                       "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
-                                                                                   os.environ.get("PYTHONPATH")]))})
+            proc.wait(timeout=limit)
             ok = proc.returncode == 0
             status = "ok" if ok else f"failed (exit {proc.returncode})"
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
             ok, status = False, f"stopped at its {limit:.0f} s limit"
         summary.append(f"- {name}: {status}, {time.monotonic() - t:.0f} s")
         log.flush()
@@ -93,20 +103,30 @@ def main() -> int:
         common += ["--data", args.data]
     if args.torchssl_source:
         common += ["--torchssl-source", args.torchssl_source]
+    # TorchSSL needs git, gitpython and its checkout: without them, measure ours alone rather than nothing.
+    impls = ["own", "torchssl"]
+    probe = [sys.executable, "-c", "from third_party.torchssl.checkout import ensure_checkout; import sys; "
+             "print(ensure_checkout(sys.argv[1] if len(sys.argv) > 1 else None))"]
+    if not stage("TorchSSL checkout", probe + ([args.torchssl_source] if args.torchssl_source else []), 60):
+        impls = ["own"]
+        summary.append("- TorchSSL unavailable (see session.log): ours alone")
     batch = ["--batch-size", "4", "--uratio", "2", "--warmup", "2", "--window", "2", "--repeats", "2"] if cpu else \
-        ["--batch-size", "64", "--uratio", "7", "--warmup", "30", "--window", "20", "--repeats", "5"]
-    for precision, share in (("fp32", 0.2), ("bf16", 0.25)):
+        ["--batch-size", "64", "--uratio", "7", "--warmup", "40", "--window", "20", "--repeats", "5"]
+    for precision in ("fp32", "bf16"):
         stage(f"throughput {precision}", [sys.executable, "bench/throughput.py", *common, *batch, "--precision",
-                                          precision, "--json", str(out / f"throughput-{precision}.json")], share)
+                                          precision, "--impls", *impls,
+                                          "--json", str(out / f"throughput-{precision}.json")], 150)
 
-    steps = args.accuracy_steps or (8 if cpu else 3000)
+    steps = args.accuracy_steps or (8 if cpu else 1000)
     acc_out = out / "acc"
     size = ["--batch-size", "4", "--uratio", "2", "--eval-subset", "1000"] if cpu else []
     ok = stage("accuracy 4000 labels", [
         sys.executable, "run_all.py", "--budgets", "4000", "--preset", "short", "--steps", str(steps),
-        "--eval-every", str(max(steps // 6, 1)), "--checkpoint-every", str(steps), "--log-every",
+        "--eval-every", str(max(steps // 6, 1)), "--checkpoint-every", str(max(steps // 4, 1)), "--log-every",
         str(max(steps // 30, 1)), "--precision", "fp32" if cpu else "bf16", "--out", str(acc_out), "--no-warmup",
-        *common, *size], 0.95)
+        "--impls", *impls, *common, *size], left() - 20)
+    if not (acc_out / "RESULTS.md").exists():  # cut off: report whatever runs finished
+        stage("report", [sys.executable, "run_all.py", "--report-only", "--out", str(acc_out)], 15)
     if (acc_out / "RESULTS.md").exists():
         shutil.copy(acc_out / "RESULTS.md", out / "RESULTS.md")
         fig = acc_out / "figures" / "curves-4000.png"
