@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from contract.spec import RunSpec  # noqa: E402
 from own_impl.optim import cosine_lr  # noqa: E402
+from contract.runtime import resolve_device  # noqa: E402
 from own_impl.train import (DeviceData, EpochSampler, build, compile_warm_up, make_batch, make_loss_fn,  # noqa: E402
-                            resolve_device, train_step)
+                            train_step)
 
 N_TRAIN = 50_000
 

@@ -90,6 +90,22 @@ def run_lock(run_dir: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def resolve_device(name: str):
+    """A torch.device from its name; CUDA asked for where there is none is one clear error. cuda means cuda:N
+    with N the current device, so the device can be handed to torch.cuda.set_device and compared."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {name!r}: {e}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available here")
+        device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    return device
+
+
 def run_entry(prog: str, run_dir: Path, body: Callable[[], object], expected: tuple = ()) -> int:
     """Run `body` under the run-folder lock; turn every way it can end into one stderr line and an exit code.
 

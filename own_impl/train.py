@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from contract.arrays import eval_subset_indices, load_arrays, load_split
 from contract.results import (RESULT_FILE, append_metrics, code_version, machine_info, read_metrics, read_result,
                               summarize_evals, truncate_metrics, validate_result, write_json_atomic)
-from contract.runtime import NonFiniteLoss, RunInterrupted, StopFlag, make_log, run_entry
+from contract.runtime import NonFiniteLoss, RunInterrupted, StopFlag, make_log, resolve_device, run_entry
 from contract.spec import RunFiles, RunSpec, read_spec
 from own_impl.augment import strong_augment, weak_augment
 from own_impl.loss import fixmatch_loss
@@ -302,16 +302,6 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def resolve_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"unknown device {name!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available here")
-    return device
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import numpy as np
 from contract.arrays import eval_subset_indices, load_arrays, load_split
 from contract.results import (RESULT_FILE, append_metrics, code_version, machine_info, read_metrics, read_result,
                               summarize_evals, truncate_metrics, validate_result, write_json_atomic)
-from contract.runtime import NonFiniteLoss, RunInterrupted, StopFlag, make_log, run_entry
+from contract.runtime import NonFiniteLoss, RunInterrupted, StopFlag, make_log, resolve_device, run_entry
 from contract.spec import RunFiles, RunSpec, read_spec
 from third_party.torchssl import patches
 from third_party.torchssl.checkout import COMMIT, URL, CheckoutError, ensure_checkout, problems, verify_checkout
@@ -93,20 +93,6 @@ def torchssl_args(spec: RunSpec, run_dir: Path, gpu: int | None, num_workers: in
         world_size=1, rank=0, dist_url="tcp://127.0.0.1:11111", dist_backend="nccl", seed=spec.seed, gpu=gpu,
         multiprocessing_distributed=False, distributed=False, c="",
     )
-
-
-def resolve_device(name: str):
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"unknown device {name!r}: {e}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} requested but CUDA is not available here")
-        device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
-    return device
 
 
 def import_torchssl(checkout: Path) -> SimpleNamespace:
