@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="rebuild RESULTS.md and figures from result files")
     p.add_argument("--no-warmup", action="store_true", help="skip the measured warm-up and time estimate")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile our training step (default: on for CUDA, off for the CPU); changes results "
-                        "only within float tolerance, so it is not part of the run spec")
+                   help="torch.compile our augmentation and training step (default: on for CUDA, and on the CPU "
+                        "for runs of 1000 steps or more); same pixels, results within float tolerance, so it is not "
+                        "part of the run spec")
     g = p.add_argument_group("overrides of the preset's values")
     for name, typ, hint in [
         ("steps", int, "optimizer steps per run"), ("eval_every", int, "steps between evaluations"),

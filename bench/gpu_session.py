@@ -20,7 +20,10 @@ then call the device tool's run with carry [".gpu"] and the command
     PYTHONPATH=/tmp/site FIXMATCH_BENCH_CACHE=$PWD/.gpu/cache PYTHONUNBUFFERED=1 \
     python3 bench/gpu_session.py --device cuda --out "$OUT" --data .gpu/cifar10-jpeg.tar.gz
 
-It writes at most 8 files (what the device tool brings back): env.txt, throughput-fp32.json, throughput-bf16.json,
+Stages: the TorchSSL checkout; the CUDA-only tests (augmentation on the GPU, eager and compiled, gives the CPU's
+pixels; compiled steps match a float64 reference); our step eager against compiled (bench/own_cpu_steps.py); both
+implementations' throughput in bf16 (bench/throughput.py); a 1000-step side-by-side accuracy run at 4000 labels.
+It writes at most 8 files (what the device tool brings back): env.txt, own-configs.json, throughput.json,
 accuracy.json, RESULTS.md, curves-4000.png, session.log, summary.md. Each stage has its own time limit, and a stage
 that fails or runs out of time is recorded and the next one still runs.
 """
@@ -69,7 +72,8 @@ def main() -> int:
         log.write(f"\n=== {name}: {' '.join(cmd)} (limit {limit:.0f} s)\n")
         log.flush()
         t = time.monotonic()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"FIXMATCH_BENCH_DATA": str(Path(args.data).resolve())}
+                                                         if args.data else {}),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
@@ -110,12 +114,22 @@ def main() -> int:
     if not stage("TorchSSL checkout", probe + ([args.torchssl_source] if args.torchssl_source else []), 60):
         impls = ["own"]
         summary.append("- TorchSSL unavailable (see session.log): ours alone")
+    # The GPU-only tests: augmentation on the GPU (eager and compiled) = the CPU's pixels; compiled steps = float64.
+    tests = ["tests/test_augment.py", "tests/test_own_compile.py", "tests/test_own_train.py"]
+    stage("CUDA tests", [sys.executable, "-m", "pytest", "-q", "-rs", "-k", "cuda", *tests], 90)
+    # Our step eager against compiled (augmentation + forward/backward), without the harness around it.
+    own = ["--batch", "4", "--uratio", "2", "--configs", "fp32", "fp32-compile", "--warmup", "1", "--repeats", "2",
+           "--window", "1"] if cpu else \
+        ["--batch", "64", "--uratio", "7", "--configs", "bf16-cl", "bf16-cl-compile", "--warmup", "20",
+         "--repeats", "5", "--window", "20"]
+    stage("own configurations", [sys.executable, "bench/own_cpu_steps.py", "--device", args.device, *own,
+                                 "--json", str(out / "own-configs.json")], 110)
     batch = ["--batch-size", "4", "--uratio", "2", "--warmup", "2", "--window", "2", "--repeats", "2"] if cpu else \
         ["--batch-size", "64", "--uratio", "7", "--warmup", "40", "--window", "20", "--repeats", "5"]
-    for precision in ("fp32", "bf16"):
-        stage(f"throughput {precision}", [sys.executable, "bench/throughput.py", *common, *batch, "--precision",
-                                          precision, "--impls", *impls,
-                                          "--json", str(out / f"throughput-{precision}.json")], 150)
+    precision = "fp32" if cpu else "bf16"
+    stage(f"throughput {precision}", [sys.executable, "bench/throughput.py", *common, *batch, "--precision",
+                                      precision, "--channels-last", "--impls", *impls,
+                                      "--json", str(out / "throughput.json")], 150)
 
     steps = args.accuracy_steps or (8 if cpu else 1000)
     acc_out = out / "acc"
@@ -136,15 +150,19 @@ def main() -> int:
         (out / "accuracy.json").write_text(json.dumps(results, indent=1) + "\n")
     shutil.rmtree(acc_out, ignore_errors=True)  # checkpoints stay behind: only the 8 files travel back
 
-    for precision in ("fp32", "bf16"):
-        path = out / f"throughput-{precision}.json"
-        if path.exists():
-            t = json.loads(path.read_text())
-            for impl, r in t["impls"].items():
-                summary.append(f"- {precision} {impl}: {r['steps_per_second']:.2f} steps/s, "
-                               f"{r['achieved_tflops']:.1f} TFLOP/s, data wait {r['data_frac']}")
-            if "speedup_own_over_torchssl" in t:
-                summary.append(f"- {precision} speedup own/torchssl: {t['speedup_own_over_torchssl']:.2f}")
+    path = out / "own-configs.json"
+    if path.exists():
+        for r in json.loads(path.read_text())["rows"]:
+            summary.append(f"- own {r['config']}: {r['steps_per_s']:.2f} steps/s, host per step: data "
+                           f"{1e3 * r['data_host_s']:.1f} ms, step {1e3 * r['step_host_s']:.1f} ms")
+    path = out / "throughput.json"
+    if path.exists():
+        t = json.loads(path.read_text())
+        for impl, r in t["impls"].items():
+            summary.append(f"- {t['precision']} {impl}: {r['steps_per_second']:.2f} steps/s, "
+                           f"{r['achieved_tflops']:.1f} TFLOP/s, data wait {r['data_frac']}")
+        if "speedup_own_over_torchssl" in t:
+            summary.append(f"- {t['precision']} speedup own/torchssl: {t['speedup_own_over_torchssl']:.2f}")
     summary.append(f"- accuracy run: {'ok' if ok else 'see session.log'}; total {time.monotonic() - t_start:.0f} s")
     (out / "summary.md").write_text("\n".join(summary) + "\n")
     print("\n".join(summary))

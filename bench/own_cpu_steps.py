@@ -5,13 +5,13 @@
     python bench/own_cpu_steps.py --device cuda --batch 64 --configs bf16-cl bf16-cl-compile --window 20
 
 A configuration is precision (fp32 | bf16 autocast) plus optional `-cl` (channels_last) and `-compile`
-(torch.compile of forward + loss + backward, as own_impl.train does it). All configurations are built first
-(compilation timed apart, as `compile_s`), then each gets `warmup` untimed steps, then `repeats` rounds run
-`window` timed steps of every configuration in turn, so that load from other processes on a shared machine falls
-on all of them alike. The device is synchronized only at the ends of a window (a GPU runs ahead of the host as in
-training). Prints per configuration the median wall time per step (steps/s), the fastest window, the process's
-CPU seconds per step (all threads), the host seconds per step spent issuing the data preparation and the step
-(on a GPU: launch overhead, unless the queue is full), and one JSON line. Images are random uint8 (the step's
+(torch.compile of the augmentation and of forward + loss + backward, as own_impl.train does it). All configurations
+are built first (compilation timed apart, as `compile_s`), then each gets `warmup` untimed steps, then `repeats`
+rounds run `window` timed steps of every configuration in turn, so that load from other processes on a shared
+machine falls on all of them alike. The device is synchronized only at the ends of a window (a GPU runs ahead of the
+host as in training). Prints per configuration the median wall time per step (steps/s), the fastest window, the
+process's CPU seconds per step (all threads), the host seconds per step spent issuing the data preparation and the
+step (on a GPU: launch overhead, unless the queue is full), and one JSON line. Images are random uint8 (the step's
 cost does not depend on pixel values), so no data set is needed.
 """
 from __future__ import annotations
@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from contract.spec import RunSpec  # noqa: E402
 from own_impl.optim import cosine_lr  # noqa: E402
 from contract.runtime import resolve_device  # noqa: E402
-from own_impl.train import (DeviceData, EpochSampler, build, compile_warm_up, make_batch, make_loss_fn,  # noqa: E402
-                            train_step)
+from own_impl.train import (DeviceData, EpochSampler, build, compile_warm_up, make_augment_fn, make_batch,  # noqa: E402
+                            make_loss_fn, train_step)
 
 N_TRAIN = 50_000
 
@@ -58,7 +58,8 @@ class Runner:
         torch.manual_seed(0)
         self.model, self.ema, self.optimizer = build(self.spec, device)
         self.loss_fn = make_loss_fn(self.model, self.spec, cfg["compile"], compile_mode)
-        self.compile_s = (compile_warm_up(self.model, self.loss_fn, self.spec, data.train_x.shape[1:])
+        self.augment_fn = make_augment_fn(cfg["compile"], compile_mode)
+        self.compile_s = (compile_warm_up(self.model, self.loss_fn, self.spec, data.train_x.shape[1:], self.augment_fn)
                           if cfg["compile"] else 0.0)
         self.lab, self.unl = EpochSampler(data.labelled, 1), EpochSampler(np.arange(len(data.train_y)), 2)
         self.aug_gen = torch.Generator(device=device).manual_seed(3)
@@ -77,7 +78,7 @@ class Runner:
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(steps):
             t1 = time.perf_counter()
-            x, y_x, y_u = make_batch(self.data, self.lab, self.unl, self.spec, self.aug_gen)
+            x, y_x, y_u = make_batch(self.data, self.lab, self.unl, self.spec, self.aug_gen, self.augment_fn)
             t2 = time.perf_counter()
             stats = train_step(self.model, self.ema, self.optimizer, x, y_x, y_u, self.spec,
                                cosine_lr(self.spec.lr, self.k, self.spec.steps), self.loss_fn)

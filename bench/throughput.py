@@ -80,7 +80,7 @@ def run_impl(impl: str, args, data, split_file: Path, split_sha: str, workdir: P
     spec = RunSpec(impl=impl, n_labels=args.n_labels, seed=0, data_kind=data.identity.kind,
                    data_sha256=data.identity.data_sha256, split_sha256=split_sha, steps=steps, eval_every=steps,
                    batch_size=args.batch_size, uratio=args.uratio, precision=args.precision,
-                   channels_last=args.channels_last, eval_subset=100, eval_batch_size=100,
+                   channels_last=args.channels_last and impl == "own", eval_subset=100, eval_batch_size=100,
                    checkpoint_every=steps, log_every=args.window)
     run_dir = workdir / impl
     write_spec(run_dir, spec, RunFiles(data_dir=str(data.data_dir), split_file=str(split_file), device=args.device,
@@ -109,9 +109,11 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--uratio", type=int, default=7)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="our model and batches in channels_last (TorchSSL has no such setting: it runs as it is)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile our step (default: on for CUDA, off for the CPU)")
+                   help="torch.compile our augmentation and step (default: as a paper-length run on this device "
+                        "would, i.e. on)")
     p.add_argument("--num-workers", type=int, default=None, help="TorchSSL's DataLoader workers (default: its 1)")
     p.add_argument("--impls", nargs="+", choices=["own", "torchssl"], default=["own", "torchssl"])
     p.add_argument("--warmup", type=int, default=4, help="steps before timing starts")
@@ -128,8 +130,12 @@ def main() -> int:
     from harness.data import load_cifar10
     from harness.splits import ensure_split
 
+    from own_impl.train import use_compile
+
     data = load_cifar10(args.data)
-    args.extras = {"own": {} if args.compile is None else {"compile": args.compile}}
+    if args.compile is None:  # what a full run would do, not what these few steps would get by default
+        args.compile = use_compile(torch.device(args.device.split(":")[0]), None, 2**20)[0]
+    args.extras = {"own": {"compile": args.compile}}
     if "torchssl" in args.impls:
         from third_party.torchssl.checkout import ensure_checkout
 
@@ -151,8 +157,8 @@ def main() -> int:
               "channels_last": args.channels_last, "compile": args.compile, "gflop_per_step": flops / 1e9,
               "matmul_peak_tflops": peak, "listed_peak_tflops": listed, "impls": results}
     print(f"device {args.device} ({name}), torch {torch.__version__}, B={args.batch_size}, mu={args.uratio}, "
-          f"{args.precision}{', channels_last' if args.channels_last else ''}, "
-          f"own compile={'device default' if args.compile is None else args.compile}")
+          f"{args.precision}{', channels_last (own)' if args.channels_last else ''}, "
+          f"own compile={args.compile}")
     print(f"one step = {flops / 1e9:.1f} GFLOP (forward + backward, {args.batch_size * (1 + 2 * args.uratio)} "
           f"images); measured matmul peak {peak:.2f} TFLOP/s" + (f", listed peak {listed:.0f}" if listed else ""))
     print(f"{'impl':10s} {'steps/s':>9s} {'samples':>30s} {'data wait':>10s} {'TFLOP/s':>8s} {'of matmul peak':>15s}")

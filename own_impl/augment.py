@@ -48,6 +48,7 @@ and one index gather over the batch, whatever the mix of ops.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -92,6 +93,12 @@ class CutoutParams(NamedTuple):
     cx: torch.Tensor  # (N,) int64 centre column in [0, W)
 
 
+class StrongParams(NamedTuple):
+    weak: WeakParams
+    randaugment: RandAugmentParams
+    cutout: CutoutParams
+
+
 # ---------------------------------------------------------------- sampling
 
 def sample_weak_params(n: int, generator: torch.Generator | None = None, device="cpu") -> WeakParams:
@@ -104,10 +111,15 @@ def sample_randaugment_params(n: int, generator: torch.Generator | None = None, 
     op_index = torch.randint(0, len(OPS), (n, RA_NUM_OPS), generator=generator, device=device)
     apply = torch.rand(n, RA_NUM_OPS, generator=generator, device=device) < RA_OP_PROB
     u = torch.rand(n, RA_NUM_OPS, generator=generator, device=device, dtype=torch.float64)
-    # non_blocking: a blocking host-to-GPU copy would wait for all queued GPU work.
-    ranges = torch.tensor([MAGNITUDE_RANGES[name] for name in OPS], dtype=torch.float64).to(device, non_blocking=True)
+    ranges = _magnitude_ranges(torch.device(device))
     low, high = ranges[op_index, 0], ranges[op_index, 1]
     return RandAugmentParams(op_index, apply, low + (high - low) * u)
+
+
+@functools.cache
+def _magnitude_ranges(device: torch.device) -> torch.Tensor:
+    """(len(OPS), 2) float64 (low, high) on `device`, made once per device: no host-to-device copy per batch."""
+    return torch.tensor([MAGNITUDE_RANGES[name] for name in OPS], dtype=torch.float64, device=device)
 
 
 def sample_cutout_params(n: int, height: int, width: int, generator: torch.Generator | None = None,
@@ -115,6 +127,13 @@ def sample_cutout_params(n: int, height: int, width: int, generator: torch.Gener
     cy = torch.randint(0, height, (n,), generator=generator, device=device)
     cx = torch.randint(0, width, (n,), generator=generator, device=device)
     return CutoutParams(cy, cx)
+
+
+def sample_strong_params(n: int, height: int, width: int, generator: torch.Generator | None = None,
+                         device="cpu") -> StrongParams:
+    """All of strong_augment's random numbers, drawn in its order: weak, RandAugment, Cutout."""
+    return StrongParams(sample_weak_params(n, generator, device), sample_randaugment_params(n, generator, device),
+                        sample_cutout_params(n, height, width, generator, device))
 
 
 # ---------------------------------------------------------------- public entry points
@@ -128,9 +147,12 @@ def weak_augment(x: torch.Tensor, generator: torch.Generator | None = None) -> t
 def strong_augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """weak_augment, then RandAugment (paper's RA variant), then Cutout 16x16 (always). uint8 in, uint8 out."""
     n, _, h, w = x.shape
-    y = weak_augment(x, generator)
-    y = randaugment(y, sample_randaugment_params(n, generator, x.device))
-    return cutout(y, sample_cutout_params(n, h, w, generator, x.device))
+    return apply_strong(x, sample_strong_params(n, h, w, generator, x.device))
+
+
+def apply_strong(x: torch.Tensor, p: StrongParams) -> torch.Tensor:
+    """The strong augmentation with drawn parameters: no random numbers here, so it can be compiled as one graph."""
+    return cutout(randaugment(flip_and_shift(x, p.weak), p.randaugment), p.cutout)
 
 
 def flip_and_shift(x: torch.Tensor, p: WeakParams) -> torch.Tensor:

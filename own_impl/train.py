@@ -23,7 +23,8 @@ from contract.results import (RESULT_FILE, append_metrics, code_version, machine
                               summarize_evals, truncate_metrics, validate_result, write_json_atomic)
 from contract.runtime import NonFiniteLoss, RunInterrupted, StopFlag, make_log, resolve_device, run_entry
 from contract.spec import RunFiles, RunSpec, read_spec
-from own_impl.augment import strong_augment, weak_augment
+from own_impl.augment import (StrongParams, WeakParams, apply_strong, flip_and_shift, sample_strong_params,
+                              sample_weak_params)
 from own_impl.loss import fixmatch_loss
 from own_impl.model import WideResNet
 from own_impl.optim import EMA, cosine_lr, param_groups
@@ -33,11 +34,13 @@ CHECKPOINT_FILE = "checkpoint.pt"
 CIFAR10_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
 CIFAR10_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
 FUSED_SGD_DEVICES = ("cpu", "cuda")  # where torch.optim.SGD(fused=True) exists (CPU since torch 2.4)
-# torch.compile of forward + loss + backward where neither the spec nor a flag says. It fuses BatchNorm, activations
-# and the loss around the convolutions: on a 2-core CPU at B=16, mu=7, 0.78 steps/s against 0.60 eager (0.68 eager
-# channels_last), bench/own_cpu_steps.py. Off on the CPU by default all the same: compiling costs ~35 s per new
-# shape there (~4 s from inductor's disk cache), which tests and short runs never win back.
-COMPILE_BY_DEFAULT = {"cuda": True, "cpu": False}
+# torch.compile of the augmentation and of forward + loss + backward, where neither the spec nor a flag says. It fuses
+# BatchNorm, activations and the loss around the convolutions: on a 2-core CPU at B=16, mu=7, 0.78 steps/s against
+# 0.60 eager (0.68 eager channels_last), bench/own_cpu_steps.py. On a GPU it also turns the ~700 small augmentation
+# kernels into a few. On the CPU only for runs of CPU_COMPILE_MIN_STEPS or more: compiling costs ~45 s there
+# (~5 s from inductor's disk cache), which tests and smoke runs never win back and a 1000-step run wins ~3 minutes.
+COMPILE_BY_DEFAULT = {"cuda": True, "cpu": True}
+CPU_COMPILE_MIN_STEPS = 1000
 # How this implementation realises the spec, for the report's side-by-side settings (TorchSSL's entry writes the
 # same keys).
 IMPL_SETTINGS = {
@@ -75,11 +78,9 @@ class DeviceData:
 def normalize(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float32, standardized with the CIFAR-10 mean and std."""
     # (x/255 - mean)/std = x * scale + shift, with per-channel Python floats: no host tensor to copy to the device
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device,
-                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    for c, (m, s) in enumerate(zip(CIFAR10_MEAN, CIFAR10_STD)):
-        torch.add(x[:, c].float().mul_(1.0 / (255.0 * s)), -m / s, out=out[:, c])
-    return out
+    out = torch.stack([x[:, c].float() * (1.0 / (255.0 * s)) + (-m / s)
+                       for c, (m, s) in enumerate(zip(CIFAR10_MEAN, CIFAR10_STD))], dim=1)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
 def load_device_data(spec: RunSpec, files: RunFiles, device: torch.device) -> DeviceData:
@@ -130,8 +131,11 @@ class EpochSampler:
 
 
 def make_batch(data: DeviceData, labelled: EpochSampler, unlabelled: EpochSampler, spec: RunSpec,
-               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step's input: x = [weak(labelled); weak(unlabelled); strong(unlabelled)], (B + 2muB, 3, 32, 32)."""
+               generator: torch.Generator, augment_fn=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step's input: x = [weak(labelled); weak(unlabelled); strong(unlabelled)], (B + 2muB, 3, 32, 32).
+
+    The random numbers are drawn here, from `generator`; augment_fn (default: augment_and_normalize, eager) applies
+    them, so a compiled augment_fn draws exactly what the eager one does."""
     device = data.train_x.device
 
     def to_device(idx: torch.Tensor) -> torch.Tensor:
@@ -142,10 +146,27 @@ def make_batch(data: DeviceData, labelled: EpochSampler, unlabelled: EpochSample
     idx_x = to_device(labelled.next(spec.batch_size))  # (B,)
     # Unlabelled images come from all N train images, the labelled ones included (as the paper and TorchSSL).
     idx_u = to_device(unlabelled.next(spec.batch_size * spec.uratio))  # (muB,)
-    weak = weak_augment(data.train_x[torch.cat([idx_x, idx_u])], generator=generator)  # (B + muB, 3, 32, 32)
-    strong = strong_augment(data.train_x[idx_u], generator=generator)  # (muB, 3, 32, 32)
-    x = normalize(torch.cat([weak, strong]), spec.channels_last)
+    x_weak, x_strong = data.train_x[torch.cat([idx_x, idx_u])], data.train_x[idx_u]  # (B + muB, ...), (muB, ...)
+    _, _, h, w = x_weak.shape
+    p_weak = sample_weak_params(len(x_weak), generator, device)
+    p_strong = sample_strong_params(len(x_strong), h, w, generator, device)
+    x = (augment_fn or augment_and_normalize)(x_weak, p_weak, x_strong, p_strong, spec.channels_last)
     return x, data.train_y[idx_x], data.train_y[idx_u]
+
+
+def augment_and_normalize(x_weak: torch.Tensor, p_weak: WeakParams, x_strong: torch.Tensor, p_strong: StrongParams,
+                          channels_last: bool) -> torch.Tensor:
+    """uint8 images and drawn parameters -> the step's float32 input [weak(x_weak); strong(x_strong)]. Pure: no
+    random numbers, no host sync; make_augment_fn compiles it into a few fused kernels."""
+    return normalize(torch.cat([flip_and_shift(x_weak, p_weak), apply_strong(x_strong, p_strong)]), channels_last)
+
+
+def make_augment_fn(compile: bool, mode: str | None = COMPILE_MODE):
+    """augment_and_normalize, compiled as one graph if `compile`. Eager, it is about 700 small kernels per step,
+    each a host-side launch on a GPU; compiled, a few fused ones. Same pixels either way (tests/test_own_compile.py)."""
+    if not compile:
+        return augment_and_normalize
+    return torch.compile(augment_and_normalize, mode=mode, dynamic=False, fullgraph=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -183,12 +204,14 @@ def forward_loss(model: torch.nn.Module, x: torch.Tensor, y_x: torch.Tensor, y_u
                          y_u_true=y_u)
 
 
-def use_compile(device: torch.device, choice: bool | None = None) -> tuple[bool, bool]:
+def use_compile(device: torch.device, choice: bool | None = None, steps: int | None = None) -> tuple[bool, bool]:
     """(compile?, was it asked for?): the choice (--[no-]compile, else spec.json's extra["compile"]), else the
-    device's default. Like the device, it is how a run executes, not what it computes: compiling changes results
-    only within float tolerance, so it is not part of the run spec."""
+    device's default (on the CPU, for runs of `steps` >= CPU_COMPILE_MIN_STEPS only). Like the device, it is how a
+    run executes, not what it computes: the augmentation's pixels are the same and the step's results differ only
+    within float tolerance, so it is not part of the run spec."""
     if choice is None:
-        return COMPILE_BY_DEFAULT.get(device.type, False), False
+        long_enough = device.type != "cpu" or (steps or 0) >= CPU_COMPILE_MIN_STEPS
+        return COMPILE_BY_DEFAULT.get(device.type, False) and long_enough, False
     return bool(choice), True
 
 
@@ -204,17 +227,26 @@ def make_loss_fn(model: torch.nn.Module, spec: RunSpec, compile: bool, mode: str
     return torch.compile(loss_fn, mode=mode, dynamic=False) if compile else loss_fn
 
 
-def compile_warm_up(model: torch.nn.Module, loss_fn, spec: RunSpec, image_shape: torch.Size) -> float:
-    """Compile loss_fn and its backward on a stand-in batch of the run's shapes; leaves the model as it was.
+def compile_warm_up(model: torch.nn.Module, loss_fn, spec: RunSpec, image_shape: torch.Size,
+                    augment_fn=None) -> float:
+    """Compile loss_fn and its backward (and augment_fn, if given) on stand-in inputs of the run's shapes; leaves
+    the model as it was. Returns the seconds it took.
 
-    Returns the seconds it took. No random number is drawn and no parameter changes; the BatchNorm running
-    statistics that the stand-in batch moved are put back.
+    The run's generators are not touched (stand-in augmentation parameters come from a throwaway generator) and no
+    parameter changes; the BatchNorm running statistics that the stand-in batch moved are put back.
     """
     device = next(model.parameters()).device
     t = time.perf_counter()
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     n_x, n_u = spec.batch_size, spec.batch_size * spec.uratio
-    x = normalize(torch.zeros((n_x + 2 * n_u, *image_shape), dtype=torch.uint8, device=device), spec.channels_last)
+    if augment_fn is not None:
+        g = torch.Generator(device=device).manual_seed(0)
+        images = torch.zeros((n_x + n_u, *image_shape), dtype=torch.uint8, device=device)
+        x = augment_fn(images, sample_weak_params(n_x + n_u, g, device), images[n_x:],
+                       sample_strong_params(n_u, *image_shape[1:], g, device), spec.channels_last)
+    else:
+        x = normalize(torch.zeros((n_x + 2 * n_u, *image_shape), dtype=torch.uint8, device=device),
+                      spec.channels_last)
     try:
         loss, _ = loss_fn(x, torch.zeros(n_x, dtype=torch.int64, device=device),
                           torch.zeros(n_u, dtype=torch.int64, device=device))
@@ -313,7 +345,7 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device,
     """Run (or resume, or recognize as done) one run in run_dir. Returns result.json's content.
 
     stop_after=k (tests): stop after step k as an interruption would, with a checkpoint; returns None.
-    compile: torch.compile forward + loss (None: see use_compile).
+    compile: torch.compile the augmentation and forward + loss (None: see use_compile).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -340,8 +372,8 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device,
 
     model, ema, optimizer = build(spec, device)
     param_count = sum(p.numel() for p in model.parameters())
-    compiled, asked = use_compile(device, compile)
-    loss_fn = make_loss_fn(model, spec, compiled)
+    compiled, asked = use_compile(device, compile, spec.steps)
+    loss_fn, augment_fn = make_loss_fn(model, spec, compiled), make_augment_fn(compiled)
 
     ckpt_path = run_dir / CHECKPOINT_FILE
     step, good_step, prior_train_s, prior_wall_s, prior_compile_s = 0, None, 0.0, 0.0, 0.0
@@ -369,12 +401,13 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device,
     compile_s = 0.0  # this session's compilation, before the first step and apart from train_seconds
     if compiled:
         try:
-            compile_s = compile_warm_up(model, loss_fn, spec, data.train_x.shape[1:])
-            log(f"compiled forward + loss + backward in {compile_s:.1f} s (kept out of train_seconds)")
+            compile_s = compile_warm_up(model, loss_fn, spec, data.train_x.shape[1:], augment_fn)
+            log(f"compiled augmentation, forward + loss + backward in {compile_s:.1f} s (kept out of "
+                f"train_seconds)")
         except Exception as e:  # a default (not asked for) that fails here, e.g. no Triton, falls back to eager
             if asked:
                 raise
-            compiled, loss_fn = False, make_loss_fn(model, spec, False)
+            compiled, loss_fn, augment_fn = False, make_loss_fn(model, spec, False), make_augment_fn(False)
             log(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); running eager")
 
     images_per_step = spec.batch_size * (1 + 2 * spec.uratio)  # images through the forward pass
@@ -414,7 +447,7 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device,
         while step < spec.steps:  # the one place that bounds the number of optimizer steps
             lr = cosine_lr(spec.lr, step, spec.steps)
             clock.mark(new_step=True)
-            x, y_x, y_u = make_batch(data, labelled, unlabelled, spec, aug_gen)
+            x, y_x, y_u = make_batch(data, labelled, unlabelled, spec, aug_gen, augment_fn)
             clock.mark()
             stats = train_step(model, ema, optimizer, x, y_x, y_u, spec, lr, loss_fn)
             stats_acc += torch.stack([stats["loss"], stats["loss_x"], stats["loss_u"], stats["mask_rate"],
@@ -481,7 +514,7 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device,
         "device_name": machine_info(str(device)),
         "torch_version": torch.__version__, "code_version": code_version(),
         "precision": spec.precision, "channels_last": spec.channels_last, "eval_images": len(data.eval_y),
-        "compiled": compiled,  # torch.compile of forward + loss in the last session
+        "compiled": compiled,  # torch.compile of augmentation and forward + loss in the last session
         "compile_seconds": prior_compile_s + compile_s,  # summed over sessions, kept out of train_seconds
         "evals": evals,
         "impl_settings": IMPL_SETTINGS,
@@ -499,8 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, required=True, help="the run folder (outputs go here)")
     parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: spec.json's)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile forward + loss (default: spec.json's extra['compile'], else on for CUDA "
-                             "only)")
+                        help="torch.compile the augmentation and forward + loss (default: spec.json's "
+                             "extra['compile'], else on for CUDA, and on the CPU for runs of 1000 steps or more)")
     args = parser.parse_args(argv)
 
     def body() -> None:

@@ -363,6 +363,34 @@ def test_same_seed_same_output(real_images):
     assert torch.equal(x, to_tensor(real_images))   # input not modified in place
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_compiled_augmentation_changes_no_pixel(images, device):
+    """torch.compile, as own_impl.train compiles the augmentation (one graph, static shapes), gives the eager CPU
+    ops' pixels exactly: every op at 7 grid magnitudes and a random one per image, all ops in one batch, then the
+    whole strong augmentation with drawn parameters."""
+    torch.compiler.reset()
+    n = len(images)
+    ops, magnitudes = [], []
+    for k, name in enumerate(A.OPS):
+        low, high = A.MAGNITUDE_RANGES[name]
+        random = low + (high - low) * torch.rand(n, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+        magnitudes.append(torch.cat([torch.linspace(low, high, 7, dtype=torch.float64).repeat_interleave(n), random]))
+        ops.append(torch.full((8 * n,), k))
+    x = to_tensor(np.tile(images, (8 * len(A.OPS), 1, 1, 1)))
+    op_index, magnitude = torch.cat(ops), torch.cat(magnitudes)
+    compiled = torch.compile(A.apply_op, dynamic=False, fullgraph=True)
+    got = compiled(x.to(device), op_index.to(device), magnitude.to(device)).cpu()
+    assert torch.equal(got, A.apply_op(x, op_index, magnitude))
+
+    strong = x[:4 * n]
+    params = A.sample_strong_params(len(strong), 32, 32, torch.Generator().manual_seed(8))
+    on_device = type(params)(*(type(p)(*(t.to(device) for t in p)) for p in params))
+    got = torch.compile(A.apply_strong, dynamic=False, fullgraph=True)(strong.to(device), on_device).cpu()
+    assert torch.equal(got, A.apply_strong(strong, params))
+    torch.compiler.reset()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu(images):
     """Same arithmetic on the GPU: each op bit-identical to the CPU result; strong_augment runs with a CUDA

@@ -90,8 +90,11 @@ def test_compiled_steps_match_a_float64_reference(channels_last, device, monkeyp
 
 
 def test_compile_choice():
-    assert train_mod.use_compile(CPU) == (False, False)  # the CPU's default
+    assert train_mod.use_compile(CPU) == (False, False)  # the CPU's default for short runs
+    assert train_mod.use_compile(CPU, None, 999) == (False, False)
+    assert train_mod.use_compile(CPU, None, train_mod.CPU_COMPILE_MIN_STEPS) == (True, False)  # and for long ones
     assert train_mod.use_compile(torch.device("cuda")) == (True, False)  # the GPU's default
+    assert train_mod.use_compile(torch.device("cuda"), None, 3) == (True, False)
     assert train_mod.use_compile(CPU, True) == (True, True)
     assert train_mod.use_compile(torch.device("cuda"), False) == (False, True)
 
@@ -122,7 +125,8 @@ def test_compiled_run_resumes_like_a_straight_run(make_run_dir, tmp_path, device
     result = json.loads((resumed / "result.json").read_text())
     assert result["compiled"] is True and result["compile_seconds"] > first["compile_seconds"]
     log = (resumed / "log.txt").read_text()
-    assert log.count("compiled forward + loss + backward") == 2  # once per session, kept out of train_seconds
+    assert log.count("compiled augmentation, forward + loss + backward") == 2  # once per session, apart from
+    # train_seconds
     # an eager session picks up a compiled run's checkpoint: same keys, same state
     eager = tmp_path / "eager"
     eager.mkdir()
