@@ -1,10 +1,12 @@
 """own_impl.train with torch.compile: the same step as eager within float tolerance, and a resumable run."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from contract.spec import RunSpec, read_spec
+from own_impl import augment as A
 from own_impl import train as train_mod
 
 CPU = torch.device("cpu")
@@ -134,3 +136,39 @@ def test_compiled_run_resumes_like_a_straight_run(make_run_dir, tmp_path, device
     assert train_mod.train(spec, files, eager, dev, stop_after=2, compile=True) is None
     result = train_mod.train(spec, files, eager, dev, compile=False)
     assert result["compiled"] is False and result["steps"] == 4
+
+
+def test_step_and_augmentation_trace_as_one_graph_each():
+    """A graph break would split the compiled step and cost launches on a GPU, silently: there is none."""
+    spec = tiny_spec()
+    torch.manual_seed(0)
+    model, _, _ = train_mod.build(spec, CPU)
+    x, y_x, y_u = batch(spec)
+    explained = torch._dynamo.explain(lambda *a: train_mod.forward_loss(model, *a, spec))(x, y_x, y_u)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g)
+    args = (images, A.sample_weak_params(6, g), images[2:], A.sample_strong_params(4, 32, 32, g), False)
+    explained = torch._dynamo.explain(train_mod.augment_and_normalize)(*args)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compiled_batches_are_the_eager_batches(channels_last):
+    """make_batch with the compiled augmentation: the same random draws, the same float inputs, bit for bit."""
+    spec = tiny_spec(channels_last=channels_last)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)
+    data = train_mod.DeviceData(images, torch.randint(0, 10, (64,), generator=g), np.arange(40), images[:0],
+                                images[:0, 0, 0, 0].long(), "-")
+    compiled = train_mod.make_augment_fn(True)
+    batches = []
+    for augment_fn in (None, compiled, compiled):
+        samplers = train_mod.EpochSampler(data.labelled, 1), train_mod.EpochSampler(np.arange(64), 2)
+        gen = torch.Generator().manual_seed(3)
+        batches.append([train_mod.make_batch(data, *samplers, spec, gen, augment_fn) for _ in range(2)])
+    for eager, comp in zip(batches[0], batches[1]):
+        for a, b in zip(eager, comp):
+            assert torch.equal(a, b) and a.stride() == b.stride()
+    assert torch.equal(batches[1][1][0], batches[2][1][0])  # and repeatable
+    assert not torch.equal(batches[0][0][0], batches[0][1][0])
