@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from contract.spec import RunSpec  # noqa: E402
 from own_impl.optim import cosine_lr  # noqa: E402
 from contract.runtime import resolve_device  # noqa: E402
-from own_impl.train import (DeviceData, EpochSampler, build, compile_warm_up, make_augment_fn, make_batch,  # noqa: E402
-                            make_loss_fn, train_step)
+from own_impl.train import (DeviceData, EpochSampler, build, compile_augment_warm_up, compile_warm_up,  # noqa: E402
+                            make_augment_fn, make_batch, make_loss_fn, train_step)
 
 N_TRAIN = 50_000
 
@@ -59,7 +59,8 @@ class Runner:
         self.model, self.ema, self.optimizer = build(self.spec, device)
         self.loss_fn = make_loss_fn(self.model, self.spec, cfg["compile"], compile_mode)
         self.augment_fn = make_augment_fn(cfg["compile"], compile_mode)
-        self.compile_s = (compile_warm_up(self.model, self.loss_fn, self.spec, data.train_x.shape[1:], self.augment_fn)
+        self.compile_s = (compile_augment_warm_up(self.augment_fn, self.spec, data.train_x.shape[1:], device)
+                          + compile_warm_up(self.model, self.loss_fn, self.spec, data.train_x.shape[1:])
                           if cfg["compile"] else 0.0)
         self.lab, self.unl = EpochSampler(data.labelled, 1), EpochSampler(np.arange(len(data.train_y)), 2)
         self.aug_gen = torch.Generator(device=device).manual_seed(3)

@@ -227,26 +227,30 @@ def make_loss_fn(model: torch.nn.Module, spec: RunSpec, compile: bool, mode: str
     return torch.compile(loss_fn, mode=mode, dynamic=False) if compile else loss_fn
 
 
-def compile_warm_up(model: torch.nn.Module, loss_fn, spec: RunSpec, image_shape: torch.Size,
-                    augment_fn=None) -> float:
-    """Compile loss_fn and its backward (and augment_fn, if given) on stand-in inputs of the run's shapes; leaves
-    the model as it was. Returns the seconds it took.
+def compile_augment_warm_up(augment_fn, spec: RunSpec, image_shape: torch.Size, device: torch.device) -> float:
+    """Compile augment_fn on stand-in images and parameters of the run's shapes; returns the seconds it took. The
+    parameters come from a throwaway generator: the run's generators are not touched."""
+    t = time.perf_counter()
+    n_x, n_u = spec.batch_size, spec.batch_size * spec.uratio
+    g = torch.Generator(device=device).manual_seed(0)
+    images = torch.zeros((n_x + n_u, *image_shape), dtype=torch.uint8, device=device)
+    augment_fn(images, sample_weak_params(n_x + n_u, g, device), images[n_x:],
+               sample_strong_params(n_u, *image_shape[1:], g, device), spec.channels_last)
+    _sync(device)
+    return time.perf_counter() - t
 
-    The run's generators are not touched (stand-in augmentation parameters come from a throwaway generator) and no
-    parameter changes; the BatchNorm running statistics that the stand-in batch moved are put back.
+
+def compile_warm_up(model: torch.nn.Module, loss_fn, spec: RunSpec, image_shape: torch.Size) -> float:
+    """Compile loss_fn and its backward on a stand-in batch of the run's shapes; leaves the model as it was.
+
+    Returns the seconds it took. No random number is drawn and no parameter changes; the BatchNorm running
+    statistics that the stand-in batch moved are put back.
     """
     device = next(model.parameters()).device
     t = time.perf_counter()
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     n_x, n_u = spec.batch_size, spec.batch_size * spec.uratio
-    if augment_fn is not None:
-        g = torch.Generator(device=device).manual_seed(0)
-        images = torch.zeros((n_x + n_u, *image_shape), dtype=torch.uint8, device=device)
-        x = augment_fn(images, sample_weak_params(n_x + n_u, g, device), images[n_x:],
-                       sample_strong_params(n_u, *image_shape[1:], g, device), spec.channels_last)
-    else:
-        x = normalize(torch.zeros((n_x + 2 * n_u, *image_shape), dtype=torch.uint8, device=device),
-                      spec.channels_last)
+    x = normalize(torch.zeros((n_x + 2 * n_u, *image_shape), dtype=torch.uint8, device=device), spec.channels_last)
     try:
         loss, _ = loss_fn(x, torch.zeros(n_x, dtype=torch.int64, device=device),
                           torch.zeros(n_u, dtype=torch.int64, device=device))
@@ -399,16 +403,31 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device,
             f"{spec.precision}{', channels_last' if spec.channels_last else ''}{', compiled' if compiled else ''}")
     truncate_metrics(run_dir, step)  # drop records a killed session wrote past its last checkpoint
     compile_s = 0.0  # this session's compilation, before the first step and apart from train_seconds
+    augment_compiled = compiled
     if compiled:
-        try:
-            compile_s = compile_warm_up(model, loss_fn, spec, data.train_x.shape[1:], augment_fn)
-            log(f"compiled augmentation, forward + loss + backward in {compile_s:.1f} s (kept out of "
-                f"train_seconds)")
-        except Exception as e:  # a default (not asked for) that fails here, e.g. no Triton, falls back to eager
+        # Each part is tried on its own: a default (not asked for) that fails, e.g. no Triton or no C++ compiler,
+        # falls back to eager for that part only; one that was asked for fails the run.
+        def failed(what: str, e: Exception) -> None:
             if asked:
-                raise
-            compiled, loss_fn, augment_fn = False, make_loss_fn(model, spec, False), make_augment_fn(False)
-            log(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); running eager")
+                raise e
+            log(f"torch.compile of {what} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); eager")
+
+        t = time.perf_counter()
+        try:
+            compile_augment_warm_up(augment_fn, spec, data.train_x.shape[1:], device)
+        except Exception as e:
+            failed("the augmentation", e)
+            augment_compiled, augment_fn = False, make_augment_fn(False)
+        try:
+            compile_warm_up(model, loss_fn, spec, data.train_x.shape[1:])
+        except Exception as e:
+            failed("forward + loss + backward", e)
+            compiled, loss_fn = False, make_loss_fn(model, spec, False)
+        compile_s = time.perf_counter() - t
+        parts = [name for name, ok in (("augmentation", augment_compiled), ("forward + loss + backward", compiled))
+                 if ok]
+        if parts:
+            log(f"compiled {', '.join(parts)} in {compile_s:.1f} s (kept out of train_seconds)")
 
     images_per_step = spec.batch_size * (1 + 2 * spec.uratio)  # images through the forward pass
     stats_acc = torch.zeros(5, device=device)  # sums over the log window: loss, loss_x, loss_u, mask, mask*pacc
@@ -514,7 +533,8 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device,
         "device_name": machine_info(str(device)),
         "torch_version": torch.__version__, "code_version": code_version(),
         "precision": spec.precision, "channels_last": spec.channels_last, "eval_images": len(data.eval_y),
-        "compiled": compiled,  # torch.compile of augmentation and forward + loss in the last session
+        "compiled": compiled,  # torch.compile of forward + loss + backward in the last session
+        "augmentation_compiled": augment_compiled,  # and of the augmentation
         "compile_seconds": prior_compile_s + compile_s,  # summed over sessions, kept out of train_seconds
         "evals": evals,
         "impl_settings": IMPL_SETTINGS,

@@ -125,10 +125,11 @@ def test_compiled_run_resumes_like_a_straight_run(make_run_dir, tmp_path, device
             torch.testing.assert_close(b[part][k], a[part][k], rtol=0, atol=0 if device == "cpu" else 1e-4,
                                        msg=lambda m, k=k, part=part: f"{part} {k}: {m}")
     result = json.loads((resumed / "result.json").read_text())
-    assert result["compiled"] is True and result["compile_seconds"] > first["compile_seconds"]
+    assert result["compiled"] is result["augmentation_compiled"] is True
+    assert result["compile_seconds"] > first["compile_seconds"]
     log = (resumed / "log.txt").read_text()
-    assert log.count("compiled augmentation, forward + loss + backward") == 2  # once per session, apart from
-    # train_seconds
+    assert log.count("compiled augmentation, forward + loss + backward in") == 2  # once per session, apart
+    # from train_seconds
     # an eager session picks up a compiled run's checkpoint: same keys, same state
     eager = tmp_path / "eager"
     eager.mkdir()
@@ -172,3 +173,26 @@ def test_compiled_batches_are_the_eager_batches(channels_last):
             assert torch.equal(a, b) and a.stride() == b.stride()
     assert torch.equal(batches[1][1][0], batches[2][1][0])  # and repeatable
     assert not torch.equal(batches[0][0][0], batches[0][1][0])
+
+
+def test_a_default_compile_that_fails_falls_back_part_by_part(make_run_dir, monkeypatch):
+    """Compiling by default (not asked for) and the augmentation fails to compile (say, no C++ compiler or no
+    Triton): that part runs eager, the step stays compiled, the log says so. Asked for, the failure is the run's."""
+    monkeypatch.setattr(train_mod, "CPU_COMPILE_MIN_STEPS", 1)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler\n(details)")
+
+    monkeypatch.setattr(train_mod, "compile_augment_warm_up", broken)
+    run = make_run_dir("own", steps=2, eval_every=2, checkpoint_every=2, **TINY)
+    spec, files = read_spec(run / "spec.json")
+    result = train_mod.train(spec, files, run, CPU)
+    assert (result["augmentation_compiled"], result["compiled"], result["steps"]) == (False, True, 2)
+    log = (run / "log.txt").read_text()
+    assert "torch.compile of the augmentation failed (RuntimeError: no C++ compiler); eager" in log
+    assert "compiled forward + loss + backward in" in log
+
+    asked = make_run_dir("own", seed=1, steps=2, eval_every=2, checkpoint_every=2, **TINY)
+    spec, files = read_spec(asked / "spec.json")
+    with pytest.raises(RuntimeError, match="no C[+][+] compiler"):
+        train_mod.train(spec, files, asked, CPU, compile=True)
