@@ -1,4 +1,5 @@
-"""One prepared GPU session: environment, side-by-side throughput, a short side-by-side accuracy run; all to --out.
+"""One prepared GPU session: environment, our step eager vs compiled, side-by-side throughput, CUDA tests, a short
+side-by-side accuracy run; all to --out.
 
 Made for a lent GPU with a hard limit (finishes in under 9 minutes on one H200 by default); tried first on the CPU
 with `--device cpu`, which shrinks every stage to a few steps of tiny batches so the whole script runs in minutes:
@@ -20,9 +21,10 @@ then call the device tool's run with carry [".gpu"] and the command
     PYTHONPATH=/tmp/site FIXMATCH_BENCH_CACHE=$PWD/.gpu/cache PYTHONUNBUFFERED=1 \
     python3 bench/gpu_session.py --device cuda --out "$OUT" --data .gpu/cifar10-jpeg.tar.gz
 
-Stages: the TorchSSL checkout; the CUDA-only tests (augmentation on the GPU, eager and compiled, gives the CPU's
-pixels; compiled steps match a float64 reference); our step eager against compiled (bench/own_cpu_steps.py); both
-implementations' throughput in bf16 (bench/throughput.py); a 1000-step side-by-side accuracy run at 4000 labels.
+Stages, most wanted first: the TorchSSL checkout; decoding the data set into the cache; our step eager against
+compiled (bench/own_cpu_steps.py); both implementations' throughput in bf16 (bench/throughput.py); the CUDA-only
+tests (augmentation on the GPU, eager and compiled, gives the CPU's pixels and inputs; compiled steps match a
+float64 reference); a 1000-step side-by-side accuracy run at 4000 labels with the time that is left.
 It writes at most 8 files (what the device tool brings back): env.txt, own-configs.json, throughput.json,
 accuracy.json, RESULTS.md, curves-4000.png, session.log, summary.md. Each stage has its own time limit, and a stage
 that fails or runs out of time is recorded and the next one still runs.
@@ -114,22 +116,25 @@ def main() -> int:
     if not stage("TorchSSL checkout", probe + ([args.torchssl_source] if args.torchssl_source else []), 60):
         impls = ["own"]
         summary.append("- TorchSSL unavailable (see session.log): ours alone")
-    # The GPU-only tests: augmentation on the GPU (eager and compiled) = the CPU's pixels; compiled steps = float64.
-    tests = ["tests/test_augment.py", "tests/test_own_compile.py", "tests/test_own_train.py"]
-    stage("CUDA tests", [sys.executable, "-m", "pytest", "-q", "-rs", "-k", "cuda", *tests], 90)
+    if args.data:  # decoded once into the cache here, so that no later stage spends its time limit on it
+        stage("data", [sys.executable, "-c", "import sys; from harness.data import load_cifar10; "
+                       "print(load_cifar10(sys.argv[1]).data_dir)", args.data], 90)
     # Our step eager against compiled (augmentation + forward/backward), without the harness around it.
     own = ["--batch", "4", "--uratio", "2", "--configs", "fp32", "fp32-compile", "--warmup", "1", "--repeats", "2",
            "--window", "1"] if cpu else \
         ["--batch", "64", "--uratio", "7", "--configs", "bf16-cl", "bf16-cl-compile", "--warmup", "20",
          "--repeats", "5", "--window", "20"]
     stage("own configurations", [sys.executable, "bench/own_cpu_steps.py", "--device", args.device, *own,
-                                 "--json", str(out / "own-configs.json")], 110)
+                                 "--json", str(out / "own-configs.json")], 100)
     batch = ["--batch-size", "4", "--uratio", "2", "--warmup", "2", "--window", "2", "--repeats", "2"] if cpu else \
         ["--batch-size", "64", "--uratio", "7", "--warmup", "40", "--window", "20", "--repeats", "5"]
     precision = "fp32" if cpu else "bf16"
     stage(f"throughput {precision}", [sys.executable, "bench/throughput.py", *common, *batch, "--precision",
                                       precision, "--channels-last", "--impls", *impls,
-                                      "--json", str(out / "throughput.json")], 150)
+                                      "--json", str(out / "throughput.json")], 130)
+    # The GPU-only tests: augmentation on the GPU (eager and compiled) = the CPU's pixels; compiled steps = float64.
+    stage("CUDA tests", [sys.executable, "-m", "pytest", "-q", "-rs", "--durations=5", "-k", "cuda",
+                         "tests/test_augment.py", "tests/test_own_compile.py"], 120)
 
     steps = args.accuracy_steps or (8 if cpu else 1000)
     acc_out = out / "acc"
@@ -160,7 +165,8 @@ def main() -> int:
         t = json.loads(path.read_text())
         for impl, r in t["impls"].items():
             summary.append(f"- {t['precision']} {impl}: {r['steps_per_second']:.2f} steps/s, "
-                           f"{r['achieved_tflops']:.1f} TFLOP/s, data wait {r['data_frac']}")
+                           f"{r['achieved_tflops']:.1f} TFLOP/s, data wait "
+                           f"{'n/a' if r['data_frac'] is None else format(r['data_frac'], '.1%')}")
         if "speedup_own_over_torchssl" in t:
             summary.append(f"- {t['precision']} speedup own/torchssl: {t['speedup_own_over_torchssl']:.2f}")
     summary.append(f"- accuracy run: {'ok' if ok else 'see session.log'}; total {time.monotonic() - t_start:.0f} s")

@@ -154,7 +154,7 @@ def main() -> int:
     listed = next((v[args.precision] for k, v in PEAK_TFLOPS.items() if k in name), None)
     report = {"device": args.device, "machine": name, "torch": torch.__version__, "python": platform.python_version(),
               "batch_size": args.batch_size, "uratio": args.uratio, "precision": args.precision,
-              "channels_last": args.channels_last, "compile": args.compile, "gflop_per_step": flops / 1e9,
+              "own_channels_last": args.channels_last, "own_compile": args.compile, "gflop_per_step": flops / 1e9,
               "matmul_peak_tflops": peak, "listed_peak_tflops": listed, "impls": results}
     print(f"device {args.device} ({name}), torch {torch.__version__}, B={args.batch_size}, mu={args.uratio}, "
           f"{args.precision}{', channels_last (own)' if args.channels_last else ''}, "

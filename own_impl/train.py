@@ -6,6 +6,7 @@ and writes metrics.jsonl, result.json, log.txt and checkpoint.pt into the run fo
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import signal
@@ -35,10 +36,10 @@ CIFAR10_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
 CIFAR10_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
 FUSED_SGD_DEVICES = ("cpu", "cuda")  # where torch.optim.SGD(fused=True) exists (CPU since torch 2.4)
 # torch.compile of the augmentation and of forward + loss + backward, where neither the spec nor a flag says. It fuses
-# BatchNorm, activations and the loss around the convolutions: on a 2-core CPU at B=16, mu=7, 0.78 steps/s against
-# 0.60 eager (0.68 eager channels_last), bench/own_cpu_steps.py. On a GPU it also turns the ~700 small augmentation
-# kernels into a few. On the CPU only for runs of CPU_COMPILE_MIN_STEPS or more: compiling costs ~45 s there
-# (~5 s from inductor's disk cache), which tests and smoke runs never win back and a 1000-step run wins ~3 minutes.
+# BatchNorm, activations and the loss around the convolutions: on a 2-core CPU at B=16, mu=7, 0.83 steps/s against
+# 0.65 eager, side by side (bench/own_cpu_steps.py). On a GPU it also turns the ~700 small augmentation kernels into
+# a few. On the CPU only for runs of CPU_COMPILE_MIN_STEPS or more: compiling costs ~45 s there (~5 s from
+# inductor's disk cache), which tests and smoke runs never win back; 1000 steps at B=16 win about 5 minutes.
 COMPILE_BY_DEFAULT = {"cuda": True, "cpu": True}
 CPU_COMPILE_MIN_STEPS = 1000
 # How this implementation realises the spec, for the report's side-by-side settings (TorchSSL's entry writes the
@@ -75,12 +76,23 @@ class DeviceData:
     sha256: str  # recomputed from the arrays
 
 
-def normalize(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> float32, standardized with the CIFAR-10 mean and std."""
-    # (x/255 - mean)/std = x * scale + shift, with per-channel Python floats: no host tensor to copy to the device
-    out = torch.stack([x[:, c].float() * (1.0 / (255.0 * s)) + (-m / s)
-                       for c, (m, s) in enumerate(zip(CIFAR10_MEAN, CIFAR10_STD))], dim=1)
+def normalize(x: torch.Tensor, channels_last: bool, table: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float32, standardized with the CIFAR-10 mean and std, by table lookup.
+
+    table: normalization_table(x.device), passed in by compiled callers. A lookup is exact on every backend; the
+    same x * scale + shift computed per pixel could be fused into one FMA by a compiler and differ in the last bit."""
+    table = normalization_table(x.device) if table is None else table
+    offsets = torch.arange(0, 3 * 256, 256, device=x.device).view(1, 3, 1, 1)
+    out = table.reshape(-1)[x.long() + offsets]
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+@functools.cache
+def normalization_table(device: torch.device) -> torch.Tensor:
+    """(3, 256) float32: level v of channel c -> (v/255 - mean_c)/std_c, as v * scale + shift in float32 (one rounding
+    for each), made once per device on the CPU."""
+    levels = torch.arange(256, dtype=torch.float32)
+    return torch.stack([levels * (1.0 / (255.0 * s)) + (-m / s) for m, s in zip(CIFAR10_MEAN, CIFAR10_STD)]).to(device)
 
 
 def load_device_data(spec: RunSpec, files: RunFiles, device: torch.device) -> DeviceData:
@@ -150,20 +162,23 @@ def make_batch(data: DeviceData, labelled: EpochSampler, unlabelled: EpochSample
     _, _, h, w = x_weak.shape
     p_weak = sample_weak_params(len(x_weak), generator, device)
     p_strong = sample_strong_params(len(x_strong), h, w, generator, device)
-    x = (augment_fn or augment_and_normalize)(x_weak, p_weak, x_strong, p_strong, spec.channels_last)
+    x = (augment_fn or augment_and_normalize)(x_weak, p_weak, x_strong, p_strong, normalization_table(device),
+                                              spec.channels_last)
     return x, data.train_y[idx_x], data.train_y[idx_u]
 
 
 def augment_and_normalize(x_weak: torch.Tensor, p_weak: WeakParams, x_strong: torch.Tensor, p_strong: StrongParams,
-                          channels_last: bool) -> torch.Tensor:
-    """uint8 images and drawn parameters -> the step's float32 input [weak(x_weak); strong(x_strong)]. Pure: no
-    random numbers, no host sync; make_augment_fn compiles it into a few fused kernels."""
-    return normalize(torch.cat([flip_and_shift(x_weak, p_weak), apply_strong(x_strong, p_strong)]), channels_last)
+                          table: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 images, drawn parameters and normalization_table -> the step's float32 input [weak(x_weak);
+    strong(x_strong)]. Pure: no random numbers, no host sync; make_augment_fn compiles it into a few fused kernels."""
+    return normalize(torch.cat([flip_and_shift(x_weak, p_weak), apply_strong(x_strong, p_strong)]), channels_last,
+                     table)
 
 
 def make_augment_fn(compile: bool, mode: str | None = COMPILE_MODE):
     """augment_and_normalize, compiled as one graph if `compile`. Eager, it is about 700 small kernels per step,
-    each a host-side launch on a GPU; compiled, a few fused ones. Same pixels either way (tests/test_own_compile.py)."""
+    each a host-side launch on a GPU; compiled, a few fused ones. The same inputs bit for bit either way
+    (tests/test_own_compile.py, tests/test_augment.py)."""
     if not compile:
         return augment_and_normalize
     return torch.compile(augment_and_normalize, mode=mode, dynamic=False, fullgraph=True)
@@ -235,7 +250,7 @@ def compile_augment_warm_up(augment_fn, spec: RunSpec, image_shape: torch.Size, 
     g = torch.Generator(device=device).manual_seed(0)
     images = torch.zeros((n_x + n_u, *image_shape), dtype=torch.uint8, device=device)
     augment_fn(images, sample_weak_params(n_x + n_u, g, device), images[n_x:],
-               sample_strong_params(n_u, *image_shape[1:], g, device), spec.channels_last)
+               sample_strong_params(n_u, *image_shape[1:], g, device), normalization_table(device), spec.channels_last)
     _sync(device)
     return time.perf_counter() - t
 
@@ -400,34 +415,35 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device,
         log(f"resuming {spec.name} from {ckpt_path} at step {step} of {spec.steps}")
     else:
         log(f"starting {spec.name}: {spec.steps} steps on {device}, {param_count:,} parameters, "
-            f"{spec.precision}{', channels_last' if spec.channels_last else ''}{', compiled' if compiled else ''}")
+            f"{spec.precision}{', channels_last' if spec.channels_last else ''}")
     truncate_metrics(run_dir, step)  # drop records a killed session wrote past its last checkpoint
     compile_s = 0.0  # this session's compilation, before the first step and apart from train_seconds
     augment_compiled = compiled
     if compiled:
         # Each part is tried on its own: a default (not asked for) that fails, e.g. no Triton or no C++ compiler,
         # falls back to eager for that part only; one that was asked for fails the run.
-        def failed(what: str, e: Exception) -> None:
-            if asked:
-                raise e
-            log(f"torch.compile of {what} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); eager")
+        def attempt(what: str, warm_up) -> bool:
+            nonlocal compile_s
+            t = time.perf_counter()
+            try:
+                warm_up()
+            except Exception as e:
+                if asked:
+                    raise
+                first_line = (str(e).splitlines() or [""])[0][:200]
+                log(f"torch.compile of {what} failed ({type(e).__name__}: {first_line}); {what} runs eager")
+                return False
+            finally:
+                compile_s += time.perf_counter() - t
+            log(f"compiled {what} in {time.perf_counter() - t:.1f} s (kept out of train_seconds)")
+            return True
 
-        t = time.perf_counter()
-        try:
-            compile_augment_warm_up(augment_fn, spec, data.train_x.shape[1:], device)
-        except Exception as e:
-            failed("the augmentation", e)
+        if not attempt("the augmentation", lambda: compile_augment_warm_up(augment_fn, spec, data.train_x.shape[1:],
+                                                                           device)):
             augment_compiled, augment_fn = False, make_augment_fn(False)
-        try:
-            compile_warm_up(model, loss_fn, spec, data.train_x.shape[1:])
-        except Exception as e:
-            failed("forward + loss + backward", e)
+        if not attempt("forward + loss + backward", lambda: compile_warm_up(model, loss_fn, spec,
+                                                                            data.train_x.shape[1:])):
             compiled, loss_fn = False, make_loss_fn(model, spec, False)
-        compile_s = time.perf_counter() - t
-        parts = [name for name, ok in (("augmentation", augment_compiled), ("forward + loss + backward", compiled))
-                 if ok]
-        if parts:
-            log(f"compiled {', '.join(parts)} in {compile_s:.1f} s (kept out of train_seconds)")
 
     images_per_step = spec.batch_size * (1 + 2 * spec.uratio)  # images through the forward pass
     stats_acc = torch.zeros(5, device=device)  # sums over the log window: loss, loss_x, loss_u, mask, mask*pacc

@@ -128,15 +128,15 @@ def test_compiled_run_resumes_like_a_straight_run(make_run_dir, tmp_path, device
     assert result["compiled"] is result["augmentation_compiled"] is True
     assert result["compile_seconds"] > first["compile_seconds"]
     log = (resumed / "log.txt").read_text()
-    assert log.count("compiled augmentation, forward + loss + backward in") == 2  # once per session, apart
-    # from train_seconds
+    # once per session each, kept out of train_seconds
+    assert log.count("compiled the augmentation in") == log.count("compiled forward + loss + backward in") == 2
     # an eager session picks up a compiled run's checkpoint: same keys, same state
     eager = tmp_path / "eager"
     eager.mkdir()
     (eager / "spec.json").write_text((straight / "spec.json").read_text())
     assert train_mod.train(spec, files, eager, dev, stop_after=2, compile=True) is None
     result = train_mod.train(spec, files, eager, dev, compile=False)
-    assert result["compiled"] is False and result["steps"] == 4
+    assert result["compiled"] is result["augmentation_compiled"] is False and result["steps"] == 4
 
 
 def test_step_and_augmentation_trace_as_one_graph_each():
@@ -149,48 +149,78 @@ def test_step_and_augmentation_trace_as_one_graph_each():
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g)
-    args = (images, A.sample_weak_params(6, g), images[2:], A.sample_strong_params(4, 32, 32, g), False)
+    args = (images, A.sample_weak_params(6, g), images[2:], A.sample_strong_params(4, 32, 32, g),
+            train_mod.normalization_table(CPU), False)
     explained = torch._dynamo.explain(train_mod.augment_and_normalize)(*args)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_compiled_batches_are_the_eager_batches(channels_last):
-    """make_batch with the compiled augmentation: the same random draws, the same float inputs, bit for bit."""
-    spec = tiny_spec(channels_last=channels_last)
+def tiny_data(device: str = "cpu") -> train_mod.DeviceData:
     g = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)
-    data = train_mod.DeviceData(images, torch.randint(0, 10, (64,), generator=g), np.arange(40), images[:0],
-                                images[:0, 0, 0, 0].long(), "-")
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g).to(device)
+    labels = torch.randint(0, 10, (64,), generator=g).to(device)
+    return train_mod.DeviceData(images, labels, np.arange(40), images[:0], labels[:0], "-")
+
+
+def batches(data: train_mod.DeviceData, spec: RunSpec, augment_fn, n: int = 2) -> list:
+    samplers = train_mod.EpochSampler(data.labelled, 1), train_mod.EpochSampler(np.arange(len(data.train_y)), 2)
+    gen = torch.Generator(device=data.train_x.device).manual_seed(3)
+    return [train_mod.make_batch(data, *samplers, spec, gen, augment_fn) for _ in range(n)]
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compiled_batches_are_the_eager_batches(channels_last, device):
+    """make_batch with the compiled augmentation: the same random draws, the same float inputs, bit for bit (on a
+    GPU against the GPU's eager batches, which draw from a CUDA generator)."""
+    spec = tiny_spec(channels_last=channels_last)
+    data = tiny_data(device)
     compiled = train_mod.make_augment_fn(True)
-    batches = []
-    for augment_fn in (None, compiled, compiled):
-        samplers = train_mod.EpochSampler(data.labelled, 1), train_mod.EpochSampler(np.arange(64), 2)
-        gen = torch.Generator().manual_seed(3)
-        batches.append([train_mod.make_batch(data, *samplers, spec, gen, augment_fn) for _ in range(2)])
-    for eager, comp in zip(batches[0], batches[1]):
-        for a, b in zip(eager, comp):
+    eager, comp, again = (batches(data, spec, fn) for fn in (None, compiled, compiled))
+    for e, c in zip(eager, comp):
+        for a, b in zip(e, c):
             assert torch.equal(a, b) and a.stride() == b.stride()
-    assert torch.equal(batches[1][1][0], batches[2][1][0])  # and repeatable
-    assert not torch.equal(batches[0][0][0], batches[0][1][0])
+    assert torch.equal(comp[1][0], again[1][0])  # and repeatable
+    assert not torch.equal(eager[0][0], eager[1][0])
 
 
-def test_a_default_compile_that_fails_falls_back_part_by_part(make_run_dir, monkeypatch):
-    """Compiling by default (not asked for) and the augmentation fails to compile (say, no C++ compiler or no
-    Triton): that part runs eager, the step stays compiled, the log says so. Asked for, the failure is the run's."""
+def test_batches_draw_in_the_order_of_weak_then_strong_augment():
+    """make_batch draws what normalize([weak_augment(labelled + unlabelled); strong_augment(unlabelled)]) would
+    from one generator, in that order: runs made before the draws were split from the augmentation reproduce."""
+    spec = tiny_spec()
+    data = tiny_data()
+    got = batches(data, spec, None, n=3)
+    lab, unl = train_mod.EpochSampler(data.labelled, 1), train_mod.EpochSampler(np.arange(64), 2)
+    gen = torch.Generator().manual_seed(3)
+    for x, y_x, y_u in got:
+        idx_x, idx_u = lab.next(spec.batch_size), unl.next(spec.batch_size * spec.uratio)
+        weak = A.weak_augment(data.train_x[torch.cat([idx_x, idx_u])], gen)
+        strong = A.strong_augment(data.train_x[idx_u], gen)
+        # the reference normalization, per pixel as x * scale + shift
+        want = torch.stack([torch.cat([weak, strong])[:, c].float() * (1.0 / (255.0 * s)) + (-m / s)
+                            for c, (m, s) in enumerate(zip(train_mod.CIFAR10_MEAN, train_mod.CIFAR10_STD))], 1)
+        assert torch.equal(x, want) and torch.equal(y_x, data.train_y[idx_x]) and torch.equal(y_u, data.train_y[idx_u])
+
+
+@pytest.mark.parametrize("broken", ["compile_augment_warm_up", "compile_warm_up"])
+def test_a_default_compile_that_fails_falls_back_part_by_part(make_run_dir, monkeypatch, broken):
+    """Compiling by default (not asked for) and one part fails to compile (say, no C++ compiler or no Triton): that
+    part runs eager, the other stays compiled, the log says so. Asked for, the failure is the run's."""
     monkeypatch.setattr(train_mod, "CPU_COMPILE_MIN_STEPS", 1)
 
-    def broken(*args, **kwargs):
+    def fail(*args, **kwargs):
         raise RuntimeError("no C++ compiler\n(details)")
 
-    monkeypatch.setattr(train_mod, "compile_augment_warm_up", broken)
+    monkeypatch.setattr(train_mod, broken, fail)
     run = make_run_dir("own", steps=2, eval_every=2, checkpoint_every=2, **TINY)
     spec, files = read_spec(run / "spec.json")
     result = train_mod.train(spec, files, run, CPU)
-    assert (result["augmentation_compiled"], result["compiled"], result["steps"]) == (False, True, 2)
+    aug_broken = broken == "compile_augment_warm_up"
+    assert (result["augmentation_compiled"], result["compiled"], result["steps"]) == (not aug_broken, aug_broken, 2)
     log = (run / "log.txt").read_text()
-    assert "torch.compile of the augmentation failed (RuntimeError: no C++ compiler); eager" in log
-    assert "compiled forward + loss + backward in" in log
+    failed, worked = ("the augmentation", "forward + loss + backward")[::1 if aug_broken else -1]
+    assert f"torch.compile of {failed} failed (RuntimeError: no C++ compiler); {failed} runs eager" in log
+    assert f"compiled {worked} in" in log and f"compiled {failed} in" not in log
 
     asked = make_run_dir("own", seed=1, steps=2, eval_every=2, checkpoint_every=2, **TINY)
     spec, files = read_spec(asked / "spec.json")

@@ -135,7 +135,8 @@ def test_bad_input_is_one_line_on_stderr(make_run_dir, tmp_path, capsys):
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_143(make_run_dir):
-    run = make_run_dir("own", steps=10_000, log_every=1, checkpoint_every=10_000, eval_every=10_000)
+    run = make_run_dir("own", steps=10_000, log_every=1, checkpoint_every=10_000, eval_every=10_000,
+                       extra={"compile": False})  # about signals, not compiling: start stepping at once
     proc = subprocess.Popen([sys.executable, "-m", "own_impl.train", "--spec", str(run / "spec.json"),
                              "--run-dir", str(run)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
