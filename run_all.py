@@ -3,6 +3,7 @@
 import argparse
 import sys
 
+from contract.spec import IMPLS, PRECISIONS
 from harness.plan import PRESETS
 from harness.main import main
 
@@ -23,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", type=int, nargs="+", default=[40, 250, 4000],
                    help="label budgets: labelled images in total, positive multiples of 10")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; each draws its own split")
-    p.add_argument("--impls", nargs="+", default=["own", "torchssl"], choices=["own", "torchssl"],
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS),
                    help="implementations to run")
     p.add_argument("--preset", default="paper", choices=list(PRESETS), help="settings preset")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("log_every", int, "steps between training-statistics lines"),
     ]:
         g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=hint)
-    g.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="fp32 or bf16 autocast")
+    g.add_argument("--precision", choices=list(PRECISIONS), default=None, help="fp32 or bf16 autocast")
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum")
     g.add_argument("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format")

@@ -42,6 +42,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from harness.runner import child_env  # noqa: E402  (contract and harness only: no torch in this process)
 
 
 def main() -> int:
@@ -74,9 +77,7 @@ def main() -> int:
         log.write(f"\n=== {name}: {' '.join(cmd)} (limit {limit:.0f} s)\n")
         log.flush()
         t = time.monotonic()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"FIXMATCH_BENCH_DATA": str(Path(args.data).resolve())}
-                                                         if args.data else {}),
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        env = child_env(**({"FIXMATCH_BENCH_DATA": str(Path(args.data).resolve())} if args.data else {}))
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             proc.wait(timeout=limit)
@@ -142,7 +143,7 @@ def main() -> int:
     ok = stage("accuracy 4000 labels", [
         sys.executable, "run_all.py", "--budgets", "4000", "--preset", "short", "--steps", str(steps),
         "--eval-every", str(max(steps // 6, 1)), "--checkpoint-every", str(max(steps // 4, 1)), "--log-every",
-        str(max(steps // 30, 1)), "--precision", "fp32" if cpu else "bf16", "--out", str(acc_out), "--no-warmup",
+        str(max(steps // 30, 1)), "--precision", precision, "--out", str(acc_out), "--no-warmup",
         "--impls", *impls, *common, *size], left() - 20)
     if not (acc_out / "RESULTS.md").exists():  # cut off: report whatever runs finished
         stage("report", [sys.executable, "run_all.py", "--report-only", "--out", str(acc_out)], 15)

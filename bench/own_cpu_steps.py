@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from contract.results import machine_info  # noqa: E402
 from contract.spec import RunSpec  # noqa: E402
 from own_impl.optim import cosine_lr  # noqa: E402
 from contract.runtime import resolve_device  # noqa: E402
@@ -151,8 +151,7 @@ def main() -> int:
                   f"{1 / w['step_s_min']:.3f})  {w['images_per_s']:8.1f} img/s  cpu {w['cpu_s_median']:.3f} s/step  "
                   f"host: data {1e3 * w['data_host_s']:.1f} ms, step {1e3 * w['step_host_s']:.1f} ms"
                   + (f"  compile {w['compile_s']:.1f} s" if w["compile_s"] else ""), flush=True)
-    env = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-           else platform.processor() or platform.machine(), "torch": torch.__version__,
+    env = {"device": str(device), "device_name": machine_info(str(device)), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "warmup": args.warmup, "repeats": args.repeats, "window": window,
            "compile_mode": args.compile_mode}
     out = {"env": env, "rows": rows}

@@ -25,22 +25,24 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from contract.results import machine_info, read_metrics  # noqa: E402
-from contract.spec import RunFiles, RunSpec, write_spec  # noqa: E402
+from contract.spec import RunSpec  # noqa: E402
+from harness.plan import PlannedRun  # noqa: E402
+from harness.runner import child_env, command, prepare  # noqa: E402
 
 # Dense peak of the device in TFLOP/s, where known (bf16 tensor cores; fp32 without TF32 is far lower).
 PEAK_TFLOPS = {"H200": {"bf16": 989.0, "fp32": 67.0}, "H100": {"bf16": 989.0, "fp32": 67.0},
                "A100": {"bf16": 312.0, "fp32": 19.5}}
 
 
-def step_flops(spec: RunSpec, device: str) -> float:
-    """FLOPs of one training step of our model (forward + backward over B(1 + 2mu) images), by torch's counter."""
+def step_flops(batch_size: int, uratio: int) -> float:
+    """FLOPs of one training step of our WRN-28-2 (forward + backward over B(1 + 2mu) images), by torch's counter."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from own_impl.model import WideResNet
 
-    model = WideResNet(num_classes=spec.num_classes, depth=spec.depth, widen_factor=spec.widen_factor)
-    n = spec.batch_size * (1 + 2 * spec.uratio)
+    model = WideResNet(num_classes=10)
+    n = batch_size * (1 + 2 * uratio)
     x = torch.randn(min(n, 8), 3, 32, 32)
     with FlopCounterMode(display=False) as counter:
         model(x).sum().backward()
@@ -52,14 +54,15 @@ def measured_peak_tflops(device: str, precision: str) -> float:
     import torch
 
     if precision == "bf16":  # autocast leaves some work in fp32: the ceiling is the faster of the two
-        return max(measured_peak_tflops(device, "fp32"), _matmul_tflops(device, torch.bfloat16))
-    return _matmul_tflops(device, torch.float32)
+        return max(measured_peak_tflops(device, "fp32"), matmul_tflops(device, torch.bfloat16))
+    return matmul_tflops(device, torch.float32)
 
 
-def _matmul_tflops(device: str, dtype) -> float:
+def matmul_tflops(device: str, dtype, n: int | None = None) -> float:
+    """TFLOP/s of an n x n matmul in `dtype` on `device` (n: 4096 on a GPU, 1024 on the CPU by default)."""
     import torch
 
-    n = 4096 if device.startswith("cuda") else 1024
+    n = n or (4096 if device.startswith("cuda") else 1024)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
@@ -82,19 +85,14 @@ def run_impl(impl: str, args, data, split_file: Path, split_sha: str, workdir: P
                    batch_size=args.batch_size, uratio=args.uratio, precision=args.precision,
                    channels_last=args.channels_last and impl == "own", eval_subset=100, eval_batch_size=100,
                    checkpoint_every=steps, log_every=args.window)
-    run_dir = workdir / impl
-    write_spec(run_dir, spec, RunFiles(data_dir=str(data.data_dir), split_file=str(split_file), device=args.device,
-                                       extra=args.extras.get(impl, {})))
-    module = {"own": "own_impl.train", "torchssl": "third_party.torchssl.entry"}[impl]
+    run = PlannedRun(spec, workdir / impl, split_file)
+    prepare(run, data.data_dir, args.device, args.extras.get(impl, {}))
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", module, "--spec", str(run_dir / "spec.json"), "--run-dir",
-                           str(run_dir)], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
-                              str(REPO), os.environ.get("PYTHONPATH")]))})
+    proc = subprocess.run(command(run), cwd=REPO, capture_output=True, text=True, env=child_env())
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{impl} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    records = [r for r in read_metrics(run_dir) if r.get("kind") == "train"]
+    records = [r for r in read_metrics(run.run_dir) if r.get("kind") == "train"]
     marks = [(0, 0.0)] + [(r["step"], r["train_seconds"]) for r in records]
     samples = [(s1 - s0) / (t1 - t0) for (s0, t0), (s1, t1) in zip(marks, marks[1:]) if s0 >= args.warmup]
     data_frac = [r["data_frac"] for r in records if r["step"] > args.warmup and r.get("data_frac") is not None]
@@ -130,11 +128,12 @@ def main() -> int:
     from harness.data import load_cifar10
     from harness.splits import ensure_split
 
+    from contract.runtime import resolve_device
     from own_impl.train import use_compile
 
     data = load_cifar10(args.data)
     if args.compile is None:  # what a full run would do, not what these few steps would get by default
-        args.compile = use_compile(torch.device(args.device.split(":")[0]), None, 2**20)[0]
+        args.compile = use_compile(resolve_device(args.device), None, 2**20)[0]
     args.extras = {"own": {"compile": args.compile}}
     if "torchssl" in args.impls:
         from third_party.torchssl.checkout import ensure_checkout
@@ -146,9 +145,7 @@ def main() -> int:
         split_file, split_sha = ensure_split(Path(tmp), "cifar10", data.train_y, args.n_labels, 0,
                                              data.identity.data_sha256)
         results = {impl: run_impl(impl, args, data, split_file, split_sha, Path(tmp)) for impl in args.impls}
-    spec = RunSpec(impl="own", n_labels=args.n_labels, seed=0, data_kind="-", data_sha256="-", split_sha256="-",
-                   batch_size=args.batch_size, uratio=args.uratio)
-    flops = step_flops(spec, args.device)
+    flops = step_flops(args.batch_size, args.uratio)
     peak = measured_peak_tflops(args.device, args.precision)
     name = machine_info(args.device)
     listed = next((v[args.precision] for k, v in PEAK_TFLOPS.items() if k in name), None)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from contract.results import read_json
+from contract.spec import RunFiles, RunSpec
 
 ARRAY_NAMES = ("train_x", "train_y", "test_x", "test_y")
 
@@ -72,3 +73,17 @@ def eval_subset_indices(test_y: np.ndarray, n: int, num_classes: int = 10) -> np
         return np.arange(len(test_y))
     per = n // num_classes
     return np.sort(np.concatenate([np.flatnonzero(test_y == c)[:per] for c in range(num_classes)]))
+
+
+def load_run_inputs(spec: RunSpec, files: RunFiles) -> tuple[DataArrays, np.ndarray, np.ndarray]:
+    """What a run folder's spec.json names, loaded and checked against the spec: the arrays, the sorted labelled
+    indices and the evaluation subset's indices into the test set."""
+    arrays = load_arrays(Path(files.data_dir), expect_sha256=spec.data_sha256)
+    labelled = load_split(Path(files.split_file), expect_sha256=spec.split_sha256)
+    if len(arrays.classes) != spec.num_classes:
+        raise ValueError(f"data has {len(arrays.classes)} classes, the spec says {spec.num_classes}")
+    if len(labelled) != spec.n_labels:
+        raise ValueError(f"split file {files.split_file} holds {len(labelled)} indices, the spec says {spec.n_labels}")
+    if labelled.min() < 0 or labelled.max() >= len(arrays.train_y):
+        raise ValueError(f"split file {files.split_file} indexes outside the {len(arrays.train_y)} train images")
+    return arrays, labelled, eval_subset_indices(arrays.test_y, spec.eval_subset, spec.num_classes)

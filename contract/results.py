@@ -25,9 +25,15 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
-        f.flush()
+    replace_durably(tmp, path)
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Put the finished file `tmp` in place of `path`: on disk first (fsync), then an atomic rename, so a reader
+    sees the old file or the new one, never half of one."""
+    with open(tmp, "rb") as f:
         os.fsync(f.fileno())
-    tmp.replace(path)
+    os.replace(tmp, path)
 
 
 def read_json(path: Path, what: str) -> Any:
@@ -96,7 +102,67 @@ def read_result(run_dir: Path) -> dict[str, Any] | None:
     path = Path(run_dir) / RESULT_FILE
     if not path.exists():
         return None
-    return json.loads(path.read_text())
+    return read_json(path, "result file")
+
+
+def finished_result(run_dir: Path, spec) -> dict[str, Any] | None:
+    """The run folder's result if the run is done (and says so on stdout), else None; a result of another spec
+    is an error. `spec`: the run's contract.spec.RunSpec."""
+    done = read_result(run_dir)
+    if done is None:
+        return None
+    if done.get("spec_hash") != spec.hash():
+        raise ValueError(f"{Path(run_dir) / RESULT_FILE} belongs to spec {done.get('spec_hash')}, not {spec.hash()}")
+    print(f"run {spec.name} is done ({Path(run_dir) / RESULT_FILE}); nothing to do")
+    return done
+
+
+def read_evals(run_dir: Path) -> list[dict[str, Any]]:
+    return [r for r in read_metrics(run_dir) if r.get("kind") == "eval"]
+
+
+def train_record(step: int, n: int, lr: float, sums: list[float], images_per_s: float | None,
+                 data_frac: float | None, train_seconds: float) -> dict[str, Any]:
+    """The "train" record of a log window of n steps ending at `step`. sums: the window's sums of loss, loss_x,
+    loss_u, mask_rate (accepted fraction) and accepted-and-correct fraction; pseudo_acc is None if none accepted."""
+    return {"kind": "train", "step": step, "lr": lr, "loss": sums[0] / n, "loss_x": sums[1] / n,
+            "loss_u": sums[2] / n, "mask_rate": sums[3] / n, "pseudo_acc": sums[4] / sums[3] if sums[3] > 0 else None,
+            "images_per_s": images_per_s, "data_frac": data_frac,
+            "train_seconds": train_seconds}  # training time so far, all sessions: what bench/throughput.py times
+
+
+def train_log_line(record: dict[str, Any], total_steps: int) -> str:
+    return (f"step {record['step']}/{total_steps} lr {record['lr']:.5f} loss {record['loss']:.4f} "
+            f"(x {record['loss_x']:.4f} u {record['loss_u']:.4f}) mask_rate {record['mask_rate']:.3f} "
+            f"{record['images_per_s'] or 0:.1f} img/s data_frac {record['data_frac'] or 0:.2f}")
+
+
+def write_result(run_dir: Path, spec, log, *, steps: int, data_sha256: str, param_count: int, wall_seconds: float,
+                 train_seconds: float, device: str, eval_images: int, **impl_keys: Any) -> dict[str, Any]:
+    """Build result.json from the spec, the run folder's evaluations and what the implementation measured (the
+    RESULT_KEYS every implementation shares, plus its own `impl_keys`); validate it, write it atomically, log the
+    closing line. Returns the result."""
+    import torch
+
+    evals = read_evals(run_dir)
+    result = {
+        "impl": spec.impl, "n_labels": spec.n_labels, "seed": spec.seed, "steps": steps, "spec_hash": spec.hash(),
+        **summarize_evals(evals),
+        "split_sha256": spec.split_sha256, "data_sha256": data_sha256, "data_kind": spec.data_kind,
+        "param_count": param_count,
+        "wall_seconds": wall_seconds,  # summed over sessions, evaluation included
+        "train_seconds": train_seconds,  # training steps only
+        "steps_per_second": steps / train_seconds if train_seconds > 0 else None,
+        "device": device, "device_name": machine_info(device),
+        "torch_version": torch.__version__, "code_version": code_version(),
+        "precision": spec.precision, "channels_last": spec.channels_last, "eval_images": eval_images,
+        "evals": evals, **impl_keys,
+    }
+    validate_result(result)
+    write_json_atomic(Path(run_dir) / RESULT_FILE, result)
+    log(f"done: final top1 {result['final_top1']:.2f}, median of last 20 {result['median20_top1']:.2f}; "
+        f"{result['steps_per_second'] or 0:.3f} steps/s")
+    return result
 
 
 def code_version(repo_dir: Path | None = None) -> str:

@@ -13,6 +13,12 @@ from typing import Callable
 
 LOG_FILE = "log.txt"
 LOCK_FILE = ".lock"
+CACHE_ENV = "FIXMATCH_BENCH_CACHE"  # where decoded data and the TorchSSL checkout are cached
+
+
+def default_cache_dir() -> Path:
+    """$FIXMATCH_BENCH_CACHE if set and not empty, else ~/.cache/fixmatch_bench."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fixmatch_bench")
 
 
 class RunInterrupted(Exception):

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from contract.arrays import ARRAY_NAMES, arrays_sha256
+from contract.runtime import default_cache_dir
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_COUNTS = {"train": 5000, "test": 1000}  # images per class
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
-SOURCE_KINDS = ("torchvision", "cifar10-python-tar", "image-folder", "image-folder-tar")
 SUPPORTED = (
     "a torchvision CIFAR-10 folder (containing cifar-10-batches-py), the original cifar-10-python.tar.gz, "
     "an image-folder tree laid out train/<class>/* and test/<class>/*, or a .tar/.tar.gz of such a tree"
@@ -31,10 +31,9 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class DataIdentity:
-    kind: str  # one of SOURCE_KINDS
+    kind: str  # "torchvision", "cifar10-python-tar", "image-folder" or "image-folder-tar"
     source_sha256: str  # checksum of the source files (the cache key)
     data_sha256: str  # checksum of the decoded arrays: what every result carries
-    source: str  # the path as given (informational)
 
     def describe(self) -> str:
         label = {"torchvision": "torchvision original", "cifar10-python-tar": "original python tarball",
@@ -51,23 +50,14 @@ class Dataset:
     test_y: np.ndarray
 
 
-def default_cache_dir() -> Path:
-    import os
-
-    return Path(os.environ.get("FIXMATCH_BENCH_CACHE", Path.home() / ".cache" / "fixmatch_bench"))
-
-
-def load_cifar10(source: str | Path | None, cache_dir: Path | None = None, download: bool = False,
+def load_cifar10(source: str | Path | None, cache_dir: Path | None = None,
                  counts: dict[str, int] = CIFAR10_COUNTS) -> Dataset:
     """Resolve, decode (once) and validate CIFAR-10. `source` None means torchvision's folder in the cache.
 
     `counts` is the number of images per class expected in each split (tests pass smaller trees)."""
     cache_dir = Path(cache_dir or default_cache_dir())
-    if source is None:
-        source = cache_dir / "torchvision"
-        download = True
-    path = Path(source).expanduser()
-    if download and not (path / "cifar-10-batches-py").is_dir() and path.name != "cifar-10-batches-py":
+    path = Path(source if source is not None else cache_dir / "torchvision").expanduser()
+    if source is None and not _batches_dir(path).is_dir():  # torchvision's folder is downloaded on first use
         _torchvision_download(path)
     kind, files = _inspect(path)
     source_sha = _sha256_files(files, base=path if path.is_dir() else path.parent)
@@ -90,8 +80,13 @@ def load_cifar10(source: str | Path | None, cache_dir: Path | None = None, downl
         shutil.rmtree(entry, ignore_errors=True)
         tmp.replace(entry)
         train_y, test_y = arrays["train_y"], arrays["test_y"]
-    identity = DataIdentity(meta["kind"], meta["source_sha256"], meta["data_sha256"], str(path))
+    identity = DataIdentity(meta["kind"], meta["source_sha256"], meta["data_sha256"])
     return Dataset(entry, identity, tuple(meta["classes"]), train_y, test_y)
+
+
+def _batches_dir(path: Path) -> Path:
+    """The cifar-10-batches-py folder of a torchvision CIFAR-10 folder, or the folder itself if it is that one."""
+    return path if path.name == "cifar-10-batches-py" else path / "cifar-10-batches-py"
 
 
 def _torchvision_download(root: Path) -> None:
@@ -109,7 +104,7 @@ def _inspect(path: Path) -> tuple[str, list[Path]]:
     if not path.exists():
         raise DataError(f"data path {path} does not exist; expected {SUPPORTED}")
     if path.is_dir():
-        batches = path if path.name == "cifar-10-batches-py" else path / "cifar-10-batches-py"
+        batches = _batches_dir(path)
         if batches.is_dir():
             names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
             missing = [n for n in names if not (batches / n).is_file()]
@@ -141,7 +136,7 @@ def _sha256_files(files: list[Path], base: Path) -> str:
 def _decode(kind: str, path: Path) -> tuple[dict[str, np.ndarray], tuple[str, ...], str]:
     """The arrays, the class names, and the source kind (a tar's kind is known once it is read)."""
     if kind == "torchvision":
-        batches = path if path.name == "cifar-10-batches-py" else path / "cifar-10-batches-py"
+        batches = _batches_dir(path)
         files = {p.name: p.read_bytes() for p in batches.iterdir() if p.is_file()}
         return (*_decode_python_batches(files, str(path)), kind)
     if kind == "image-folder":

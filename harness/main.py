@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.data import CIFAR10_COUNTS, DataError, load_cifar10
+from harness.data import CIFAR10_CLASSES, CIFAR10_COUNTS, load_cifar10
 from harness.plan import OVERRIDABLE, plan_runs, preset_values
 from contract.spec import RunSpec
-from harness.splits import SplitError, check_budget, ensure_split
+from harness.splits import check_budget, ensure_split
 
 
 class UsageError(ValueError):
@@ -54,8 +54,12 @@ def main(args) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # a kill checkpoints the running runs, like Ctrl-C
     try:
         return _main(args)
-    except (UsageError, DataError, SplitError, CheckoutError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError, CheckoutError) as e:  # UsageError, DataError and SplitError are ValueErrors
+        if isinstance(e, OSError) and e.filename is not None:  # e.g. --out naming a file: "[Errno 20] ..." made plain
+            also = f" -> {e.filename2}" if e.filename2 is not None else ""
+            print(f"error: {e.strerror}: {e.filename}{also}", file=sys.stderr)
+        else:
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished runs are kept, interrupted ones resume from their checkpoint on the next call",
@@ -83,7 +87,7 @@ def _main(args) -> int:
         raise UsageError(f"--seeds {bad_seeds[0]} is not accepted; seeds are integers >= 0")
     for n in args.budgets:  # CIFAR-10's counts: catch a bad budget before decoding any data
         check_budget(n, CIFAR10_COUNTS["train"])
-    test_images = CIFAR10_COUNTS["test"] * 10
+    test_images = CIFAR10_COUNTS["test"] * len(CIFAR10_CLASSES)
     if (overrides.get("eval_subset") or 0) > test_images:
         raise UsageError(f"--eval-subset {overrides['eval_subset']} is more than the {test_images} test images; "
                          f"accepted: 0 (all) or a multiple of 10 up to {test_images}")

@@ -36,7 +36,7 @@ def preset_values(preset: str, overrides: dict) -> dict:
     unknown = sorted(set(overrides) - set(OVERRIDABLE))
     if unknown:
         raise ValueError(f"cannot override {unknown}; overridable settings: {', '.join(OVERRIDABLE)}")
-    return {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    return {**PRESETS[preset], **overrides}  # overrides: only the values set (harness.main leaves unset flags out)
 
 
 def plan_runs(*, budgets, seeds, impls, preset: str, overrides: dict, out_dir: Path, data_kind: str,

@@ -66,6 +66,11 @@ def _mean_or_dash(values: list) -> str:
     return f"{statistics.mean(values):.2f}" if values else "–"
 
 
+def impls_in(runs: list[dict]) -> list[str]:
+    """The implementations among `runs`, in IMPL_NAMES order (ours first)."""
+    return sorted({r["spec"]["impl"] for r in runs}, key=lambda i: list(IMPL_NAMES).index(i))
+
+
 def fmt_seconds(s: float) -> str:
     if s < 120:
         return f"{s:.0f} s"
@@ -75,7 +80,7 @@ def fmt_seconds(s: float) -> str:
 
 
 def results_table(runs: list[dict], checks: dict) -> list[str]:
-    impls = sorted({r["spec"]["impl"] for r in runs}, key=lambda i: list(IMPL_NAMES).index(i))
+    impls = impls_in(runs)
     lines = ["| labels | implementation | final top-1 (%) | median of last 20 (%) | best top-1 (%), test-selected "
              "| steps | wall time / run | steps/s | same split, data, steps |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -128,7 +133,7 @@ def settings_section(runs: list[dict]) -> list[str]:
     for k, v in spec.items():
         if k not in PER_RUN_FIELDS:
             lines.append(f"| {k} | {v} |")
-    impls = sorted({r["spec"]["impl"] for r in runs}, key=lambda i: list(IMPL_NAMES).index(i))
+    impls = impls_in(runs)
     per_impl = {i: next(r["result"] for r in runs if r["spec"]["impl"] == i) for i in impls}
     keys = sorted({k for res in per_impl.values() for k in res.get("impl_settings", {})})
     if keys:
@@ -212,7 +217,7 @@ def make_figures(runs: list[dict], fig_dir: Path, tag: str) -> list[tuple[str, P
 
     fig, ax = plt.subplots(figsize=(6, 4))
     budgets = sorted({r["spec"]["n_labels"] for r in runs})
-    impls = sorted({r["spec"]["impl"] for r in runs}, key=lambda i: list(IMPL_NAMES).index(i))
+    impls = impls_in(runs)
     width = 0.8 / max(len(impls), 1)
     for j, impl in enumerate(impls):
         vals = [statistics.mean([r["result"]["steps_per_second"] or 0.0 for r in runs
@@ -258,10 +263,10 @@ def write_report(out_dir: Path) -> Path:
         s = grs[0]["spec"]
         tag = f"g{gi}-" if len(groups) > 1 else ""
         checks = pair_check(grs)
-        data = grs[0]["result"].get("data_kind", s.get("data_kind"))
         evaluated = "the whole test set" if s["eval_subset"] == 0 else f"a fixed subset of {s['eval_subset']} test images"
         lines += [f"## {s['steps']} steps, B={s['batch_size']}, μ={s['uratio']}, {s['precision']}, eval on {evaluated}",
-                  "", f"Data: cifar10, source kind `{data}`, pixels sha256 `{s['data_sha256'][:16]}…`.", ""]
+                  "", f"Data: cifar10, source kind `{s['data_kind']}`, "
+                  f"pixels sha256 `{s['data_sha256'][:16]}…`.", ""]
         lines += results_table(grs, checks)
         lines += mismatch_section(grs, checks)
         lines += ["", "### Settings", ""] + settings_section(grs)

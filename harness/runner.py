@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import statistics
 import subprocess
@@ -12,7 +13,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from contract.results import read_metrics, read_result
+from contract.results import METRICS_FILE, read_metrics, read_result
 from contract.spec import RunFiles, write_spec
 from harness.plan import PlannedRun
 
@@ -36,13 +37,19 @@ def prepare(run: PlannedRun, data_dir: Path, device: str, extra: dict) -> None:
                                                device=device, extra=extra))
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process run from REPO: this project importable, output unbuffered."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            "PYTHONUNBUFFERED": "1", **extra}
+
+
 def launch(run: PlannedRun) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "PYTHONUNBUFFERED": "1"}
+    env = child_env()
+    cmd = command(run)
     log = open(run.run_dir / PROCESS_LOG, "a")
-    log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command(run))}\n")
+    log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
     log.flush()
-    return subprocess.Popen(command(run), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
 
 
@@ -54,25 +61,58 @@ def log_tail(run: PlannedRun, lines: int = 15) -> str:
         return "".join(deque(f, maxlen=lines))
 
 
+class Progress:
+    """(last step logged, last top-1) of a run's metrics.jsonl; each call reads only the lines appended since the
+    last one (it is polled every second). A line still being written waits for its newline; a rewritten file (a
+    resume truncates it through a new file) is read again from its start."""
+
+    def __init__(self, run: PlannedRun):
+        self.path = run.run_dir / METRICS_FILE
+        self._restart(None)
+
+    def _restart(self, file_id) -> None:
+        self.file_id, self.offset, self.step, self.top1 = file_id, 0, 0, None
+
+    def __call__(self) -> tuple[int, float | None]:
+        try:
+            f = open(self.path, "rb")
+        except FileNotFoundError:
+            self._restart(None)
+            return self.step, self.top1
+        with f:
+            st = os.fstat(f.fileno())
+            if (st.st_dev, st.st_ino) != self.file_id or st.st_size < self.offset:
+                self._restart((st.st_dev, st.st_ino))
+            f.seek(self.offset)
+            chunk = f.read()
+        end = chunk.rfind(b"\n") + 1  # complete lines only
+        self.offset += end
+        for line in chunk[:end].decode(errors="replace").splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill, as read_metrics skips it
+                continue
+            self.step = max(self.step, rec.get("step", 0))
+            if rec.get("kind") == "eval":
+                self.top1 = rec.get("top1")
+        return self.step, self.top1
+
+
 def progress(run: PlannedRun) -> tuple[int, float | None]:
     """(last step logged, last top-1) read from the run's metrics.jsonl."""
-    step, top1 = 0, None
-    for rec in read_metrics(run.run_dir):
-        step = max(step, rec.get("step", 0))
-        if rec.get("kind") == "eval":
-            top1 = rec.get("top1")
-    return step, top1
+    return Progress(run)()
 
 
-def warmup_estimate(runs: list[PlannedRun], data_dir: Path, data_test_y, device: str,
+def warmup_estimate(runs: list[PlannedRun], data_dir: Path, n_test: int, device: str,
                     extras: dict[str, dict]) -> float | None:
-    """Time a few steps of each implementation at the planned batch sizes; return the estimated total seconds."""
-    pending = [r for r in runs if not is_done(r)]
-    if not pending:
-        return 0.0
+    """Time a few steps of each implementation at the planned batch sizes; return the estimated total seconds.
+    `runs`: the runs still to do; `n_test`: the number of test images."""
     total = 0.0
-    for impl in sorted({r.spec.impl for r in pending}):
-        mine = [r for r in pending if r.spec.impl == impl]
+    for impl in sorted({r.spec.impl for r in runs}):
+        mine = [r for r in runs if r.spec.impl == impl]
         probe_steps = 8
         spec = dataclasses.replace(mine[0].spec, steps=probe_steps, eval_every=probe_steps,
                                    checkpoint_every=probe_steps, log_every=1)
@@ -98,7 +138,7 @@ def warmup_estimate(runs: list[PlannedRun], data_dir: Path, data_test_y, device:
         sps = 1.0 / statistics.median(per_step) if per_step else result["steps_per_second"]
 
         def eval_seconds(s) -> float:  # a forward pass costs about a third of a training step's per image
-            images = s.eval_subset or len(data_test_y)
+            images = s.eval_subset or n_test
             return images / (3 * s.batch_size * (1 + 2 * s.uratio) * sps)
 
         startup = max(wall - probe_steps / sps - eval_seconds(spec), 0.0)
@@ -115,22 +155,20 @@ def execute(runs: list[PlannedRun], *, data, devices: list[str], torchssl_source
     from tqdm import tqdm
 
     extras: dict[str, dict] = {"own": {} if compile_own is None else {"compile": compile_own}, "torchssl": {}}
-    if any(r.spec.impl == "torchssl" and not is_done(r) for r in runs):
+    done, todo = [], []
+    for r in runs:
+        (done if is_done(r) else todo).append(r)
+    if any(r.spec.impl == "torchssl" for r in todo):
         from third_party.torchssl.checkout import ensure_checkout
 
-        checkout = ensure_checkout(torchssl_source or os.environ.get("TORCHSSL_SOURCE"), cache_dir=cache_dir)
+        checkout = ensure_checkout(torchssl_source, cache_dir=cache_dir)  # None: $TORCHSSL_SOURCE, else GitHub
         extras["torchssl"] = {"torchssl_checkout": str(checkout)}
-
-    todo = []
-    for r in runs:
-        if is_done(r):
-            print(f"done already: {r.spec.name}")
-        else:
-            todo.append(r)
+    for r in done:
+        print(f"done already: {r.spec.name}")
     if not todo:
         return []
     if warmup:
-        est = warmup_estimate(todo, data.data_dir, data.test_y, devices[0], extras)
+        est = warmup_estimate(todo, data.data_dir, len(data.test_y), devices[0], extras)
         if est is not None:
             print(f"estimated time for {len(todo)} runs on {len(devices)} device(s): "
                   f"{est / len(devices) / 60:.1f} min")
@@ -157,18 +195,20 @@ def execute(runs: list[PlannedRun], *, data, devices: list[str], torchssl_source
                     return
                 proc = launch(run)
                 active.add(proc)
+            run_progress = Progress(run)
             while proc.poll() is None:
                 time.sleep(1.0)
-                step, top1 = progress(run)
+                step, top1 = run_progress()
                 bar.n = step
                 bar.set_postfix_str(f"top1 {top1:.2f}%" if top1 is not None else "", refresh=False)
                 bar.refresh()
             bar.close()
             with lock:
                 active.discard(proc)
-                if stopping.is_set() and not is_done(run):
+                finished = is_done(run)
+                if stopping.is_set() and not finished:
                     tqdm.write(f"interrupted {run.spec.name}: it resumes from its checkpoint on the next call")
-                elif proc.returncode != 0 or not is_done(run):
+                elif proc.returncode != 0 or not finished:
                     failed.append(run)
                     tqdm.write(f"FAILED {run.spec.name} (exit {proc.returncode}); end of "
                                f"{run.run_dir / PROCESS_LOG}:\n{log_tail(run)}")

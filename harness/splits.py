@@ -43,7 +43,6 @@ def ensure_split(out_dir: Path, dataset: str, train_y: np.ndarray, n_labels: int
     """Write the split file if absent; if present, check it equals the regenerated split. Returns (path, sha256)."""
     idx = make_split(train_y, n_labels, seed)
     sha = indices_sha256(idx)
-    labels_sha = indices_sha256(train_y[idx])  # the labels of the chosen images, in index order
     path = split_path(out_dir, dataset, n_labels, seed)
     if path.exists():
         try:
@@ -59,6 +58,7 @@ def ensure_split(out_dir: Path, dataset: str, train_y: np.ndarray, n_labels: int
             raise SplitError(f"split file {path} was drawn on data {str(old.get('data_sha256'))[:12]}, not on this "
                              f"data set ({data_sha256[:12]}); use another --out for another data source")
         return path, sha
+    labels_sha = indices_sha256(train_y[idx])  # the labels of the chosen images, in index order
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, {
         "dataset": dataset, "n_labels": n_labels, "seed": seed, "data_sha256": data_sha256,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import os
 import signal
 import sys
 import time
@@ -19,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from contract.arrays import eval_subset_indices, load_arrays, load_split
-from contract.results import (RESULT_FILE, append_metrics, code_version, machine_info, read_metrics, read_result,
-                              summarize_evals, truncate_metrics, validate_result, write_json_atomic)
+from contract.arrays import load_run_inputs
+from contract.results import (append_metrics, finished_result, replace_durably, train_log_line, train_record,
+                              truncate_metrics, write_result)
 from contract.runtime import NonFiniteLoss, RunInterrupted, StopFlag, make_log, resolve_device, run_entry
 from contract.spec import RunFiles, RunSpec, read_spec
 from own_impl.augment import (StrongParams, WeakParams, apply_strong, flip_and_shift, sample_strong_params,
@@ -40,7 +39,6 @@ FUSED_SGD_DEVICES = ("cpu", "cuda")  # where torch.optim.SGD(fused=True) exists 
 # 0.65 eager, side by side (bench/own_cpu_steps.py). On a GPU it also turns the ~700 small augmentation kernels into
 # a few. On the CPU only for runs of CPU_COMPILE_MIN_STEPS or more: compiling costs ~45 s there (~5 s from
 # inductor's disk cache), which tests and smoke runs never win back; 1000 steps at B=16 win about 5 minutes.
-COMPILE_BY_DEFAULT = {"cuda": True, "cpu": True}
 CPU_COMPILE_MIN_STEPS = 1000
 # How this implementation realises the spec, for the report's side-by-side settings (TorchSSL's entry writes the
 # same keys).
@@ -96,15 +94,7 @@ def normalization_table(device: torch.device) -> torch.Tensor:
 
 
 def load_device_data(spec: RunSpec, files: RunFiles, device: torch.device) -> DeviceData:
-    arrays = load_arrays(Path(files.data_dir), expect_sha256=spec.data_sha256)
-    labelled = load_split(Path(files.split_file), expect_sha256=spec.split_sha256)
-    if len(arrays.classes) != spec.num_classes:
-        raise ValueError(f"data has {len(arrays.classes)} classes, the spec says {spec.num_classes}")
-    if len(labelled) != spec.n_labels:
-        raise ValueError(f"split file {files.split_file} holds {len(labelled)} indices, the spec says {spec.n_labels}")
-    if labelled.min() < 0 or labelled.max() >= len(arrays.train_y):
-        raise ValueError(f"split file {files.split_file} indexes outside the {len(arrays.train_y)} train images")
-    sub = eval_subset_indices(arrays.test_y, spec.eval_subset, spec.num_classes)
+    arrays, labelled, sub = load_run_inputs(spec, files)
 
     def images(x: np.ndarray) -> torch.Tensor:  # (N, 32, 32, 3) HWC -> (N, 3, 32, 32) on the device
         return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
@@ -155,10 +145,10 @@ def make_batch(data: DeviceData, labelled: EpochSampler, unlabelled: EpochSample
         # queued GPU work first, which would stall the host once per step.
         return idx.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else idx
 
-    idx_x = to_device(labelled.next(spec.batch_size))  # (B,)
     # Unlabelled images come from all N train images, the labelled ones included (as the paper and TorchSSL).
-    idx_u = to_device(unlabelled.next(spec.batch_size * spec.uratio))  # (muB,)
-    x_weak, x_strong = data.train_x[torch.cat([idx_x, idx_u])], data.train_x[idx_u]  # (B + muB, ...), (muB, ...)
+    idx = to_device(torch.cat([labelled.next(spec.batch_size), unlabelled.next(spec.batch_size * spec.uratio)]))
+    idx_x, idx_u = idx[:spec.batch_size], idx[spec.batch_size:]  # (B,), (muB,)
+    x_weak, x_strong = data.train_x[idx], data.train_x[idx_u]  # (B + muB, ...), (muB, ...)
     _, _, h, w = x_weak.shape
     p_weak = sample_weak_params(len(x_weak), generator, device)
     p_strong = sample_strong_params(len(x_strong), h, w, generator, device)
@@ -225,8 +215,7 @@ def use_compile(device: torch.device, choice: bool | None = None, steps: int | N
     run executes, not what it computes: the augmentation's pixels are the same and the step's results differ only
     within float tolerance, so it is not part of the run spec."""
     if choice is None:
-        long_enough = device.type != "cpu" or (steps or 0) >= CPU_COMPILE_MIN_STEPS
-        return COMPILE_BY_DEFAULT.get(device.type, False) and long_enough, False
+        return device.type == "cuda" or (device.type == "cpu" and (steps or 0) >= CPU_COMPILE_MIN_STEPS), False
     return bool(choice), True
 
 
@@ -345,9 +334,7 @@ class StepClock:
 def save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())  # on disk before it replaces the previous checkpoint
-    tmp.replace(path)  # atomic: a reader sees the old checkpoint or the new one, never half of one
+    replace_durably(tmp, path)
 
 
 def _sync(device: torch.device) -> None:
@@ -371,11 +358,8 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device,
     t_start = time.perf_counter()
     if spec.impl != "own":
         raise ValueError(f"this is the 'own' implementation; the spec says impl={spec.impl!r}")
-    done = read_result(run_dir)
+    done = finished_result(run_dir, spec)
     if done is not None:
-        if done.get("spec_hash") != spec.hash():
-            raise ValueError(f"{run_dir / RESULT_FILE} belongs to spec {done.get('spec_hash')}, not {spec.hash()}")
-        print(f"run {spec.name} is done ({run_dir / RESULT_FILE}); nothing to do")
         return done
 
     log = make_log(run_dir)
@@ -497,16 +481,10 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device,
                 t_now = time.perf_counter()
                 check_finite(step)
                 n = step - window_first + 1
-                record = {"kind": "train", "step": step, "lr": lr, "loss": s[0] / n, "loss_x": s[1] / n,
-                          "loss_u": s[2] / n, "mask_rate": s[3] / n,
-                          "pseudo_acc": s[4] / s[3] if s[3] > 0 else None,  # among accepted; None: none accepted
-                          "images_per_s": n * images_per_step / (t_now - t_window),
-                          "data_frac": clock.data_fraction(),
-                          "train_seconds": train_seconds()}  # training time so far, all sessions
+                record = train_record(step, n, lr, s, n * images_per_step / (t_now - t_window),
+                                      clock.data_fraction(), train_seconds())
                 append_metrics(run_dir, record)
-                log(f"step {step}/{spec.steps} lr {lr:.5f} loss {record['loss']:.4f} (x {record['loss_x']:.4f} "
-                    f"u {record['loss_u']:.4f}) mask_rate {record['mask_rate']:.3f} "
-                    f"{record['images_per_s']:.1f} img/s data_frac {record['data_frac']:.2f}")
+                log(train_log_line(record, spec.steps))
                 stats_acc.zero_()
                 window_first = step + 1
                 paused_s += time.perf_counter() - t_now
@@ -535,31 +513,14 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device,
 
     if step != spec.steps:  # unreachable unless the loop above changes: the step budget is a contract
         raise RuntimeError(f"ran {step} steps, the spec says {spec.steps}")
-    evals = [r for r in read_metrics(run_dir) if r.get("kind") == "eval"]
-    train_s = train_seconds()
-    result = {
-        "impl": "own", "n_labels": spec.n_labels, "seed": spec.seed, "steps": step, "spec_hash": spec.hash(),
-        **summarize_evals(evals),
-        "split_sha256": spec.split_sha256, "data_sha256": data.sha256, "data_kind": spec.data_kind,
-        "param_count": param_count,
-        "wall_seconds": prior_wall_s + time.perf_counter() - t_start,  # summed over sessions, evaluation included
-        "train_seconds": train_s,  # training steps only
-        "steps_per_second": step / train_s if train_s > 0 else None,
-        "device": str(device),
-        "device_name": machine_info(str(device)),
-        "torch_version": torch.__version__, "code_version": code_version(),
-        "precision": spec.precision, "channels_last": spec.channels_last, "eval_images": len(data.eval_y),
-        "compiled": compiled,  # torch.compile of forward + loss + backward in the last session
-        "augmentation_compiled": augment_compiled,  # and of the augmentation
-        "compile_seconds": prior_compile_s + compile_s,  # summed over sessions, kept out of train_seconds
-        "evals": evals,
-        "impl_settings": IMPL_SETTINGS,
-    }
-    validate_result(result)
-    write_json_atomic(run_dir / RESULT_FILE, result)
-    log(f"done: final top1 {result['final_top1']:.2f}, median of last 20 {result['median20_top1']:.2f}; "
-        f"{result['steps_per_second']:.3f} steps/s")
-    return result
+    return write_result(
+        run_dir, spec, log, steps=step, data_sha256=data.sha256, param_count=param_count,
+        wall_seconds=prior_wall_s + time.perf_counter() - t_start, train_seconds=train_seconds(), device=str(device),
+        eval_images=len(data.eval_y),
+        compiled=compiled,  # torch.compile of forward + loss + backward in the last session
+        augmentation_compiled=augment_compiled,  # and of the augmentation
+        compile_seconds=prior_compile_s + compile_s,  # summed over sessions, kept out of train_seconds
+        impl_settings=IMPL_SETTINGS)
 
 
 def main(argv: list[str] | None = None) -> int:

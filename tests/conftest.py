@@ -1,12 +1,56 @@
-"""Shared fixtures: the real CIFAR-10 archive, its cached arrays, and ready-made run folders."""
+"""Shared fixtures: the real CIFAR-10 archive, its cached arrays, and ready-made run folders; and the helpers
+several test files use (imported as `from conftest import ...`: pytest puts tests/ on sys.path)."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def cuda_param():
+    """The "cuda" value of a device parametrization, skipped where there is no CUDA device (torch imported here,
+    on first use, so that tests without torch stay quick)."""
+    import torch
+
+    return pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
+
+
+def run_module(module: str, run_dir: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m MODULE --spec RUN_DIR/spec.json --run-dir RUN_DIR *extra` from the repository root, captured."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", module, "--spec", str(run_dir / "spec.json"), "--run-dir",
+                           str(run_dir), *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def copy_run(run_dir: Path, to: Path) -> Path:
+    """A second folder holding the same spec.json (same spec, same hash)."""
+    to.mkdir(parents=True)
+    shutil.copy(run_dir / "spec.json", to / "spec.json")
+    return to
+
+
+def wrn_count_by_hand(depth: int = 28, k: int = 2, classes: int = 10) -> tuple[int, int]:
+    """(all parameters, those under weight decay) of a WRN with conv biases (as TorchSSL builds it, and own_impl),
+    read off the architecture."""
+    conv = lambda c_in, c_out, ks: (c_in * c_out * ks * ks + c_out, c_in * c_out * ks * ks)  # noqa: E731
+    bn = lambda c: (2 * c, 0)  # noqa: E731
+    parts = [conv(3, 16, 3)]
+    c_in = 16
+    for width in (16 * k, 32 * k, 64 * k):
+        for i in range((depth - 4) // 6):
+            c = c_in if i == 0 else width
+            parts += [bn(c), conv(c, width, 3), bn(width), conv(width, width, 3)]
+            if c != width:
+                parts.append(conv(c, width, 1))
+        c_in = width
+    parts += [bn(c_in), (c_in * classes + classes, c_in * classes)]
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
 
 def shared_archive_path() -> Path:

@@ -12,9 +12,7 @@ magnitude used here comes near. Equality was measured on 6,000 real images x 14 
 from __future__ import annotations
 
 import io
-import os
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +21,8 @@ from PIL import Image
 
 from own_impl import augment as A
 from own_impl import augment_ref as R
+
+from conftest import cuda_param
 
 PER_CLASS = 4   # real images per CIFAR-10 class: 40 in all
 
@@ -36,19 +36,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _archive_path() -> Path:
-    env = os.environ.get("FIXMATCH_BENCH_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared/data/cifar10-jpeg.tar.gz"
-
-
 @pytest.fixture(scope="module")
-def real_images() -> np.ndarray:
+def real_images(shared_archive) -> np.ndarray:
     """(40, 32, 32, 3) uint8: train images 0000..0003 of each class, decoded by PIL straight from the archive."""
-    path = _archive_path()
-    if not path.exists():
-        pytest.skip(f"real CIFAR-10 archive not found at {path} (set FIXMATCH_BENCH_DATA to its path)")
     picked = {}
-    with tarfile.open(path, "r:gz") as tar:
+    with tarfile.open(shared_archive, "r:gz") as tar:
         for member in tar:
             parts = member.name.split("/")
             if member.isfile() and parts[0] == "train" and int(parts[2].split(".")[0]) < PER_CLASS:
@@ -363,8 +355,7 @@ def test_same_seed_same_output(real_images):
     assert torch.equal(x, to_tensor(real_images))   # input not modified in place
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize("device", ["cpu", cuda_param()])
 def test_compiled_augmentation_changes_no_pixel(images, device):
     """torch.compile, as own_impl.train compiles the augmentation (one graph, static shapes), gives the eager CPU
     ops' pixels exactly: every op at 7 grid magnitudes and a random one per image, all ops in one batch, then the

@@ -7,7 +7,7 @@ import pytest
 
 from harness.plan import OVERRIDABLE
 
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 def run_cli(*args, cwd=REPO):

@@ -4,14 +4,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from contract.results import read_metrics
 from harness.plan import plan_runs
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 TINY = ["--preset", "smoke", "--batch-size", "2", "--uratio", "1", "--eval-subset", "100", "--eval-batch-size", "100",
         "--device", "cpu", "--no-warmup"]
 

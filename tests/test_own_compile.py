@@ -9,8 +9,10 @@ from contract.spec import RunSpec, read_spec
 from own_impl import augment as A
 from own_impl import train as train_mod
 
+from conftest import copy_run, cuda_param
+
 CPU = torch.device("cpu")
-CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
+CUDA = cuda_param()
 # WRN-10-1 keeps compilation short; the code paths are those of WRN-28-2.
 TINY = {"depth": 10, "widen_factor": 1}
 
@@ -106,9 +108,7 @@ def test_compiled_run_resumes_like_a_straight_run(make_run_dir, tmp_path, device
     straight = make_run_dir("own", steps=4, eval_every=2, checkpoint_every=2, log_every=1, **TINY)
     spec, files = read_spec(straight / "spec.json")
     dev = torch.device(device)
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    (resumed / "spec.json").write_text((straight / "spec.json").read_text())
+    resumed = copy_run(straight, tmp_path / "resumed")
     train_mod.train(spec, files, straight, dev, compile=True)
     assert train_mod.train(spec, files, resumed, dev, stop_after=2, compile=True) is None
     first = torch.load(resumed / "checkpoint.pt", weights_only=True)
@@ -131,9 +131,7 @@ def test_compiled_run_resumes_like_a_straight_run(make_run_dir, tmp_path, device
     # once per session each, kept out of train_seconds
     assert log.count("compiled the augmentation in") == log.count("compiled forward + loss + backward in") == 2
     # an eager session picks up a compiled run's checkpoint: same keys, same state
-    eager = tmp_path / "eager"
-    eager.mkdir()
-    (eager / "spec.json").write_text((straight / "spec.json").read_text())
+    eager = copy_run(straight, tmp_path / "eager")
     assert train_mod.train(spec, files, eager, dev, stop_after=2, compile=True) is None
     result = train_mod.train(spec, files, eager, dev, compile=False)
     assert result["compiled"] is result["augmentation_compiled"] is False and result["steps"] == 4

@@ -9,24 +9,7 @@ import torch.nn as nn
 from own_impl.model import WideResNet, _act
 from own_impl.optim import param_groups
 
-
-
-
-def wrn_count_by_hand(depth: int = 28, k: int = 2, classes: int = 10) -> tuple[int, int]:
-    """(all parameters, those under weight decay) of a WRN with conv biases, read off the architecture."""
-    conv = lambda c_in, c_out, ks: (c_in * c_out * ks * ks + c_out, c_in * c_out * ks * ks)  # noqa: E731
-    bn = lambda c: (2 * c, 0)  # noqa: E731
-    parts = [conv(3, 16, 3)]
-    c_in = 16
-    for width in (16 * k, 32 * k, 64 * k):
-        for i in range((depth - 4) // 6):
-            c = c_in if i == 0 else width
-            parts += [bn(c), conv(c, width, 3), bn(width), conv(width, width, 3)]
-            if c != width:
-                parts.append(conv(c, width, 1))
-        c_in = width
-    parts += [bn(c_in), (c_in * classes + classes, c_in * classes)]
-    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+from conftest import wrn_count_by_hand
 
 
 def test_param_count_matches_hand_count():

@@ -1,12 +1,11 @@
 """own_impl.train on the real data with tiny batches: the run folder it writes, resume, stops and errors."""
+import functools
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,21 +14,10 @@ from contract.results import RESULT_KEYS, read_metrics
 from contract.spec import read_spec
 from own_impl import train as train_mod
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, copy_run, run_module
+
 CPU = torch.device("cpu")
-
-
-def run_cli(run_dir: Path, *extra, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "own_impl.train", "--spec", str(run_dir / "spec.json"),
-                           "--run-dir", str(run_dir), *extra], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def copy_run(run_dir: Path, to: Path) -> Path:
-    """A second folder holding the same spec.json (same spec, same hash)."""
-    to.mkdir(parents=True)
-    shutil.copy(run_dir / "spec.json", to / "spec.json")
-    return to
+run_cli = functools.partial(run_module, "own_impl.train")  # run_cli(run_dir, *extra, timeout=300)
 
 
 def test_three_steps_write_the_whole_run_folder(make_run_dir):

@@ -11,8 +11,9 @@ from contract.arrays import indices_sha256, load_split
 from contract.spec import RunFiles, RunSpec, read_spec, write_spec
 from harness.splits import SplitError, ensure_split, make_split
 
+from conftest import REPO
+
 LABELS = np.repeat(np.arange(10), 5000)[np.random.default_rng(1).permutation(50000)]
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("n", [40, 250, 4000])

@@ -1,7 +1,6 @@
 """The TorchSSL pin: clone, verify, reuse, and the three promised one-line errors (no torch, no network needed)."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ import pytest
 
 from third_party.torchssl import checkout as co
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 def make_source(path: Path) -> str:
@@ -26,19 +25,8 @@ def make_source(path: Path) -> str:
     return commit
 
 
-def pinned_source() -> str:
-    """A local source holding the real pin: the cached verified checkout, else $TORCHSSL_SOURCE; else skip."""
-    cached = co.checkout_path()
-    if cached.exists() and not co.problems(cached):
-        return str(cached)
-    if os.environ.get(co.SOURCE_ENV):
-        return os.environ[co.SOURCE_ENV]
-    pytest.skip(f"no TorchSSL source: no verified checkout at {cached} and {co.SOURCE_ENV} is not set "
-                f"(set it to a git URL or a local clone/mirror of TorchSSL)")
-
-
-def test_checkout_of_the_pin_from_a_local_source(tmp_path):
-    path = co.ensure_checkout(pinned_source(), cache_dir=tmp_path)
+def test_checkout_of_the_pin_from_a_local_source(tmp_path, torchssl_checkout):
+    path = co.ensure_checkout(str(torchssl_checkout), cache_dir=tmp_path)  # the real pin, cloned from a local copy
     assert path == tmp_path / f"torchssl-{co.COMMIT[:12]}"
     with git.Repo(path) as repo:
         assert repo.head.commit.hexsha == co.COMMIT

@@ -13,10 +13,11 @@ import os
 import shutil
 from pathlib import Path
 
+from contract.runtime import CACHE_ENV, default_cache_dir  # noqa: F401 (CACHE_ENV: the variable users set)
+
 URL = "https://github.com/TorchSSL/TorchSSL"
 COMMIT = "f26e1d42967cec7f7c8a00c2e7ff9219d8ab7c92"
 SOURCE_ENV = "TORCHSSL_SOURCE"
-CACHE_ENV = "FIXMATCH_BENCH_CACHE"
 CLONE_TIMEOUT_S = 900  # a full clone of TorchSSL is tens of MB; a stalled network fails instead of hanging
 HOW_TO_POINT = (f"point at a local clone or mirror with --torchssl-source PATH (run_all.py) "
                 f"or {SOURCE_ENV}=PATH")
@@ -36,10 +37,6 @@ class PinnedCommitMissing(CheckoutError):
 
 class CheckoutModified(CheckoutError):
     """A cached checkout is not exactly the pinned commit: another HEAD, changed, untracked or ignored files."""
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fixmatch_bench")
 
 
 def checkout_path(cache_dir: Path | None = None, commit: str = COMMIT) -> Path:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import math
 import os
 import random
@@ -28,9 +27,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from contract.arrays import eval_subset_indices, load_arrays, load_split
-from contract.results import (RESULT_FILE, append_metrics, code_version, machine_info, read_metrics, read_result,
-                              summarize_evals, truncate_metrics, validate_result, write_json_atomic)
+from contract.arrays import load_run_inputs
+from contract.results import (append_metrics, finished_result, read_evals, read_json, train_log_line, train_record,
+                              truncate_metrics, write_json_atomic, write_result)
 from contract.runtime import NonFiniteLoss, RunInterrupted, StopFlag, make_log, resolve_device, run_entry
 from contract.spec import RunFiles, RunSpec, read_spec
 from third_party.torchssl import patches
@@ -131,7 +130,7 @@ class Recorder:
         self.train_y = train_y  # (N,) int64 on the device: true labels of the unlabelled images, for pseudo_acc
         self.optimizer = None
         self.lambda_u = spec.lambda_u
-        self.recorded = {r["step"] for r in read_metrics(run_dir) if r.get("kind") == "eval"}
+        self.recorded = {r["step"] for r in read_evals(run_dir)}
         self.acc = None  # (5,) sums over the log window: loss, loss_x, loss_u, mask_rate, accepted-and-correct
         self.window_first, self.window_s, self.window_data_s = start_step + 1, 0.0, 0.0
         self.t_step, self.t_data, self.ckpt_s_in_step = None, None, 0.0
@@ -189,15 +188,10 @@ class Recorder:
         if not math.isfinite(s[0]):
             raise NonFiniteLoss(f"non-finite loss between steps {self.window_first} and {step}")
         images = n * self.spec.batch_size * (1 + 2 * self.spec.uratio)  # images through the forward pass
-        record = {"kind": "train", "step": step, "lr": self.lr, "loss": s[0] / n, "loss_x": s[1] / n,
-                  "loss_u": s[2] / n, "mask_rate": s[3] / n, "pseudo_acc": s[4] / s[3] if s[3] > 0 else None,
-                  "images_per_s": images / self.window_s if self.window_s > 0 else None,
-                  "data_frac": self.window_data_s / self.window_s if self.window_s > 0 else None,
-                  "train_seconds": self.train_s}  # training time so far: what bench/throughput.py times
+        record = train_record(step, n, self.lr, s, images / self.window_s if self.window_s > 0 else None,
+                              self.window_data_s / self.window_s if self.window_s > 0 else None, self.train_s)
         append_metrics(self.run_dir, record)
-        self.log(f"step {step}/{self.spec.steps} lr {self.lr:.5f} loss {record['loss']:.4f} "
-                 f"(x {record['loss_x']:.4f} u {record['loss_u']:.4f}) mask_rate {record['mask_rate']:.3f} "
-                 f"{record['images_per_s'] or 0:.1f} img/s data_frac {record['data_frac'] or 0:.2f}")
+        self.log(train_log_line(record, self.spec.steps))
         self.acc = None
         self.window_first, self.window_s, self.window_data_s = step + 1, 0.0, 0.0
 
@@ -249,29 +243,21 @@ def run(spec: RunSpec, files: RunFiles, run_dir: Path, device_name: str, num_wor
     run_dir = Path(run_dir).resolve()
     if spec.impl != "torchssl":
         raise ValueError(f"this is the TorchSSL entry; the spec says impl={spec.impl!r}")
-    done = read_result(run_dir)
+    done = finished_result(run_dir, spec)
     if done is not None:
-        if done.get("spec_hash") != spec.hash():
-            raise ValueError(f"{run_dir / RESULT_FILE} belongs to spec {done.get('spec_hash')}, not {spec.hash()}")
-        print(f"run {spec.name} is done ({run_dir / RESULT_FILE}); nothing to do")
         return done
     if spec.channels_last:
         raise ValueError("channels_last is not something TorchSSL does; run TorchSSL with --no-channels-last")
     if num_workers is None:
         num_workers = int(files.extra.get("num_workers", TORCHSSL_NUM_WORKERS))
-    checkout = Path(files.extra["torchssl_checkout"]) if files.extra.get("torchssl_checkout") else ensure_checkout()
-    verify_checkout(checkout)
+    given = files.extra.get("torchssl_checkout")
+    checkout = verify_checkout(Path(given)) if given else ensure_checkout()  # ensure_checkout verifies its own
 
     import torch
     import torch.backends.cudnn as cudnn
 
     device = resolve_device(device_name)
-    arrays = load_arrays(Path(files.data_dir), expect_sha256=spec.data_sha256)
-    split = load_split(Path(files.split_file), expect_sha256=spec.split_sha256)
-    if len(split) != spec.n_labels or len(arrays.classes) != spec.num_classes:
-        raise ValueError(f"split holds {len(split)} indices and data {len(arrays.classes)} classes; the spec says "
-                         f"{spec.n_labels} and {spec.num_classes}")
-    eval_idx = eval_subset_indices(arrays.test_y, spec.eval_subset, spec.num_classes)
+    arrays, split, eval_idx = load_run_inputs(spec, files)
 
     save_path = run_dir / SAVE_NAME
     save_path.mkdir(parents=True, exist_ok=True)
@@ -381,34 +367,17 @@ def run(spec: RunSpec, files: RunFiles, run_dir: Path, device_name: str, num_wor
 
     if rec.steps_done != spec.steps:  # the step budget is a contract
         raise RuntimeError(f"TorchSSL ran to step {rec.steps_done}, the spec says {spec.steps}")
-    clean_after = not problems(checkout)
-    if not clean_after:
-        log(f"warning: the TorchSSL checkout {checkout} changed during the run: {problems(checkout)[0]}")
-    evals = [r for r in read_metrics(run_dir) if r.get("kind") == "eval"]
-    result = {
-        "impl": "torchssl", "n_labels": spec.n_labels, "seed": spec.seed, "steps": rec.steps_done,
-        "spec_hash": spec.hash(), **summarize_evals(evals),
-        "split_sha256": spec.split_sha256,  # load_split verified the file; verify_data that TorchSSL holds it
-        "data_sha256": arrays.sha256, "data_kind": spec.data_kind, "param_count": param_count,
-        "wall_seconds": rec.wall_seconds(),  # summed over sessions, evaluation included
-        "train_seconds": rec.train_s,  # training steps only
-        "steps_per_second": rec.steps_done / rec.train_s if rec.train_s > 0 else None,
-        "device": str(device), "device_name": machine_info(str(device)),
-        "torch_version": torch.__version__, "code_version": code_version(),
-        "precision": spec.precision, "channels_last": spec.channels_last, "eval_images": len(eval_idx),
-        "evals": evals,
-        "patches": [{"name": p.name, "target": p.target, "why": p.why} for p in patches.PATCHES
-                    if p.name in applied],
-        "torchssl_url": URL, "torchssl_commit": COMMIT, "torchssl_checkout_clean": clean_after,
-        "torchssl_args": vars(args), "num_workers": num_workers,
-        "impl_settings": {**IMPL_SETTINGS, "data_pipeline": f"PIL transforms in DataLoader workers "
-                          f"({num_workers} labelled, {4 * num_workers} unlabelled)"},
-    }
-    validate_result(result)
-    write_json_atomic(run_dir / RESULT_FILE, result)
-    log(f"done: final top1 {result['final_top1']:.2f}, median of last 20 {result['median20_top1']:.2f}; "
-        f"{result['steps_per_second'] or 0:.3f} steps/s")
-    return result
+    found = problems(checkout)
+    if found:
+        log(f"warning: the TorchSSL checkout {checkout} changed during the run: {found[0]}")
+    return write_result(
+        run_dir, spec, log, steps=rec.steps_done, data_sha256=arrays.sha256, param_count=param_count,
+        wall_seconds=rec.wall_seconds(), train_seconds=rec.train_s, device=str(device), eval_images=len(eval_idx),
+        patches=[{"name": p.name, "target": p.target, "why": p.why} for p in patches.PATCHES if p.name in applied],
+        torchssl_url=URL, torchssl_commit=COMMIT, torchssl_checkout_clean=not found,
+        torchssl_args=vars(args), num_workers=num_workers,
+        impl_settings={**IMPL_SETTINGS, "data_pipeline": f"PIL transforms in DataLoader workers "
+                       f"({num_workers} labelled, {4 * num_workers} unlabelled)"})
 
 
 def _read_progress(save_path: Path, spec: RunSpec, step: int, log) -> dict:
@@ -416,7 +385,7 @@ def _read_progress(save_path: Path, spec: RunSpec, step: int, log) -> dict:
     if not path.exists():
         log(f"note: no {PROGRESS} beside the checkpoint; time before step {step} is not counted")
         return {}
-    progress = json.loads(path.read_text())
+    progress = read_json(path, "progress file")
     if progress.get("spec_hash") != spec.hash():
         raise ValueError(f"checkpoint in {save_path} belongs to spec {progress.get('spec_hash')}, not {spec.hash()}")
     if progress.get("step") != step:

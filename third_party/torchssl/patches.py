@@ -12,7 +12,9 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+from contract.results import replace_durably
 from contract.runtime import NonFiniteLoss
 
 
@@ -229,8 +231,6 @@ def bench_fixmatch_class(FixMatch):
     Needs `hooks` set before train(): an object with end_of_step(model) -> bool (evaluate now?),
     evaluated(result_dict, seconds) and saved(save_name, step, seconds).
     """
-    import os
-
     class BenchFixMatch(FixMatch):
         hooks = None
 
@@ -260,9 +260,7 @@ def bench_fixmatch_class(FixMatch):
             t0 = time.perf_counter()
             tmp = save_name + ".tmp"
             super().save_model(tmp, save_path)
-            with open(os.path.join(save_path, tmp), "rb") as f:
-                os.fsync(f.fileno())  # on disk before it replaces the previous checkpoint
-            os.replace(os.path.join(save_path, tmp), os.path.join(save_path, save_name))
+            replace_durably(Path(save_path) / tmp, Path(save_path) / save_name)
             # save_model stores it = self.it + 1: the steps done when called inside the loop, as it is here
             self.hooks.saved(save_name, self.it + 1, time.perf_counter() - t0)
 
