@@ -162,4 +162,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ValueError as e:  # bad input (a device, a configuration name): one line
+        sys.exit(f"own_cpu_steps.py: error: {e}")

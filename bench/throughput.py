@@ -125,15 +125,16 @@ def main() -> int:
 
     import torch
 
+    from contract.runtime import resolve_device
     from harness.data import load_cifar10
     from harness.splits import ensure_split
 
-    from contract.runtime import resolve_device
     from own_impl.train import use_compile
 
+    device = resolve_device(args.device)  # a bad device is one line here, before any work
     data = load_cifar10(args.data)
     if args.compile is None:  # what a full run would do, not what these few steps would get by default
-        args.compile = use_compile(resolve_device(args.device), None, 2**20)[0]
+        args.compile = use_compile(device, None, 2**20)[0]
     args.extras = {"own": {"compile": args.compile}}
     if "torchssl" in args.impls:
         from third_party.torchssl.checkout import ensure_checkout
@@ -177,4 +178,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from third_party.torchssl.checkout import CheckoutError
+
+    try:
+        sys.exit(main())
+    except (ValueError, OSError, CheckoutError) as e:  # bad input: device, data, TorchSSL source: one line
+        sys.exit(f"throughput.py: error: {e}")
