@@ -1,6 +1,9 @@
 """How fast can any implementation of this FixMatch step be on this CPU? The convolutions' share, measured.
 
-    python bench/cpu_ceiling.py [--batch 16] [--uratio 7] [--repeats 3]
+    python bench/cpu_ceiling.py [--batch-size 16] [--uratio 7] [--repeats 3]
+
+A hardware bound, apart from the implementations: bench/throughput.py measures both implementations' steps/s and
+bench/own_steps.py our step in several configurations; this script says how far from the machine's limit they are.
 
 Prints, measured now on this machine:
 - the matmul rate (GFLOP/s) in fp32, bf16 and fp16 (2048 x 2048, bench/throughput.py's matmul_tflops, median of
@@ -20,17 +23,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
+import common
 import torch
+from throughput import matmul_tflops, step_flops
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.throughput import matmul_tflops, step_flops  # noqa: E402
-from own_impl.model import WideResNet  # noqa: E402
+from own_impl.model import WideResNet
 
 CONV_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_slow_conv2d_forward",
             "aten::_slow_conv2d_backward")
@@ -62,17 +62,17 @@ def conv_seconds(images: int, bf16: bool, channels_last: bool, repeats: int) -> 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument("--batch", type=int, default=16, help="B, labelled images per step")
+    p.add_argument("--batch-size", type=int, default=16, help="B, labelled images per step")
     p.add_argument("--uratio", type=int, default=7, help="mu")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    images = args.batch * (1 + 2 * args.uratio)
+    images = args.batch_size * (1 + 2 * args.uratio)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}")
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         gflops = statistics.median(1e3 * matmul_tflops("cpu", dtype, 2048) for _ in range(args.repeats))
         print(f"matmul {str(dtype).removeprefix('torch.'):9s} {gflops:7.0f} GFLOP/s")
-    gflop = step_flops(args.batch, args.uratio) / 1e9
+    gflop = step_flops(args.batch_size, args.uratio) / 1e9
     print(f"one step: {images} images forward + backward = {gflop:.1f} GFLOP")
     measured = {}
     for name, bf16, channels_last in (("fp32 channels_last", False, True), ("fp32 NCHW", False, False),
@@ -89,4 +89,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.run_main("cpu_ceiling.py", main)

@@ -16,18 +16,16 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from contract.results import machine_info, read_metrics  # noqa: E402
-from contract.spec import RunSpec  # noqa: E402
-from harness.plan import PlannedRun  # noqa: E402
-from harness.runner import child_env, command, prepare  # noqa: E402
+import common
+from contract.results import read_metrics
+from contract.spec import RunSpec
+from harness.env import machine_info
+from harness.plan import PlannedRun
+from harness.runner import child_env, command, prepare
 
 # Dense peak of the device in TFLOP/s, where known (bf16 tensor cores; fp32 without TF32 is far lower).
 PEAK_TFLOPS = {"H200": {"bf16": 989.0, "fp32": 67.0}, "H100": {"bf16": 989.0, "fp32": 67.0},
@@ -78,7 +76,7 @@ def matmul_tflops(device: str, dtype, n: int | None = None) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
 
 
-def run_impl(impl: str, args, data, split_file: Path, split_sha: str, workdir: Path) -> dict:
+def run_impl(impl: str, args, ctx, data, split_file: Path, split_sha: str, workdir: Path) -> dict:
     steps = args.warmup + args.repeats * args.window
     spec = RunSpec(impl=impl, n_labels=args.n_labels, seed=0, data_kind=data.identity.kind,
                    data_sha256=data.identity.data_sha256, split_sha256=split_sha, steps=steps, eval_every=steps,
@@ -86,9 +84,9 @@ def run_impl(impl: str, args, data, split_file: Path, split_sha: str, workdir: P
                    channels_last=args.channels_last and impl == "own", eval_subset=100, eval_batch_size=100,
                    checkpoint_every=steps, log_every=args.window)
     run = PlannedRun(spec, workdir / impl, split_file)
-    prepare(run, data.data_dir, args.device, args.extras.get(impl, {}))
+    prepare(run, ctx, args.device)
     t0 = time.perf_counter()
-    proc = subprocess.run(command(run), cwd=REPO, capture_output=True, text=True, env=child_env())
+    proc = subprocess.run(command(run), cwd=run.run_dir, capture_output=True, text=True, env=child_env())
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{impl} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -110,9 +108,10 @@ def main() -> int:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                    help="our model and batches in channels_last (TorchSSL has no such setting: it runs as it is)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile our augmentation and step (default: as a paper-length run on this device "
-                        "would, i.e. on)")
-    p.add_argument("--num-workers", type=int, default=None, help="TorchSSL's DataLoader workers (default: its 1)")
+                   help="torch.compile our augmentation and step, binding (default: own_impl.compile's policy for a "
+                        "paper-length run, with its fallback to eager)")
+    p.add_argument("--torchssl-workers", type=int, default=None,
+                   help="TorchSSL's DataLoader workers (default: its config's 1)")
     p.add_argument("--impls", nargs="+", choices=["own", "torchssl"], default=["own", "torchssl"])
     p.add_argument("--warmup", type=int, default=4, help="steps before timing starts")
     p.add_argument("--window", type=int, default=4, help="steps per timed sample")
@@ -129,23 +128,15 @@ def main() -> int:
     from harness.data import load_cifar10
     from harness.splits import ensure_split
 
-    from own_impl.train import use_compile
-
-    device = resolve_device(args.device)  # a bad device is one line here, before any work
+    resolve_device(args.device)  # a bad device is one line here, before any work
     data = load_cifar10(args.data)
-    if args.compile is None:  # what a full run would do, not what these few steps would get by default
-        args.compile = use_compile(device, None, 2**20)[0]
-    args.extras = {"own": {"compile": args.compile}}
-    if "torchssl" in args.impls:
-        from third_party.torchssl.checkout import ensure_checkout
-
-        args.extras["torchssl"] = {"torchssl_checkout": str(ensure_checkout(args.torchssl_source))}
-        if args.num_workers is not None:
-            args.extras["torchssl"]["num_workers"] = args.num_workers
+    # Unasked, ours compiles as a paper-length run would (policy: own_impl/compile.py), with its fallback to
+    # eager per part; only an explicit --compile / --no-compile binds.
+    ctx = common.run_context(data, args.impls, args.torchssl_source, args.compile, args.torchssl_workers)
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
         split_file, split_sha = ensure_split(Path(tmp), "cifar10", data.train_y, args.n_labels, 0,
                                              data.identity.data_sha256)
-        results = {impl: run_impl(impl, args, data, split_file, split_sha, Path(tmp)) for impl in args.impls}
+        results = {impl: run_impl(impl, args, ctx, data, split_file, split_sha, Path(tmp)) for impl in args.impls}
     flops = step_flops(args.batch_size, args.uratio)
     peak = measured_peak_tflops(args.device, args.precision)
     name = machine_info(args.device)
@@ -178,9 +169,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from third_party.torchssl.checkout import CheckoutError
-
-    try:
-        sys.exit(main())
-    except (ValueError, OSError, CheckoutError) as e:  # bad input: device, data, TorchSSL source: one line
-        sys.exit(f"throughput.py: error: {e}")
+    common.run_main("throughput.py", main)

@@ -121,27 +121,12 @@ def read_evals(run_dir: Path) -> list[dict[str, Any]]:
     return [r for r in read_metrics(run_dir) if r.get("kind") == "eval"]
 
 
-def train_record(step: int, n: int, lr: float, sums: list[float], images_per_s: float | None,
-                 data_frac: float | None, train_seconds: float) -> dict[str, Any]:
-    """The "train" record of a log window of n steps ending at `step`. sums: the window's sums of loss, loss_x,
-    loss_u, mask_rate (accepted fraction) and accepted-and-correct fraction; pseudo_acc is None if none accepted."""
-    return {"kind": "train", "step": step, "lr": lr, "loss": sums[0] / n, "loss_x": sums[1] / n,
-            "loss_u": sums[2] / n, "mask_rate": sums[3] / n, "pseudo_acc": sums[4] / sums[3] if sums[3] > 0 else None,
-            "images_per_s": images_per_s, "data_frac": data_frac,
-            "train_seconds": train_seconds}  # training time so far, all sessions: what bench/throughput.py times
-
-
-def train_log_line(record: dict[str, Any], total_steps: int) -> str:
-    return (f"step {record['step']}/{total_steps} lr {record['lr']:.5f} loss {record['loss']:.4f} "
-            f"(x {record['loss_x']:.4f} u {record['loss_u']:.4f}) mask_rate {record['mask_rate']:.3f} "
-            f"{record['images_per_s'] or 0:.1f} img/s data_frac {record['data_frac'] or 0:.2f}")
-
-
-def write_result(run_dir: Path, spec, log, *, steps: int, data_sha256: str, param_count: int, wall_seconds: float,
-                 train_seconds: float, device: str, eval_images: int, **impl_keys: Any) -> dict[str, Any]:
-    """Build result.json from the spec, the run folder's evaluations and what the implementation measured (the
-    RESULT_KEYS every implementation shares, plus its own `impl_keys`); validate it, write it atomically, log the
-    closing line. Returns the result."""
+def write_result(run_dir: Path, spec, files, log, *, steps: int, data_sha256: str, param_count: int,
+                 wall_seconds: float, train_seconds: float, device: str, eval_images: int,
+                 **impl_keys: Any) -> dict[str, Any]:
+    """Build result.json from the spec, what spec.json says of the code and machine (`files`: its RunFiles), the
+    run folder's evaluations and what the implementation measured (the RESULT_KEYS every implementation shares,
+    plus its own `impl_keys`); validate it, write it atomically, log the closing line. Returns the result."""
     import torch
 
     evals = read_evals(run_dir)
@@ -153,8 +138,8 @@ def write_result(run_dir: Path, spec, log, *, steps: int, data_sha256: str, para
         "wall_seconds": wall_seconds,  # summed over sessions, evaluation included
         "train_seconds": train_seconds,  # training steps only
         "steps_per_second": steps / train_seconds if train_seconds > 0 else None,
-        "device": device, "device_name": machine_info(device),
-        "torch_version": torch.__version__, "code_version": code_version(),
+        "device": device, "device_name": files.machine,
+        "torch_version": torch.__version__, "code_version": files.code_version,
         "precision": spec.precision, "channels_last": spec.channels_last, "eval_images": eval_images,
         "evals": evals, **impl_keys,
     }
@@ -163,42 +148,3 @@ def write_result(run_dir: Path, spec, log, *, steps: int, data_sha256: str, para
     log(f"done: final top1 {result['final_top1']:.2f}, median of last 20 {result['median20_top1']:.2f}; "
         f"{result['steps_per_second'] or 0:.3f} steps/s")
     return result
-
-
-def code_version(repo_dir: Path | None = None) -> str:
-    """The git commit of this project (with -dirty when the tree has uncommitted changes), or "unknown"."""
-    import subprocess
-
-    repo_dir = Path(repo_dir or Path(__file__).resolve().parents[1])
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_dir,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    if not head:
-        return "unknown"
-    return head + ("-dirty" if dirty else "")
-
-
-def machine_info(device: str) -> str:
-    """One line naming the machine a run used: the accelerator if any, else the CPU model and core count."""
-    import platform
-
-    if device.startswith("cuda"):
-        try:
-            import torch
-
-            return f"{torch.cuda.get_device_name(torch.device(device))} ({platform.node() or 'host'})"
-        except Exception:
-            return device
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"

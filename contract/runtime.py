@@ -1,4 +1,5 @@
-"""What every implementation's entry point shares: the run-folder lock, stop signals, the log, exit codes."""
+"""What every implementation's entry point shares: its command line, the run-folder lock, stop signals, the log,
+exit codes."""
 from __future__ import annotations
 
 import fcntl
@@ -13,13 +14,6 @@ from typing import Callable
 
 LOG_FILE = "log.txt"
 LOCK_FILE = ".lock"
-CACHE_ENV = "FIXMATCH_BENCH_CACHE"  # where decoded data and the TorchSSL checkout are cached
-
-
-def default_cache_dir() -> Path:
-    """$FIXMATCH_BENCH_CACHE if set and not empty, else ~/.cache/fixmatch_bench."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fixmatch_bench")
-
 
 class RunInterrupted(Exception):
     """SIGTERM or SIGINT arrived; the run wrote a checkpoint after its last whole step and stops."""
@@ -27,6 +21,10 @@ class RunInterrupted(Exception):
     def __init__(self, signum: int, step: int):
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; the checkpoint resumes it")
         self.signum, self.step = signum, step
+
+
+class StoppedAfter(Exception):
+    """stop_after=k (tests): the run stopped after step k as an interruption would, with a checkpoint written."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -112,6 +110,34 @@ def resolve_device(name: str):
     return device
 
 
+def entry_main(prog: str, description: str, run: Callable, argv: list[str] | None = None,
+               add_flags: Callable | None = None, expected: tuple = ()) -> int:
+    """The command line every implementation's entry point shares:
+
+        python -m PROG --spec RUN/spec.json --run-dir RUN [--device D] [its own flags]
+
+    run(spec, files, run_dir, device_name, args) does the work; add_flags(parser) adds the entry's own flags."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=description)
+    parser.add_argument("--spec", type=Path, required=True, help="the run's spec.json")
+    parser.add_argument("--run-dir", type=Path, required=True, help="the run folder (outputs go here)")
+    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: spec.json's)")
+    parser.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: stop and resume
+    if add_flags is not None:
+        add_flags(parser)
+    args = parser.parse_args(argv)
+    run_dir = args.run_dir.resolve()
+
+    def body() -> None:
+        from contract.spec import read_spec
+
+        spec, files = read_spec(args.spec)
+        run(spec, files, run_dir, args.device or files.device, args)
+
+    return run_entry(prog, run_dir, body, expected)
+
+
 def run_entry(prog: str, run_dir: Path, body: Callable[[], object], expected: tuple = ()) -> int:
     """Run `body` under the run-folder lock; turn every way it can end into one stderr line and an exit code.
 
@@ -120,6 +146,8 @@ def run_entry(prog: str, run_dir: Path, body: Callable[[], object], expected: tu
     try:
         with run_lock(run_dir):
             body()
+    except StoppedAfter:
+        return 0
     except RunInterrupted as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 128 + e.signum

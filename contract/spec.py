@@ -1,10 +1,11 @@
-"""RunSpec: the frozen definition of one run, its stable hash, and the spec.json file of a run folder."""
+"""RunSpec: the frozen definition of one run, its stable hash, its checks, and the spec.json file of a run folder."""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,10 @@ from contract.results import read_json, write_json_atomic
 IMPLS = ("own", "torchssl")
 PRECISIONS = ("fp32", "bf16")
 SPEC_FILE = "spec.json"
+# The fields that place a run in a study (what it is run on); every other field is a setting a preset gives.
+IDENTITY_FIELDS = ("impl", "n_labels", "seed", "data_kind", "data_sha256", "split_sha256", "dataset",
+                   "num_classes")
+MAX_SEED = 2**32 - 1  # numpy's SeedSequence and torch.manual_seed accept any int, the split files' readers too
 
 
 @dataclass(frozen=True)
@@ -20,7 +25,7 @@ class RunSpec:
     """Everything that defines one run. The device is not part of it: it is where a run executes, not what it is."""
 
     impl: str  # "own" | "torchssl"
-    n_labels: int  # labelled images in total (n/10 per class)
+    n_labels: int  # labelled images in total (n/num_classes per class)
     seed: int  # seeds the split and the run's own random generators
     data_kind: str  # source kind of the data set, e.g. "image-folder-tar"
     data_sha256: str  # sha256 of the decoded arrays (train_x, train_y, test_x, test_y)
@@ -48,35 +53,7 @@ class RunSpec:
     log_every: int = 50  # steps between training-statistics lines in metrics.jsonl
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.impl not in IMPLS:
-            problems.append(f"impl {self.impl!r} is not one of {IMPLS}")
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision {self.precision!r} is not one of {PRECISIONS}")
-        for name in ("steps", "eval_every", "batch_size", "uratio", "depth", "widen_factor",
-                     "eval_batch_size", "checkpoint_every", "log_every", "num_classes"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.n_labels < 1 or self.n_labels % self.num_classes:
-            problems.append(f"n_labels must be a positive multiple of {self.num_classes}, got {self.n_labels}")
-        if not self.lr > 0:
-            problems.append(f"lr must be positive, got {self.lr}")
-        if not 0.0 <= self.momentum < 1.0:
-            problems.append(f"momentum must lie in [0, 1), got {self.momentum}")
-        if not self.weight_decay >= 0:
-            problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if not self.lambda_u >= 0:
-            problems.append(f"lambda_u must be >= 0, got {self.lambda_u}")
-        if self.seed < 0:
-            problems.append(f"seed must be >= 0, got {self.seed}")
-        if not 0.0 <= self.threshold <= 1.0:
-            problems.append(f"threshold must lie in [0, 1], got {self.threshold}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            problems.append(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
-        if (self.depth - 4) % 6:
-            problems.append(f"WideResNet depth must be 6n+4, got {self.depth}")
-        if self.eval_subset < 0 or self.eval_subset % self.num_classes:
-            problems.append(f"eval_subset must be 0 or a positive multiple of {self.num_classes}, got {self.eval_subset}")
+        problems = spec_problems(self.to_dict())
         if problems:
             raise ValueError("invalid run spec: " + "; ".join(problems))
 
@@ -100,15 +77,93 @@ class RunSpec:
     def name(self) -> str:
         return f"{self.dataset}-{self.n_labels}-seed{self.seed}-{self.impl}-{self.hash()}"
 
+    @property
+    def images_per_step(self) -> int:
+        """Images through the forward pass of one step: B labelled, muB weak and muB strong unlabelled."""
+        return self.batch_size * (1 + 2 * self.uratio)
+
+
+SETTING_FIELDS = tuple(f.name for f in dataclasses.fields(RunSpec) if f.name not in IDENTITY_FIELDS)
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunSpec) if f.default is not dataclasses.MISSING}
+
+
+def budget_problem(n_labels: int, num_classes: int = 10) -> str | None:
+    """The rule for a label budget: a positive multiple of the class count (so every class gets n/C labels)."""
+    if n_labels <= 0 or n_labels % num_classes:
+        return (f"label budget {n_labels} is not accepted: it must be a positive multiple of {num_classes} (the "
+                f"number of classes), e.g. 40, 250 or 4000")
+    return None
+
+
+def settings_problems(values: dict[str, Any], num_classes: int = 10) -> list[str]:
+    """What is wrong with a preset's setting values (a subset of SETTING_FIELDS; missing ones take the defaults).
+    The one place every setting is checked: RunSpec runs it on construction, planning before any work."""
+    unknown = sorted(set(values) - set(SETTING_FIELDS))
+    if unknown:
+        return [f"unknown settings {unknown}; known: {', '.join(SETTING_FIELDS)}"]
+    v = {**{k: _DEFAULTS[k] for k in SETTING_FIELDS}, **values}
+    problems = []
+    if v["precision"] not in PRECISIONS:
+        problems.append(f"precision {v['precision']!r} is not one of {PRECISIONS}")
+    for name in ("steps", "eval_every", "batch_size", "uratio", "depth", "widen_factor", "eval_batch_size",
+                 "checkpoint_every", "log_every"):
+        if not isinstance(v[name], int) or isinstance(v[name], bool) or v[name] < 1:
+            problems.append(f"{name} must be a positive integer, got {v[name]!r}")
+    # finite first: inf passes "> 0" and then fails deep inside a run
+    finite = {k: v[k] for k in ("lr", "momentum", "weight_decay", "threshold", "lambda_u", "ema_decay")}
+    for name, x in finite.items():
+        if not isinstance(x, (int, float)) or not math.isfinite(x):
+            problems.append(f"{name} must be a finite number, got {x!r}")
+    if problems:
+        return problems
+    if not v["lr"] > 0:
+        problems.append(f"lr must be positive, got {v['lr']}")
+    if not 0.0 <= v["momentum"] < 1.0:
+        problems.append(f"momentum must lie in [0, 1), got {v['momentum']}")
+    if not v["weight_decay"] >= 0:
+        problems.append(f"weight_decay must be >= 0, got {v['weight_decay']}")
+    if not v["lambda_u"] >= 0:
+        problems.append(f"lambda_u must be >= 0, got {v['lambda_u']}")
+    if not 0.0 <= v["threshold"] <= 1.0:
+        problems.append(f"threshold must lie in [0, 1], got {v['threshold']}")
+    if not 0.0 <= v["ema_decay"] < 1.0:
+        problems.append(f"ema_decay must lie in [0, 1), got {v['ema_decay']}")
+    if (v["depth"] - 4) % 6:
+        problems.append(f"WideResNet depth must be 6n+4, got {v['depth']}")
+    if v["eval_subset"] < 0 or v["eval_subset"] % num_classes:
+        problems.append(f"eval_subset must be 0 or a positive multiple of {num_classes}, got {v['eval_subset']}")
+    return problems
+
+
+def spec_problems(d: dict[str, Any]) -> list[str]:
+    """settings_problems plus the identity fields' rules."""
+    if d["num_classes"] < 1:
+        return [f"num_classes must be a positive integer, got {d['num_classes']!r}"]
+    problems = settings_problems({k: d[k] for k in SETTING_FIELDS if k in d}, d["num_classes"])
+    if d["impl"] not in IMPLS:
+        problems.append(f"impl {d['impl']!r} is not one of {IMPLS}")
+    problem = budget_problem(d["n_labels"], d["num_classes"])
+    if problem:
+        problems.append(problem)
+    if not 0 <= d["seed"] <= MAX_SEED:
+        problems.append(f"seed must lie in [0, 2^32 - 1], got {d['seed']}")
+    return problems
+
 
 @dataclass(frozen=True)
 class RunFiles:
-    """What a run folder's spec.json holds besides the spec: where the inputs are and where to run."""
+    """What a run folder's spec.json holds besides the spec: where the inputs are, where and how to run, and what
+    the harness knows that a result must carry. Nothing here changes what a run computes."""
 
     data_dir: str  # folder of the cached arrays (train_x.npy, train_y.npy, test_x.npy, test_y.npy)
     split_file: str  # the split JSON (labelled indices and their sha256)
     device: str = "cpu"
-    extra: dict = field(default_factory=dict)  # implementation-specific settings, e.g. the TorchSSL checkout
+    code_version: str = "unknown"  # this project's commit (-dirty: uncommitted changes), or its package version
+    machine: str = ""  # the accelerator, or the CPU model and core count
+    compile: bool | None = None  # own: torch.compile asked for (True/False) or left to own_impl's policy (None)
+    compile_binding: bool = True  # own: an asked-for compile that fails fails the run; False: falls back to eager
+    num_workers: int | None = None  # torchssl: its DataLoader workers (None: TorchSSL's config)
+    torchssl_checkout: str | None = None  # torchssl: the verified checkout to import TorchSSL from
 
 
 def write_spec(run_dir: Path, spec: RunSpec, files: RunFiles) -> Path:
@@ -122,9 +177,11 @@ def write_spec(run_dir: Path, spec: RunSpec, files: RunFiles) -> Path:
 
 def read_spec(path: Path) -> tuple[RunSpec, RunFiles]:
     payload = read_json(path, "run spec")
-    spec = RunSpec.from_dict(payload["spec"])
+    try:
+        spec = RunSpec.from_dict(payload["spec"])
+        files = RunFiles(**{f.name: payload[f.name] for f in dataclasses.fields(RunFiles) if f.name in payload})
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"run spec {path} is not a run spec file ({type(e).__name__}: {e})") from None
     if payload.get("spec_hash") not in (None, spec.hash()):
         raise ValueError(f"run spec {path}: stored hash {payload['spec_hash']} != recomputed {spec.hash()} (edited by hand?)")
-    files = RunFiles(data_dir=payload["data_dir"], split_file=payload["split_file"],
-                     device=payload.get("device", "cpu"), extra=payload.get("extra", {}))
     return spec, files

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from contract.arrays import ARRAY_NAMES, arrays_sha256
-from contract.runtime import default_cache_dir
+from harness.env import default_cache_dir
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_COUNTS = {"train": 5000, "test": 1000}  # images per class

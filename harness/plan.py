@@ -1,13 +1,17 @@
-"""Presets as data, and the plan: one RunSpec and run folder per (budget, seed, implementation)."""
+"""Presets as data, and the plan: every value checked before any work, then the data set, the split files and
+one RunSpec and run folder per (budget, seed, implementation)."""
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from contract.spec import IMPLS, RunSpec
+import numpy as np
 
-# Each preset is a set of RunSpec field values; every value can be overridden by a flag of the same name.
+from contract.spec import MAX_SEED, RunSpec, settings_problems
+from harness.data import CIFAR10_COUNTS
+from harness.splits import check_budget
+
+# Each preset is a set of RunSpec setting values; every value can be overridden by a flag of the same name.
 PRESETS: dict[str, dict] = {
     # Sohn et al. 2020, CIFAR-10: 2^20 steps, B 64, mu 7, SGD Nesterov 0.9, lr 0.03, wd 5e-4, tau 0.95, EMA 0.999.
     "paper": dict(steps=2**20, eval_every=5000, checkpoint_every=5000, log_every=100),
@@ -18,9 +22,11 @@ PRESETS: dict[str, dict] = {
     "smoke": dict(steps=48, eval_every=12, batch_size=4, uratio=2, eval_subset=1000, eval_batch_size=500,
                   checkpoint_every=24, log_every=4),
 }
-OVERRIDABLE = tuple(f.name for f in dataclasses.fields(RunSpec)
-                    if f.name not in ("impl", "n_labels", "seed", "data_kind", "data_sha256", "split_sha256",
-                                      "dataset", "num_classes"))
+CIFAR10_TEST_IMAGES = 10_000
+
+
+class UsageError(ValueError):
+    """A flag value that cannot be used; reported as one line."""
 
 
 @dataclass(frozen=True)
@@ -30,22 +36,84 @@ class PlannedRun:
     split_file: Path
 
 
+@dataclass
+class Plan:
+    preset: str
+    devices: list[str]
+    data: object  # harness.data.Dataset
+    cache_dir: Path | None
+    runs: list[PlannedRun] = field(default_factory=list)
+    splits: dict[tuple[int, int], tuple[Path, str]] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        d = self.data
+        lines = [f"data: {d.identity.describe()}", f"      cached arrays {d.data_dir}",
+                 f"      train per class {np.bincount(d.train_y, minlength=10).tolist()}, "
+                 f"test per class {np.bincount(d.test_y, minlength=10).tolist()}"]
+        lines += [f"split: {path}  sha256 {sha}" for path, sha in self.splits.values()]
+        lines.append(f"plan: {len(self.runs)} runs, preset {self.preset}, devices {', '.join(self.devices)}")
+        for r in self.runs:
+            s = r.spec
+            lines.append(f"  {s.impl:8s} n_labels={s.n_labels:<5d} seed={s.seed:<3d} steps={s.steps:<8d} "
+                         f"eval_every={s.eval_every:<6d} B={s.batch_size} mu={s.uratio} hash={s.hash()}  {r.run_dir}")
+        return "\n".join(lines)
+
+
 def preset_values(preset: str, overrides: dict) -> dict:
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; accepted: {', '.join(PRESETS)}")
-    unknown = sorted(set(overrides) - set(OVERRIDABLE))
-    if unknown:
-        raise ValueError(f"cannot override {unknown}; overridable settings: {', '.join(OVERRIDABLE)}")
-    return {**PRESETS[preset], **overrides}  # overrides: only the values set (harness.main leaves unset flags out)
+        raise UsageError(f"unknown preset {preset!r}; accepted: {', '.join(PRESETS)}")
+    return {**PRESETS[preset], **overrides}  # overrides: only the values set
 
 
-def plan_runs(*, budgets, seeds, impls, preset: str, overrides: dict, out_dir: Path, data_kind: str,
-              data_sha256: str, splits: dict[tuple[int, int], tuple[Path, str]]) -> list[PlannedRun]:
+def check_request(budgets, seeds, impls, values: dict) -> None:
+    """Every value of a request, checked before any data is decoded or any file written; one line each."""
+    for flag, given in (("--budgets", budgets), ("--seeds", seeds), ("--impls", impls)):
+        if len(set(given)) != len(given):
+            raise UsageError(f"{flag} {' '.join(map(str, given))} repeats a value; give each once")
+    bad_seeds = [s for s in seeds if not 0 <= s <= MAX_SEED]
+    if bad_seeds:
+        raise UsageError(f"--seeds {bad_seeds[0]} is not accepted; seeds are integers in 0..{MAX_SEED}")
+    for n in budgets:  # CIFAR-10's counts: a budget its classes cannot supply fails before any decoding
+        check_budget(n, CIFAR10_COUNTS["train"])
+    problems = settings_problems(values)
+    if problems:
+        raise UsageError("invalid run spec: " + "; ".join(problems))
+    if values.get("eval_subset", 0) > CIFAR10_TEST_IMAGES:
+        raise UsageError(f"--eval-subset {values['eval_subset']} is more than the {CIFAR10_TEST_IMAGES} test images; "
+                         f"accepted: 0 (all) or a multiple of 10 up to {CIFAR10_TEST_IMAGES}")
+    if "torchssl" in impls and values.get("channels_last"):
+        raise UsageError("--channels-last is not accepted with TorchSSL (its model runs as it ships); "
+                         "leave it out or use --impls own")
+
+
+def resolve_devices(device: str, gpus: list[int] | None) -> list[str]:
+    """The devices runs are spread over: one run per device at a time."""
+    import torch
+
+    if gpus:
+        if not torch.cuda.is_available():
+            raise UsageError(f"--gpus {' '.join(map(str, gpus))} needs CUDA, but torch sees no GPU; use --device cpu")
+        bad = [g for g in gpus if not 0 <= g < torch.cuda.device_count()]
+        if bad:
+            raise UsageError(f"--gpus {bad[0]} is not a GPU index; accepted: 0..{torch.cuda.device_count() - 1}")
+        return [f"cuda:{g}" for g in gpus]
+    if device == "auto":
+        return ["cuda:0" if torch.cuda.is_available() else "cpu"]
+    if device == "cpu":
+        return ["cpu"]
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: torch sees no GPU here; accepted: auto, cpu")
+        index = device.partition(":")[2] or "0"
+        if not index.isdigit() or int(index) >= torch.cuda.device_count():
+            raise UsageError(f"--device {device} is not a GPU here; accepted: cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        return [f"cuda:{index}"]
+    raise UsageError(f"--device {device!r} is not accepted; accepted: auto, cpu, cuda, cuda:N")
+
+
+def plan_runs(*, budgets, seeds, impls, values: dict, out_dir: Path, data_kind: str, data_sha256: str,
+              splits: dict[tuple[int, int], tuple[Path, str]]) -> list[PlannedRun]:
     """splits maps (budget, seed) to (split file, sha256); every implementation of a pair gets the same one."""
-    bad = [i for i in impls if i not in IMPLS]
-    if bad:
-        raise ValueError(f"unknown implementation {bad[0]!r}; accepted: {', '.join(IMPLS)}")
-    values = preset_values(preset, overrides)
     runs = []
     for n in budgets:
         for seed in seeds:
@@ -55,3 +123,24 @@ def plan_runs(*, budgets, seeds, impls, preset: str, overrides: dict, out_dir: P
                                split_sha256=split_sha, **values)
                 runs.append(PlannedRun(spec, Path(out_dir) / "runs" / spec.name, split_file))
     return runs
+
+
+def make_plan(*, budgets, seeds, impls, preset: str, overrides: dict, out_dir: Path, device: str,
+              gpus: list[int] | None, data: str | None, cache_dir: Path | None) -> Plan:
+    """Check the request, then decode (or find cached) the data, write or verify the split files, plan the runs."""
+    from harness.data import load_cifar10
+    from harness.splits import ensure_split
+
+    values = preset_values(preset, overrides)
+    check_request(budgets, seeds, impls, values)
+    devices = resolve_devices(device, gpus)
+    dataset = load_cifar10(data, cache_dir=cache_dir)
+    plan = Plan(preset, devices, dataset, cache_dir)
+    for n in budgets:
+        for seed in seeds:
+            plan.splits[(n, seed)] = ensure_split(out_dir, "cifar10", dataset.train_y, n, seed,
+                                                  dataset.identity.data_sha256)
+    plan.runs = plan_runs(budgets=budgets, seeds=seeds, impls=impls, values=values, out_dir=out_dir,
+                          data_kind=dataset.identity.kind, data_sha256=dataset.identity.data_sha256,
+                          splits=plan.splits)
+    return plan

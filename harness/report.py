@@ -167,53 +167,66 @@ def _series(metrics: list[dict], kind: str, key: str) -> tuple[list[int], list[f
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+COLORS = {"own": "tab:blue", "torchssl": "tab:orange"}
+
+
 def make_figures(runs: list[dict], fig_dir: Path, tag: str) -> list[tuple[str, Path]]:
+    """One figure per budget (accuracy, mask rate, pseudo-label accuracy over steps) and one of throughput."""
     import matplotlib
 
     matplotlib.use("Agg")
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    made = []
+    for n in sorted({r["spec"]["n_labels"] for r in runs}):
+        path = fig_dir / f"{tag}curves-{n}.png"
+        _curves_figure([r for r in runs if r["spec"]["n_labels"] == n], n, path)
+        made.append((f"{n} labels: accuracy, mask rate, pseudo-label accuracy", path))
+    path = fig_dir / f"{tag}throughput.png"
+    _throughput_figure(runs, path)
+    made.append(("throughput", path))
+    return made
+
+
+def _curves_figure(runs: list[dict], n: int, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    colors = {"own": "tab:blue", "torchssl": "tab:orange"}
-    made = []
-    for n in sorted({r["spec"]["n_labels"] for r in runs}):
-        mine = [r for r in runs if r["spec"]["n_labels"] == n]
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        for impl in sorted({r["spec"]["impl"] for r in mine}):
-            rs = [r for r in mine if r["spec"]["impl"] == impl]
-            label = IMPL_NAMES.get(impl, impl)
-            curves = [_series(r["metrics"], "eval", "top1") for r in rs]
-            for steps, acc in curves:
-                axes[0].plot(steps, acc, color=colors.get(impl), alpha=0.35 if len(rs) > 1 else 1.0,
-                             lw=1, marker="o" if len(steps) < 30 else None, ms=3,
-                             label=None if len(rs) > 1 else label)
-            common = set.intersection(*(set(s) for s, _ in curves)) if curves else set()
-            if len(rs) > 1 and common:
-                xs = sorted(common)
-                ys = np.array([[dict(zip(s, a))[x] for x in xs] for s, a in curves])
-                axes[0].plot(xs, ys.mean(0), color=colors.get(impl), lw=2, label=f"{label}, mean of {len(rs)} seeds")
-                axes[0].fill_between(xs, ys.min(0), ys.max(0), color=colors.get(impl), alpha=0.15)
-            for ax, key in ((axes[1], "mask_rate"), (axes[2], "pseudo_acc")):
-                for i, r in enumerate(rs):
-                    s, v = _series(r["metrics"], "train", key)
-                    if s:
-                        ax.plot(s, [100 * x for x in v], color=colors.get(impl), alpha=0.8, lw=1,
-                                label=label if i == 0 else None)
-        axes[0].set(title=f"EMA-model test accuracy, {n} labels", xlabel="step", ylabel="top-1 accuracy (%)")
-        axes[1].set(title=f"mask rate (pseudo-labels accepted), {n} labels", xlabel="step",
-                    ylabel="accepted unlabelled images (%)")
-        axes[2].set(title=f"accuracy of accepted pseudo-labels, {n} labels", xlabel="step",
-                    ylabel="correct among accepted (%)")
-        for ax in axes:
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = fig_dir / f"{tag}curves-{n}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        made.append((f"{n} labels: accuracy, mask rate, pseudo-label accuracy", path))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for impl in impls_in(runs):
+        rs = [r for r in runs if r["spec"]["impl"] == impl]
+        label, color = IMPL_NAMES.get(impl, impl), COLORS.get(impl)
+        curves = [_series(r["metrics"], "eval", "top1") for r in rs]
+        for steps, acc in curves:
+            axes[0].plot(steps, acc, color=color, alpha=0.35 if len(rs) > 1 else 1.0, lw=1,
+                         marker="o" if len(steps) < 30 else None, ms=3, label=None if len(rs) > 1 else label)
+        common = set.intersection(*(set(s) for s, _ in curves)) if curves else set()
+        if len(rs) > 1 and common:  # the mean over seeds where every seed was evaluated, and their range
+            xs = sorted(common)
+            ys = np.array([[dict(zip(s, a))[x] for x in xs] for s, a in curves])
+            axes[0].plot(xs, ys.mean(0), color=color, lw=2, label=f"{label}, mean of {len(rs)} seeds")
+            axes[0].fill_between(xs, ys.min(0), ys.max(0), color=color, alpha=0.15)
+        for ax, key in ((axes[1], "mask_rate"), (axes[2], "pseudo_acc")):
+            for i, r in enumerate(rs):
+                s, v = _series(r["metrics"], "train", key)
+                if s:
+                    ax.plot(s, [100 * x for x in v], color=color, alpha=0.8, lw=1, label=label if i == 0 else None)
+    axes[0].set(title=f"EMA-model test accuracy, {n} labels", xlabel="step", ylabel="top-1 accuracy (%)")
+    axes[1].set(title=f"mask rate (pseudo-labels accepted), {n} labels", xlabel="step",
+                ylabel="accepted unlabelled images (%)")
+    axes[2].set(title=f"accuracy of accepted pseudo-labels, {n} labels", xlabel="step",
+                ylabel="correct among accepted (%)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _throughput_figure(runs: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+    import numpy as np
 
     fig, ax = plt.subplots(figsize=(6, 4))
     budgets = sorted({r["spec"]["n_labels"] for r in runs})
@@ -224,18 +237,15 @@ def make_figures(runs: list[dict], fig_dir: Path, tag: str) -> list[tuple[str, P
                                  if r["spec"]["impl"] == impl and r["spec"]["n_labels"] == n] or [0.0])
                 for n in budgets]
         ax.bar(np.arange(len(budgets)) + j * width, vals, width, label=IMPL_NAMES.get(impl, impl),
-               color=colors.get(impl))
+               color=COLORS.get(impl))
     ax.set_xticks(np.arange(len(budgets)) + width * (len(impls) - 1) / 2, [str(b) for b in budgets])
     ax.set(title="training throughput (training steps only; evaluation and checkpoints excluded)", xlabel="labels",
            ylabel="steps per second")
     ax.legend()
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    path = fig_dir / f"{tag}throughput.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    made.append(("throughput", path))
-    return made
 
 
 def write_report(out_dir: Path) -> Path:

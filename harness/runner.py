@@ -11,15 +11,40 @@ import tempfile
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 from contract.results import METRICS_FILE, read_metrics, read_result
 from contract.spec import RunFiles, write_spec
+from harness.env import PACKAGE_ROOT, code_version, machine_info
 from harness.plan import PlannedRun
 
-REPO = Path(__file__).resolve().parents[1]
 ENTRY = {"own": "own_impl.train", "torchssl": "third_party.torchssl.entry"}
 PROCESS_LOG = "process.log"  # the subprocess's stdout and stderr; each implementation keeps its own log.txt
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the planned runs execute (nothing here changes what they compute)."""
+
+    devices: list[str]  # one run per device at a time
+    torchssl_source: str | None = None  # where to clone TorchSSL from (None: $TORCHSSL_SOURCE, else GitHub)
+    cache_dir: Path | None = None  # None: harness.env.default_cache_dir()
+    warmup: bool = True  # time a few steps first and print an estimate of the total time
+    compile_own: bool | None = None  # own_impl's torch.compile, asked for or left to its policy (None)
+    torchssl_workers: int | None = None  # TorchSSL's DataLoader workers (None: its config's)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every run's spec.json carries besides its spec, the same for all runs of one call."""
+
+    data_dir: Path
+    code_version: str
+    compile_own: bool | None = None
+    compile_binding: bool = True
+    torchssl_workers: int | None = None
+    torchssl_checkout: str | None = None
 
 
 def is_done(run: PlannedRun) -> bool:
@@ -32,15 +57,21 @@ def command(run: PlannedRun) -> list[str]:
     return [sys.executable, "-m", ENTRY[run.spec.impl], "--spec", str(spec_path), "--run-dir", str(run.run_dir)]
 
 
-def prepare(run: PlannedRun, data_dir: Path, device: str, extra: dict) -> None:
-    write_spec(run.run_dir, run.spec, RunFiles(data_dir=str(data_dir), split_file=str(run.split_file.resolve()),
-                                               device=device, extra=extra))
+def prepare(run: PlannedRun, ctx: RunContext, device: str) -> None:
+    """Write the run folder's spec.json: the spec, its inputs, the device, and how the implementation runs."""
+    own, torchssl = run.spec.impl == "own", run.spec.impl == "torchssl"
+    write_spec(run.run_dir, run.spec, RunFiles(
+        data_dir=str(ctx.data_dir), split_file=str(run.split_file.resolve()), device=device,
+        code_version=ctx.code_version, machine=machine_info(device),
+        compile=ctx.compile_own if own else None, compile_binding=ctx.compile_binding,
+        num_workers=ctx.torchssl_workers if torchssl else None,
+        torchssl_checkout=ctx.torchssl_checkout if torchssl else None))
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """The environment for a child process run from REPO: this project importable, output unbuffered."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-            "PYTHONUNBUFFERED": "1", **extra}
+    """The environment for a child process: this project importable from any folder, output unbuffered."""
+    path = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", **extra}
 
 
 def launch(run: PlannedRun) -> subprocess.Popen:
@@ -49,7 +80,7 @@ def launch(run: PlannedRun) -> subprocess.Popen:
     log = open(run.run_dir / PROCESS_LOG, "a")
     log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
     log.flush()
-    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
+    return subprocess.Popen(cmd, cwd=run.run_dir, stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
 
 
@@ -106,8 +137,7 @@ def progress(run: PlannedRun) -> tuple[int, float | None]:
     return Progress(run)()
 
 
-def warmup_estimate(runs: list[PlannedRun], data_dir: Path, n_test: int, device: str,
-                    extras: dict[str, dict]) -> float | None:
+def warmup_estimate(runs: list[PlannedRun], ctx: RunContext, n_test: int, device: str) -> float | None:
     """Time a few steps of each implementation at the planned batch sizes; return the estimated total seconds.
     `runs`: the runs still to do; `n_test`: the number of test images."""
     total = 0.0
@@ -118,7 +148,7 @@ def warmup_estimate(runs: list[PlannedRun], data_dir: Path, n_test: int, device:
                                    checkpoint_every=probe_steps, log_every=1)
         with tempfile.TemporaryDirectory(prefix=f"warmup-{impl}-") as tmp:
             probe = PlannedRun(spec, Path(tmp) / "run", mine[0].split_file)
-            prepare(probe, data_dir, device, extras.get(impl, {}))
+            prepare(probe, ctx, device)
             t0 = time.perf_counter()
             proc = launch(probe)
             try:
@@ -149,93 +179,117 @@ def warmup_estimate(runs: list[PlannedRun], data_dir: Path, n_test: int, device:
     return total
 
 
-def execute(runs: list[PlannedRun], *, data, devices: list[str], torchssl_source: str | None,
-            cache_dir: Path | None, warmup: bool = True, compile_own: bool | None = None) -> list[PlannedRun]:
-    """Run every planned run that is not done; return the ones that failed."""
-    from tqdm import tqdm
+def run_context(data, options: RunOptions, need_torchssl: bool) -> RunContext:
+    """What spec.json files carry; the TorchSSL checkout is made (or found, verified) here if a run needs it."""
+    checkout = None
+    if need_torchssl:
+        from harness.env import default_cache_dir
+        from third_party.torchssl.checkout import ensure_checkout
 
-    extras: dict[str, dict] = {"own": {} if compile_own is None else {"compile": compile_own}, "torchssl": {}}
+        checkout = str(ensure_checkout(options.torchssl_source, cache_dir=options.cache_dir or default_cache_dir()))
+    return RunContext(data_dir=Path(data.data_dir), code_version=code_version(), compile_own=options.compile_own,
+                      torchssl_workers=options.torchssl_workers, torchssl_checkout=checkout)
+
+
+def execute(runs: list[PlannedRun], *, data, options: RunOptions) -> list[PlannedRun]:
+    """Run every planned run that is not done; return the ones that failed."""
     done, todo = [], []
     for r in runs:
         (done if is_done(r) else todo).append(r)
-    if any(r.spec.impl == "torchssl" for r in todo):
-        from third_party.torchssl.checkout import ensure_checkout
-
-        checkout = ensure_checkout(torchssl_source, cache_dir=cache_dir)  # None: $TORCHSSL_SOURCE, else GitHub
-        extras["torchssl"] = {"torchssl_checkout": str(checkout)}
+    ctx = run_context(data, options, any(r.spec.impl == "torchssl" for r in todo))
     for r in done:
         print(f"done already: {r.spec.name}")
     if not todo:
         return []
-    if warmup:
-        est = warmup_estimate(todo, data.data_dir, len(data.test_y), devices[0], extras)
+    if options.warmup:
+        est = warmup_estimate(todo, ctx, len(data.test_y), options.devices[0])
         if est is not None:
-            print(f"estimated time for {len(todo)} runs on {len(devices)} device(s): "
-                  f"{est / len(devices) / 60:.1f} min")
+            print(f"estimated time for {len(todo)} runs on {len(options.devices)} device(s): "
+                  f"{est / len(options.devices) / 60:.1f} min")
+    return LocalScheduler(todo, ctx, options.devices).run()
 
-    failed: list[PlannedRun] = []
-    active: set[subprocess.Popen] = set()
-    stopping = threading.Event()  # set on an interruption: no new run starts, running ones checkpoint
-    lock = threading.Lock()
-    queue = deque(todo)
-    overall = tqdm(total=len(todo), desc="runs", position=0, unit="run", dynamic_ncols=True)
 
-    def worker(device: str, slot: int) -> None:
+class LocalScheduler:
+    """One worker thread per device, each running one run's subprocess at a time, with progress bars. An
+    interruption (Ctrl-C, SIGTERM) starts no new run and sends SIGTERM to the running ones, which checkpoint."""
+
+    def __init__(self, runs: list[PlannedRun], ctx: RunContext, devices: list[str]):
+        from tqdm import tqdm
+
+        self.tqdm, self.ctx, self.devices = tqdm, ctx, devices
+        self.queue = deque(runs)
+        self.failed: list[PlannedRun] = []
+        self.active: set[subprocess.Popen] = set()
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.overall = tqdm(total=len(runs), desc="runs", position=0, unit="run", dynamic_ncols=True)
+
+    def run(self) -> list[PlannedRun]:
+        threads = [threading.Thread(target=self._worker, args=(d, i), daemon=True)
+                   for i, d in enumerate(self.devices)]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.5)
+        finally:
+            self._stop_all()
+            self.overall.close()
+        return self.failed
+
+    def _worker(self, device: str, slot: int) -> None:
         while True:
-            with lock:
-                if not queue or stopping.is_set():
+            with self.lock:
+                if not self.queue or self.stopping.is_set():
                     return
-                run = queue.popleft()
-            prepare(run, data.data_dir, device, extras[run.spec.impl])
-            bar = tqdm(total=run.spec.steps, desc=f"{run.spec.impl}/{run.spec.n_labels}/s{run.spec.seed}",
-                       position=slot + 1, leave=False, unit="step", dynamic_ncols=True)
-            with lock:
-                if stopping.is_set():
-                    bar.close()
+                run = self.queue.popleft()
+            prepare(run, self.ctx, device)
+            with self.lock:
+                if self.stopping.is_set():
                     return
                 proc = launch(run)
-                active.add(proc)
-            run_progress = Progress(run)
-            while proc.poll() is None:
-                time.sleep(1.0)
-                step, top1 = run_progress()
-                bar.n = step
-                bar.set_postfix_str(f"top1 {top1:.2f}%" if top1 is not None else "", refresh=False)
-                bar.refresh()
-            bar.close()
-            with lock:
-                active.discard(proc)
-                finished = is_done(run)
-                if stopping.is_set() and not finished:
-                    tqdm.write(f"interrupted {run.spec.name}: it resumes from its checkpoint on the next call")
-                elif proc.returncode != 0 or not finished:
-                    failed.append(run)
-                    tqdm.write(f"FAILED {run.spec.name} (exit {proc.returncode}); end of "
-                               f"{run.run_dir / PROCESS_LOG}:\n{log_tail(run)}")
-                else:
-                    res = read_result(run.run_dir)
-                    tqdm.write(f"finished {run.spec.name}: final top-1 {res['final_top1']:.2f}%, "
-                               f"{res['steps_per_second']:.2f} steps/s")
-                overall.update(1)
+                self.active.add(proc)
+            self._watch(run, proc, slot)
+            with self.lock:
+                self.active.discard(proc)
+                self._report(run, proc)
 
-    threads = [threading.Thread(target=worker, args=(d, i), daemon=True) for i, d in enumerate(devices)]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            while t.is_alive():
-                t.join(0.5)
-    finally:
-        with lock:
-            stopping.set()
-            queue.clear()
-            for proc in active:  # an interruption: each run checkpoints on SIGTERM and resumes next time
+    def _watch(self, run: PlannedRun, proc: subprocess.Popen, slot: int) -> None:
+        """A progress bar of the run's steps and last top-1, from its metrics.jsonl, until its process ends."""
+        bar = self.tqdm(total=run.spec.steps, desc=f"{run.spec.impl}/{run.spec.n_labels}/s{run.spec.seed}",
+                        position=slot + 1, leave=False, unit="step", dynamic_ncols=True)
+        read = Progress(run)
+        while proc.poll() is None:
+            time.sleep(1.0)
+            step, top1 = read()
+            bar.n = step
+            bar.set_postfix_str(f"top1 {top1:.2f}%" if top1 is not None else "", refresh=False)
+            bar.refresh()
+        bar.close()
+
+    def _report(self, run: PlannedRun, proc: subprocess.Popen) -> None:
+        finished = is_done(run)
+        if self.stopping.is_set() and not finished:
+            self.tqdm.write(f"interrupted {run.spec.name}: it resumes from its checkpoint on the next call")
+        elif proc.returncode != 0 or not finished:
+            self.failed.append(run)
+            self.tqdm.write(f"FAILED {run.spec.name} (exit {proc.returncode}); end of "
+                            f"{run.run_dir / PROCESS_LOG}:\n{log_tail(run)}")
+        else:
+            res = read_result(run.run_dir)
+            self.tqdm.write(f"finished {run.spec.name}: final top-1 {res['final_top1']:.2f}%, "
+                            f"{res['steps_per_second']:.2f} steps/s")
+        self.overall.update(1)
+
+    def _stop_all(self) -> None:
+        with self.lock:
+            self.stopping.set()
+            self.queue.clear()
+            for proc in self.active:  # an interruption: each run checkpoints on SIGTERM and resumes next time
                 proc.terminate()
-        for proc in list(active):
+        for proc in list(self.active):
             try:
                 proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        overall.close()
-    return failed
-

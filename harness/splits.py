@@ -8,6 +8,7 @@ import numpy as np
 
 from contract.arrays import indices_sha256
 from contract.results import write_json_atomic
+from contract.spec import budget_problem
 
 
 class SplitError(ValueError):
@@ -15,10 +16,11 @@ class SplitError(ValueError):
 
 
 def check_budget(n_labels: int, per_class_available: int, num_classes: int = 10) -> None:
-    """A budget must be a positive multiple of the class count that the smallest class can supply."""
-    if n_labels <= 0 or n_labels % num_classes:
-        raise SplitError(f"label budget {n_labels} is not accepted: it must be a positive multiple of "
-                         f"{num_classes} (the number of classes), e.g. 40, 250 or 4000")
+    """A budget must be a positive multiple of the class count (contract.spec's rule) that the smallest class can
+    supply."""
+    problem = budget_problem(n_labels, num_classes)
+    if problem:
+        raise SplitError(problem)
     if n_labels // num_classes > per_class_available:
         raise SplitError(f"label budget {n_labels} is not accepted: it needs {n_labels // num_classes} images per "
                          f"class, but the smallest class holds {per_class_available} "

@@ -2,10 +2,12 @@
 several test files use (imported as `from conftest import ...`: pytest puts tests/ on sys.path)."""
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,63 @@ def wrn_count_by_hand(depth: int = 28, k: int = 2, classes: int = 10) -> tuple[i
     return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
 
+def to_tensor(images):
+    """(N, H, W, 3) uint8 numpy -> (N, 3, H, W) uint8 tensor."""
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def to_numpy(x):
+    """(N, 3, H, W) tensor -> (N, H, W, 3) numpy."""
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def assert_same_images(got, want, what: str):
+    """Two uint8 image stacks (N, H, W, 3) equal pixel for pixel; else say how many pixels and images differ."""
+    import numpy as np
+
+    assert got.shape == want.shape and got.dtype == want.dtype == np.uint8
+    differs = np.any(got != want, axis=-1)
+    assert not differs.any(), (f"{what}: {differs.mean():.4%} of pixels differ, in {differs.any((1, 2)).sum()} "
+                               f"images, max abs diff {np.abs(got.astype(int) - want.astype(int)).max()}")
+
+
+@contextmanager
+def torchssl_modules(checkout: Path, *names: str):
+    """TorchSSL's modules `names`, imported from the checkout with no bytecode written there (so it stays clean);
+    sys.path, the bytecode flag and sys.modules are restored afterwards, so no TorchSSL package (datasets, models,
+    ...) outlives the caller."""
+    checkout = Path(checkout).resolve()
+    saved_path, saved_flag, before = list(sys.path), sys.dont_write_bytecode, set(sys.modules)
+    sys.dont_write_bytecode = True
+    sys.path.insert(0, str(checkout))
+    try:
+        modules = [importlib.import_module(name) for name in names]
+        for module in modules:
+            assert Path(module.__file__).resolve().is_relative_to(checkout), module.__file__
+        yield modules
+    finally:
+        sys.path[:] = saved_path
+        sys.dont_write_bytecode = saved_flag
+        for name in set(sys.modules) - before:
+            top = name.split(".")[0]
+            if (checkout / top).is_dir() or (checkout / f"{top}.py").is_file():
+                del sys.modules[name]
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensors on shared, busy cores: one torch thread is faster than several."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def shared_archive_path() -> Path:
     """The JPEG CIFAR-10 archive: $FIXMATCH_BENCH_DATA, else ../shared/data beside the checkout."""
     env = os.environ.get("FIXMATCH_BENCH_DATA")
@@ -82,11 +141,12 @@ def cifar_data_dir(cifar) -> Path:
 
 @pytest.fixture
 def make_run_dir(cifar, tmp_path):
-    """make_run_dir(impl, n_labels=40, seed=0, device="cpu", extra=None, **spec_overrides) -> run folder."""
+    """make_run_dir(impl, n_labels=40, seed=0, device="cpu", files=None, **spec_overrides) -> run folder.
+    files: RunFiles fields besides data_dir, split_file and device (e.g. compile, torchssl_checkout)."""
     from contract.spec import RunFiles, RunSpec, write_spec
     from harness.splits import ensure_split
 
-    def make(impl: str, n_labels: int = 40, seed: int = 0, device: str = "cpu", extra: dict | None = None,
+    def make(impl: str, n_labels: int = 40, seed: int = 0, device: str = "cpu", files: dict | None = None,
              **overrides):
         split_file, split_sha = ensure_split(tmp_path, "cifar10", cifar.train_y, n_labels, seed,
                                              cifar.identity.data_sha256)
@@ -97,7 +157,7 @@ def make_run_dir(cifar, tmp_path):
                        data_sha256=cifar.identity.data_sha256, split_sha256=split_sha, **values)
         run_dir = tmp_path / "runs" / spec.name
         write_spec(run_dir, spec, RunFiles(data_dir=str(cifar.data_dir), split_file=str(split_file),
-                                           device=device, extra=extra or {}))
+                                           device=device, **(files or {})))
         return run_dir
 
     return make
@@ -106,12 +166,14 @@ def make_run_dir(cifar, tmp_path):
 @pytest.fixture(scope="session")
 def torchssl_checkout() -> Path:
     """The cached verified TorchSSL checkout, else one cloned from $TORCHSSL_SOURCE; else skip with the reason."""
+    from harness.env import default_cache_dir
     from third_party.torchssl import checkout as co
 
-    found = co.find_checkout()  # a modified cached checkout fails here, with what to do
+    found = co.find_checkout(default_cache_dir())  # a modified cached checkout fails here, with what to do
     if found is not None:
         return found
     if os.environ.get(co.SOURCE_ENV):
-        return co.ensure_checkout(os.environ[co.SOURCE_ENV])
-    pytest.skip(f"no TorchSSL checkout: none cached at {co.checkout_path()} and {co.SOURCE_ENV} is not set "
+        return co.ensure_checkout(os.environ[co.SOURCE_ENV], default_cache_dir())
+    pytest.skip(f"no TorchSSL checkout: none cached at {co.checkout_path(default_cache_dir())} and "
+                f"{co.SOURCE_ENV} is not set "
                 f"(set it to a git URL or a local clone/mirror of TorchSSL)")

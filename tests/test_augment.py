@@ -20,20 +20,14 @@ import torch
 from PIL import Image
 
 from own_impl import augment as A
-from own_impl import augment_ref as R
 
-from conftest import cuda_param
+import augment_ref as R
+from conftest import assert_same_images, cuda_param, to_numpy, to_tensor
 
 PER_CLASS = 4   # real images per CIFAR-10 class: 40 in all
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tensors here are small: one thread is faster than several, and far faster on shared, busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -68,21 +62,6 @@ def _edge_images() -> np.ndarray:
 @pytest.fixture(scope="module")
 def images(real_images) -> np.ndarray:
     return np.concatenate([real_images, _edge_images()])
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
-
-
-def to_numpy(x: torch.Tensor) -> np.ndarray:
-    return x.permute(0, 2, 3, 1).numpy()
-
-
-def assert_same_images(got: np.ndarray, want: np.ndarray, what: str):
-    assert got.shape == want.shape and got.dtype == want.dtype == np.uint8
-    differs = np.any(got != want, axis=-1)
-    assert not differs.any(), (f"{what}: {differs.mean():.4%} of pixels differ, in {differs.any((1, 2)).sum()} "
-                               f"images, max abs diff {np.abs(got.astype(int) - want.astype(int)).max()}")
 
 
 # ---------------------------------------------------------------- every op against PIL

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from harness.plan import OVERRIDABLE
+from contract.spec import SETTING_FIELDS
 
 from conftest import REPO
 
@@ -15,12 +15,11 @@ def run_cli(*args, cwd=REPO):
                           text=True, timeout=300)
 
 
-def test_every_override_flag_is_a_spec_field():
-    sys.path.insert(0, str(REPO))
-    from run_all import build_parser
+def test_every_override_flag_is_a_spec_setting():
+    from harness.cli import build_parser
 
     dests = {a.dest for g in build_parser()._action_groups if g.title.startswith("overrides") for a in g._group_actions}
-    assert dests == set(OVERRIDABLE)
+    assert dests == set(SETTING_FIELDS)
 
 
 def test_dry_run_prints_plan_and_writes_only_splits(shared_archive, cifar, tmp_path):
@@ -50,7 +49,10 @@ def test_dry_run_prints_plan_and_writes_only_splits(shared_archive, cifar, tmp_p
     (["--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
     (["--steps", "0"], "steps must be a positive integer, got 0"),
     (["--lr", "-1"], "lr must be positive, got -1.0"),
-    (["--seeds", "-1"], "--seeds -1 is not accepted; seeds are integers >= 0"),
+    (["--seeds", "-1"], "--seeds -1 is not accepted; seeds are integers in 0..4294967295"),
+    (["--seeds", str(2**32)], f"--seeds {2**32} is not accepted"),
+    (["--lr", "inf"], "lr must be a finite number, got inf"),
+    (["--lambda-u", "nan"], "lambda_u must be a finite number, got nan"),
     (["--impls", "own", "own"], "--impls own own repeats a value"),
     (["--eval-subset", "20000"], "--eval-subset 20000 is more than the 10000 test images"),
 ])

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from contract.results import read_metrics
-from harness.plan import plan_runs
+from harness.plan import plan_runs, preset_values
 
 from conftest import REPO
 
@@ -18,8 +18,9 @@ TINY = ["--preset", "smoke", "--batch-size", "2", "--uratio", "1", "--eval-subse
 
 def test_plan_gives_every_implementation_the_same_split(tmp_path):
     splits = {(n, s): (tmp_path / f"{n}-{s}.json", f"{n}{s}".ljust(64, "0")) for n in (40, 250) for s in (0, 1)}
-    runs = plan_runs(budgets=[40, 250], seeds=[0, 1], impls=["own", "torchssl"], preset="smoke",
-                     overrides={"steps": 7}, out_dir=tmp_path, data_kind="k", data_sha256="d" * 64, splits=splits)
+    runs = plan_runs(budgets=[40, 250], seeds=[0, 1], impls=["own", "torchssl"],
+                     values=preset_values("smoke", {"steps": 7}), out_dir=tmp_path, data_kind="k",
+                     data_sha256="d" * 64, splits=splits)
     assert len(runs) == 8 and len({r.run_dir for r in runs}) == 8
     for r in runs:
         assert r.spec.steps == 7 and r.spec.batch_size == 4  # override and preset value
@@ -31,8 +32,8 @@ def test_plan_gives_every_implementation_the_same_split(tmp_path):
         assert own.impl != theirs.impl
         assert {k: v for k, v in own.to_dict().items() if k != "impl"} == \
                {k: v for k, v in theirs.to_dict().items() if k != "impl"}
-    with pytest.raises(ValueError, match="unknown implementation 'mixmatch'"):
-        plan_runs(budgets=[40], seeds=[0], impls=["mixmatch"], preset="smoke", overrides={}, out_dir=tmp_path,
+    with pytest.raises(ValueError, match="impl 'mixmatch' is not one of"):
+        plan_runs(budgets=[40], seeds=[0], impls=["mixmatch"], values=preset_values("smoke", {}), out_dir=tmp_path,
                   data_kind="k", data_sha256="d" * 64, splits=splits)
 
 
@@ -82,20 +83,19 @@ def test_killed_run_resumes_and_finished_runs_are_skipped(shared_archive, cifar,
 
 
 def test_a_failed_run_is_reported_and_the_others_go_on(cifar, tmp_path, capsys):
-    from harness.runner import execute
+    from harness.runner import RunOptions, execute
     from harness.splits import ensure_split
 
     splits = {(n, 0): ensure_split(tmp_path, "cifar10", cifar.train_y, n, 0, cifar.identity.data_sha256)
               for n in (40, 250)}
-    runs = plan_runs(budgets=[40, 250], seeds=[0], impls=["own"], preset="smoke",
-                     overrides={"steps": 2, "eval_every": 2, "batch_size": 2, "uratio": 1, "eval_subset": 100},
-                     out_dir=tmp_path, data_kind=cifar.identity.kind, data_sha256=cifar.identity.data_sha256,
+    values = preset_values("smoke", {"steps": 2, "eval_every": 2, "batch_size": 2, "uratio": 1, "eval_subset": 100})
+    runs = plan_runs(budgets=[40, 250], seeds=[0], impls=["own"], values=values, out_dir=tmp_path, data_kind=cifar.identity.kind, data_sha256=cifar.identity.data_sha256,
                      splits=splits)
     broken = runs[0].split_file
     payload = json.loads(broken.read_text())
     payload["labeled_indices"][0] += 1  # the split file no longer matches its checksum: the run must refuse it
     broken.write_text(json.dumps(payload))
-    failed = execute(runs, data=cifar, devices=["cpu"], torchssl_source=None, cache_dir=None, warmup=False)
+    failed = execute(runs, data=cifar, options=RunOptions(devices=["cpu"], warmup=False))
     assert [r.spec.n_labels for r in failed] == [40]
     assert (runs[1].run_dir / "result.json").exists()
     err = capsys.readouterr()

@@ -7,6 +7,8 @@ import torch
 
 from contract.spec import RunSpec, read_spec
 from own_impl import augment as A
+from own_impl import compile as compile_mod
+from own_impl import data as data_mod
 from own_impl import train as train_mod
 
 from conftest import copy_run, cuda_param
@@ -38,7 +40,7 @@ def tiny_spec(**overrides) -> RunSpec:
 def batch(spec: RunSpec, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     n_x, n_u = spec.batch_size, spec.batch_size * spec.uratio
-    x = train_mod.normalize(torch.randint(0, 256, (n_x + 2 * n_u, 3, 32, 32), dtype=torch.uint8, generator=g),
+    x = data_mod.normalize(torch.randint(0, 256, (n_x + 2 * n_u, 3, 32, 32), dtype=torch.uint8, generator=g),
                             spec.channels_last)
     return x, torch.randint(0, 10, (n_x,), generator=g), torch.randint(0, 10, (n_u,), generator=g)
 
@@ -52,10 +54,10 @@ def three_steps(spec: RunSpec, compiled: bool, dtype=torch.float32, device: str 
         model.double(), ema.model.double()
         optimizer = torch.optim.SGD(train_mod.param_groups(model, spec.weight_decay), lr=spec.lr,
                                     momentum=spec.momentum, nesterov=spec.nesterov)
-    loss_fn = train_mod.make_loss_fn(model, spec, compiled)
+    loss_fn = compile_mod.make_loss_fn(train_mod.forward_loss, model, spec, compiled)
     if compiled:
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        assert train_mod.compile_warm_up(model, loss_fn, spec, torch.Size((3, 32, 32))) > 0
+        compile_mod.warm_up_loss(model, loss_fn, spec, torch.Size((3, 32, 32)))
         # the warm-up leaves weights, BatchNorm statistics and gradients as they were
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
         assert all(p.grad is None for p in model.parameters())
@@ -64,7 +66,7 @@ def three_steps(spec: RunSpec, compiled: bool, dtype=torch.float32, device: str 
         x, y_x, y_u = batch(spec, k)
         x, y_x, y_u = x.to(device, dtype), y_x.to(device), y_u.to(device)
         stats.append({k: v.cpu() for k, v in
-                      train_mod.train_step(model, ema, optimizer, x, y_x, y_u, spec, 0.03, loss_fn).items()})
+                      train_mod.train_step(model, ema, optimizer, loss_fn, x, y_x, y_u, 0.03).items()})
     on_cpu = lambda state: {k: v.cpu() for k, v in state.items()}  # noqa: E731
     return stats, on_cpu(model.state_dict()), on_cpu(ema.state_dict())
 
@@ -94,13 +96,12 @@ def test_compiled_steps_match_a_float64_reference(channels_last, device, monkeyp
 
 
 def test_compile_choice():
-    assert train_mod.use_compile(CPU) == (False, False)  # the CPU's default for short runs
-    assert train_mod.use_compile(CPU, None, 999) == (False, False)
-    assert train_mod.use_compile(CPU, None, train_mod.CPU_COMPILE_MIN_STEPS) == (True, False)  # and for long ones
-    assert train_mod.use_compile(torch.device("cuda")) == (True, False)  # the GPU's default
-    assert train_mod.use_compile(torch.device("cuda"), None, 3) == (True, False)
-    assert train_mod.use_compile(CPU, True) == (True, True)
-    assert train_mod.use_compile(torch.device("cuda"), False) == (False, True)
+    use = compile_mod.use_compile
+    assert use(CPU, None, 999) == (False, False)  # the CPU's default for short runs
+    assert use(CPU, None, compile_mod.CPU_COMPILE_MIN_STEPS) == (True, False)  # and for long ones
+    assert use(torch.device("cuda"), None, 3) == (True, False)  # the GPU's default
+    assert use(CPU, True, 3) == (True, True)
+    assert use(torch.device("cuda"), False, 3) == (False, True)
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
@@ -148,22 +149,27 @@ def test_step_and_augmentation_trace_as_one_graph_each():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g)
     args = (images, A.sample_weak_params(6, g), images[2:], A.sample_strong_params(4, 32, 32, g),
-            train_mod.normalization_table(CPU), False)
-    explained = torch._dynamo.explain(train_mod.augment_and_normalize)(*args)
+            data_mod.normalization_table(CPU), False)
+    explained = torch._dynamo.explain(data_mod.augment_and_normalize)(*args)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
-def tiny_data(device: str = "cpu") -> train_mod.DeviceData:
+def tiny_data(device: str = "cpu") -> data_mod.DeviceData:
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g).to(device)
     labels = torch.randint(0, 10, (64,), generator=g).to(device)
-    return train_mod.DeviceData(images, labels, np.arange(40), images[:0], labels[:0], "-")
+    return data_mod.DeviceData(images, labels, np.arange(40), images[:0], labels[:0], "-")
 
 
-def batches(data: train_mod.DeviceData, spec: RunSpec, augment_fn, n: int = 2) -> list:
-    samplers = train_mod.EpochSampler(data.labelled, 1), train_mod.EpochSampler(np.arange(len(data.train_y)), 2)
-    gen = torch.Generator(device=data.train_x.device).manual_seed(3)
-    return [train_mod.make_batch(data, *samplers, spec, gen, augment_fn) for _ in range(n)]
+def samplers(data: data_mod.DeviceData) -> data_mod.Samplers:
+    return data_mod.Samplers(data_mod.EpochSampler(data.labelled, 1),
+                             data_mod.EpochSampler(np.arange(len(data.train_y)), 2),
+                             torch.Generator(device=data.train_x.device).manual_seed(3))
+
+
+def batches(data: data_mod.DeviceData, spec: RunSpec, augment_fn, n: int = 2) -> list:
+    s = samplers(data)
+    return [data_mod.make_batch(data, s, spec, augment_fn) for _ in range(n)]
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
@@ -173,7 +179,7 @@ def test_compiled_batches_are_the_eager_batches(channels_last, device):
     GPU against the GPU's eager batches, which draw from a CUDA generator)."""
     spec = tiny_spec(channels_last=channels_last)
     data = tiny_data(device)
-    compiled = train_mod.make_augment_fn(True)
+    compiled = compile_mod.make_augment_fn(True)
     eager, comp, again = (batches(data, spec, fn) for fn in (None, compiled, compiled))
     for e, c in zip(eager, comp):
         for a, b in zip(e, c):
@@ -188,7 +194,7 @@ def test_batches_draw_in_the_order_of_weak_then_strong_augment():
     spec = tiny_spec()
     data = tiny_data()
     got = batches(data, spec, None, n=3)
-    lab, unl = train_mod.EpochSampler(data.labelled, 1), train_mod.EpochSampler(np.arange(64), 2)
+    lab, unl = data_mod.EpochSampler(data.labelled, 1), data_mod.EpochSampler(np.arange(64), 2)
     gen = torch.Generator().manual_seed(3)
     for x, y_x, y_u in got:
         idx_x, idx_u = lab.next(spec.batch_size), unl.next(spec.batch_size * spec.uratio)
@@ -196,24 +202,24 @@ def test_batches_draw_in_the_order_of_weak_then_strong_augment():
         strong = A.strong_augment(data.train_x[idx_u], gen)
         # the reference normalization, per pixel as x * scale + shift
         want = torch.stack([torch.cat([weak, strong])[:, c].float() * (1.0 / (255.0 * s)) + (-m / s)
-                            for c, (m, s) in enumerate(zip(train_mod.CIFAR10_MEAN, train_mod.CIFAR10_STD))], 1)
+                            for c, (m, s) in enumerate(zip(data_mod.CIFAR10_MEAN, data_mod.CIFAR10_STD))], 1)
         assert torch.equal(x, want) and torch.equal(y_x, data.train_y[idx_x]) and torch.equal(y_u, data.train_y[idx_u])
 
 
-@pytest.mark.parametrize("broken", ["compile_augment_warm_up", "compile_warm_up"])
+@pytest.mark.parametrize("broken", ["warm_up_augment", "warm_up_loss"])
 def test_a_default_compile_that_fails_falls_back_part_by_part(make_run_dir, monkeypatch, broken):
     """Compiling by default (not asked for) and one part fails to compile (say, no C++ compiler or no Triton): that
     part runs eager, the other stays compiled, the log says so. Asked for, the failure is the run's."""
-    monkeypatch.setattr(train_mod, "CPU_COMPILE_MIN_STEPS", 1)
+    monkeypatch.setattr(compile_mod, "CPU_COMPILE_MIN_STEPS", 1)
 
     def fail(*args, **kwargs):
         raise RuntimeError("no C++ compiler\n(details)")
 
-    monkeypatch.setattr(train_mod, broken, fail)
+    monkeypatch.setattr(compile_mod, broken, fail)
     run = make_run_dir("own", steps=2, eval_every=2, checkpoint_every=2, **TINY)
     spec, files = read_spec(run / "spec.json")
     result = train_mod.train(spec, files, run, CPU)
-    aug_broken = broken == "compile_augment_warm_up"
+    aug_broken = broken == "warm_up_augment"
     assert (result["augmentation_compiled"], result["compiled"], result["steps"]) == (not aug_broken, aug_broken, 2)
     log = (run / "log.txt").read_text()
     failed, worked = ("the augmentation", "forward + loss + backward")[::1 if aug_broken else -1]

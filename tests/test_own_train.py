@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from contract.results import RESULT_KEYS, read_metrics
+from contract.runtime import NonFiniteLoss
 from contract.spec import read_spec
 from own_impl import train as train_mod
 
@@ -100,7 +101,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(make_run_dir, monk
         return loss, stats
 
     monkeypatch.setattr(train_mod, "fixmatch_loss", loss_turning_nan_at_step_3)
-    with pytest.raises(train_mod.NonFiniteLoss, match="non-finite loss between steps 3 and 3.*step 2"):
+    with pytest.raises(NonFiniteLoss, match="non-finite loss between steps 3 and 3.*step 2"):
         train_mod.train(spec, files, run, CPU)
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 2
@@ -124,7 +125,7 @@ def test_bad_input_is_one_line_on_stderr(make_run_dir, tmp_path, capsys):
 
 def test_sigterm_writes_a_checkpoint_and_exits_143(make_run_dir):
     run = make_run_dir("own", steps=10_000, log_every=1, checkpoint_every=10_000, eval_every=10_000,
-                       extra={"compile": False})  # about signals, not compiling: start stepping at once
+                       files={"compile": False})  # about signals, not compiling: start stepping at once
     proc = subprocess.Popen([sys.executable, "-m", "own_impl.train", "--spec", str(run / "spec.json"),
                              "--run-dir", str(run)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)

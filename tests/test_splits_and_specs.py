@@ -114,7 +114,7 @@ def test_spec_hash_changes_with_every_field():
 
 
 def test_spec_validation_names_the_bad_value():
-    with pytest.raises(ValueError, match="n_labels must be a positive multiple of 10, got 45"):
+    with pytest.raises(ValueError, match="label budget 45 is not accepted: it must be a positive multiple of 10"):
         _spec(n_labels=45)
     with pytest.raises(ValueError, match="impl 'fixmatch' is not one of"):
         _spec(impl="fixmatch")

@@ -96,11 +96,13 @@ def test_an_unreachable_source_says_how_to_use_a_local_mirror(tmp_path, source):
 
 
 def test_source_and_cache_come_from_the_environment(tmp_path, monkeypatch):
+    from harness.env import CACHE_ENV, default_cache_dir
+
     monkeypatch.setenv(co.SOURCE_ENV, "/some/mirror")
-    monkeypatch.setenv(co.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     assert co.resolve_source(None) == "/some/mirror"
     assert co.resolve_source("/given") == "/given"
-    assert co.checkout_path() == tmp_path / f"torchssl-{co.COMMIT[:12]}"
+    assert co.checkout_path(default_cache_dir()) == tmp_path / f"torchssl-{co.COMMIT[:12]}"
     monkeypatch.delenv(co.SOURCE_ENV)
     assert co.resolve_source(None) == co.URL == "https://github.com/TorchSSL/TorchSSL"
 

@@ -25,7 +25,7 @@ def checkpoint(run_dir: Path) -> dict:
 
 
 def test_three_step_run_writes_our_schema(make_run_dir, torchssl_checkout):
-    run_dir = make_run_dir("torchssl", extra={"torchssl_checkout": str(torchssl_checkout), "num_workers": 0})
+    run_dir = make_run_dir("torchssl", files={"torchssl_checkout": str(torchssl_checkout), "num_workers": 0})
     spec, files = read_spec(run_dir / "spec.json")
     proc = entry(run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -66,7 +66,7 @@ def test_three_step_run_writes_our_schema(make_run_dir, torchssl_checkout):
 
 def test_interrupted_run_resumes_to_exactly_the_budget(make_run_dir, torchssl_checkout):
     # threshold 0: every pseudo-label is accepted, so mask_rate (the ACCEPTED fraction) must be exactly 1
-    run_dir = make_run_dir("torchssl", extra={"torchssl_checkout": str(torchssl_checkout), "num_workers": 0},
+    run_dir = make_run_dir("torchssl", files={"torchssl_checkout": str(torchssl_checkout), "num_workers": 0},
                            steps=4, eval_every=2, checkpoint_every=2, threshold=0.0)
     first = entry(run_dir, "--stop-after", "3")
     assert first.returncode == 0, first.stderr[-3000:]

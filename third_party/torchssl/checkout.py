@@ -1,6 +1,7 @@
 """The TorchSSL pin (URL + commit) and a verified, cached checkout of it (imports neither torch nor TorchSSL).
 
-A checkout lives in $FIXMATCH_BENCH_CACHE/torchssl-<commit12> (default ~/.cache/fixmatch_bench/torchssl-<commit12>).
+A checkout lives in CACHE/torchssl-<commit12>, CACHE being the folder the caller names (the harness's cache folder:
+$FIXMATCH_BENCH_CACHE, default ~/.cache/fixmatch_bench).
 It is verified every time it is used: HEAD must be the pinned commit and the tree clean, where clean means
 `git status` shows nothing, ignored files included, except Python's own `__pycache__/` bytecode folders (Python
 checks those against the source's size and mtime before use, and the entry never writes them: it runs with
@@ -13,7 +14,6 @@ import os
 import shutil
 from pathlib import Path
 
-from contract.runtime import CACHE_ENV, default_cache_dir  # noqa: F401 (CACHE_ENV: the variable users set)
 
 URL = "https://github.com/TorchSSL/TorchSSL"
 COMMIT = "f26e1d42967cec7f7c8a00c2e7ff9219d8ab7c92"
@@ -39,8 +39,8 @@ class CheckoutModified(CheckoutError):
     """A cached checkout is not exactly the pinned commit: another HEAD, changed, untracked or ignored files."""
 
 
-def checkout_path(cache_dir: Path | None = None, commit: str = COMMIT) -> Path:
-    return (Path(cache_dir or default_cache_dir()) / f"torchssl-{commit[:12]}").resolve()  # TorchSSL's run chdirs
+def checkout_path(cache_dir: Path, commit: str = COMMIT) -> Path:
+    return (Path(cache_dir) / f"torchssl-{commit[:12]}").resolve()  # absolute: TorchSSL's run changes directory
 
 
 def resolve_source(source: str | None) -> str:
@@ -116,13 +116,13 @@ def verify_checkout(path: Path, commit: str = COMMIT) -> Path:
     return Path(path)
 
 
-def find_checkout(cache_dir: Path | None = None, commit: str = COMMIT) -> Path | None:
+def find_checkout(cache_dir: Path, commit: str = COMMIT) -> Path | None:
     """The cached checkout if it exists and verifies; None if it is absent (a modified one raises)."""
     path = checkout_path(cache_dir, commit)
     return verify_checkout(path, commit) if path.exists() else None
 
 
-def ensure_checkout(source: str | None = None, cache_dir: Path | None = None, commit: str = COMMIT) -> Path:
+def ensure_checkout(source: str | None, cache_dir: Path, commit: str = COMMIT) -> Path:
     """A verified checkout of `commit`: the cached one if present, else cloned from `source` into the cache.
 
     `source`: any git URL or local path (a clone, a bare repository or a mirror); None means $TORCHSSL_SOURCE, else

@@ -8,18 +8,16 @@ with RandAugment(3, 5), get_data_loader with RandomSampler(num_samples = steps *
 split, with the run-time patches listed in patches.PATCHES. Writes RUN/metrics.jsonl, RUN/result.json and RUN/log.txt
 in our schema (contract/); TorchSSL's own log.txt, tensorboard files, args.json and checkpoints go to RUN/torchssl/.
 
-The checkout comes from spec.json's extra["torchssl_checkout"], else the verified cached one (checkout.py); it is
-verified before the run and checked again after it. Bytecode is not written, so the checkout stays clean.
+The checkout is the one spec.json names (torchssl_checkout, made by the harness with checkout.py); it is verified
+before the run and checked again after it. Bytecode is not written, so the checkout stays clean.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import copy
-import math
 import os
 import random
-import signal
 import sys
 import time
 from pathlib import Path
@@ -28,21 +26,17 @@ from types import SimpleNamespace
 import numpy as np
 
 from contract.arrays import load_run_inputs
-from contract.results import (append_metrics, finished_result, read_evals, read_json, train_log_line, train_record,
-                              truncate_metrics, write_json_atomic, write_result)
-from contract.runtime import NonFiniteLoss, RunInterrupted, StopFlag, make_log, resolve_device, run_entry
-from contract.spec import RunFiles, RunSpec, read_spec
+from contract.recorder import RunRecorder, check_belongs, check_impl
+from contract.results import finished_result, read_evals, read_json, truncate_metrics, write_json_atomic, write_result
+from contract.runtime import StopFlag, StoppedAfter, entry_main, make_log, resolve_device
+from contract.spec import RunFiles, RunSpec
 from third_party.torchssl import patches
-from third_party.torchssl.checkout import COMMIT, URL, CheckoutError, ensure_checkout, problems, verify_checkout
+from third_party.torchssl.checkout import COMMIT, URL, CheckoutError, problems, verify_checkout
 
 SAVE_NAME = "torchssl"  # TorchSSL's save folder: RUN/torchssl
 CHECKPOINT = "latest_model.pth"  # TorchSSL's name; its load_model resumes from it
 PROGRESS = "progress.json"  # beside the checkpoint: the step it holds and the seconds spent so far
 TORCHSSL_NUM_WORKERS = 1  # fixmatch.py's default: 1 worker for labelled and eval batches, 4 for unlabelled ones
-
-
-class StoppedAfter(Exception):
-    """stop_after=k (tests): the run stopped after step k as an interruption would, with a checkpoint."""
 
 
 # How TorchSSL realises the spec, for the report's side-by-side settings (see README.md here for the sources).
@@ -111,37 +105,24 @@ def import_torchssl(checkout: Path) -> SimpleNamespace:
                            fixmatch=fixmatch)
 
 
-class Recorder:
-    """The hooks TorchSSL's loop calls (through patches.py): training statistics, evaluations, checkpoints, timing.
+class Hooks:
+    """What TorchSSL's loop calls through the patches: batch arrivals, its losses, the end of each step, its
+    evaluations and saves. Cadence, statistics, timing and stops are the shared RunRecorder's."""
 
-    Timing: a step runs from the request for its labelled batch to the end-of-step read of num_eval_iter, minus
-    TorchSSL's own checkpoint writes; evaluation, our checkpoints and logging fall outside, as in own_impl.
-    """
-
-    def __init__(self, spec: RunSpec, run_dir: Path, save_path: Path, log, stop: StopFlag, start_step: int,
-                 prior: dict, train_y, t_start: float, stop_after: int | None = None):
-        import torch
-
-        self.torch = torch
-        self.spec, self.run_dir, self.save_path, self.log, self.stop = spec, run_dir, save_path, log, stop
-        self.steps_done, self.stop_after = start_step, stop_after
-        self.train_s, self.prior_wall_s, self.t_start = prior.get("train_seconds", 0.0), prior.get(
-            "wall_seconds", 0.0), t_start
+    def __init__(self, rec: RunRecorder, spec: RunSpec, save_path: Path, optimizer, args, train_y, start_step: int,
+                 wall_seconds):
+        self.rec, self.spec, self.save_path, self.optimizer, self.args = rec, spec, save_path, optimizer, args
         self.train_y = train_y  # (N,) int64 on the device: true labels of the unlabelled images, for pseudo_acc
-        self.optimizer = None
-        self.lambda_u = spec.lambda_u
-        self.recorded = {r["step"] for r in read_evals(run_dir)}
-        self.acc = None  # (5,) sums over the log window: loss, loss_x, loss_u, mask_rate, accepted-and-correct
-        self.window_first, self.window_s, self.window_data_s = start_step + 1, 0.0, 0.0
-        self.t_step, self.t_data, self.ckpt_s_in_step = None, None, 0.0
+        self.steps_done, self.wall_seconds = start_step, wall_seconds
+        self.recorded = {r["step"] for r in read_evals(rec.run_dir)}
         self.sup = self.lr = self.unsup = self.ulb_idx = None
 
     # loaders (patches.LimitedBatches) -----------------------------------------------------------------------
     def labelled_fetched(self, batch, t_request: float) -> None:
-        self.t_step, self.ckpt_s_in_step = t_request, 0.0
+        self.rec.begin_step(at=t_request)  # the step's time starts when its batch is asked for
 
     def unlabelled_fetched(self, batch, t_request: float) -> None:
-        self.t_data = time.perf_counter()
+        self.rec.data_ready()
         self.ulb_idx = batch[0]  # (muB,) indices into the unlabelled set = all train images
 
     # losses (patches.observe_losses) ------------------------------------------------------------------------
@@ -151,71 +132,47 @@ class Recorder:
 
     def unsup_loss(self, loss, mask_mean, select, pseudo_label) -> None:
         y = self.train_y[self.ulb_idx.to(self.train_y.device)]
-        correct = ((pseudo_label == y) & select.bool()).float().mean()
-        self.unsup = self.torch.stack([loss.detach(), mask_mean.detach(), correct])
+        accepted = select.bool()
+        correct = ((pseudo_label == y) & accepted).sum().float() / accepted.sum().clamp(min=1).float()
+        self.unsup = {"loss_u": loss.detach(), "mask_rate": mask_mean.detach(), "pseudo_acc": correct}
 
     # end of step (patches.spec_schedule) --------------------------------------------------------------------
     def end_of_step(self, model) -> bool:
-        t_end = time.perf_counter()
-        spec = self.spec
+        """After the update, scheduler and EMA of step model.it + 1: record it; True if TorchSSL should evaluate
+        now (its closing evaluation after the last step is its own)."""
+        rec = self.rec
         step = self.steps_done = model.it + 1
-        step_s = t_end - self.t_step - self.ckpt_s_in_step
-        self.train_s += step_s
-        self.window_s += step_s
-        self.window_data_s += self.t_data - self.t_step
-        loss_u, mask, correct = self.unsup
-        stats = self.torch.stack([self.sup + self.lambda_u * loss_u, self.sup, loss_u, mask, correct]).float()
-        self.acc = stats if self.acc is None else self.acc + stats
-        last = step == spec.steps
-        stopping = self.stop.signum is not None or (step == self.stop_after and not last)
-        if step % spec.log_every == 0 or last or stopping:  # a stop logs its partial window too
-            self._log_train(step)
-        if step % spec.checkpoint_every == 0 or last or stopping:
-            if self.acc is not None and not math.isfinite(float(self.acc[0])):
-                raise NonFiniteLoss(f"non-finite loss between steps {self.window_first} and {step}")
-            model.save_model(CHECKPOINT, str(self.save_path))
-        if stopping and self.stop.signum is not None:  # a signal during this step's save waits for the next step
-            self.log(f"stopped by {signal.Signals(self.stop.signum).name} after step {step}; checkpoint written")
-            raise RunInterrupted(self.stop.signum, step)
-        if stopping and self.stop.signum is None:
-            self.log(f"stopping after step {step} (stop_after); checkpoint written")
-            raise StoppedAfter()
-        return step % spec.eval_every == 0 and not last  # the last evaluation is train()'s closing one
-
-    def _log_train(self, step: int) -> None:
-        s = self.acc.tolist()
-        n = step - self.window_first + 1
-        if not math.isfinite(s[0]):
-            raise NonFiniteLoss(f"non-finite loss between steps {self.window_first} and {step}")
-        images = n * self.spec.batch_size * (1 + 2 * self.spec.uratio)  # images through the forward pass
-        record = train_record(step, n, self.lr, s, images / self.window_s if self.window_s > 0 else None,
-                              self.window_data_s / self.window_s if self.window_s > 0 else None, self.train_s)
-        append_metrics(self.run_dir, record)
-        self.log(train_log_line(record, self.spec.steps))
-        self.acc = None
-        self.window_first, self.window_s, self.window_data_s = step + 1, 0.0, 0.0
+        stats = {"loss": self.sup + self.spec.lambda_u * self.unsup["loss_u"], "loss_x": self.sup, **self.unsup}
+        due = rec.step_done(step, stats, self.lr)
+        if due.checkpoint:
+            with rec.paused():
+                rec.check_finite(step)
+                model.save_model(CHECKPOINT, str(self.save_path))  # patches.atomic_checkpoint refuses bad weights
+                rec.checkpointed(step, self.save_path / CHECKPOINT)
+        if due.stop:
+            if due.evaluate and step not in self.recorded:  # TorchSSL would evaluate after this read: do it now
+                model.evaluate(args=self.args)
+            rec.end_if_stopping(step)
+        return due.evaluate and step != self.spec.steps
 
     # evaluations and saves (patches.observe_evaluate, atomic_checkpoint) -----------------------------------
     def evaluated(self, out: dict, seconds: float) -> None:
         step = self.steps_done
         if not (step % self.spec.eval_every == 0 or step == self.spec.steps) or step in self.recorded:
             return  # off the spec's schedule (TorchSSL's check after a resume), or already recorded
-        record = {"kind": "eval", "step": step, "top1": 100.0 * float(out["eval/top-1-acc"]),
-                  "top5": 100.0 * float(out["eval/top-5-acc"]), "loss": float(out["eval/loss"])}
-        append_metrics(self.run_dir, record)
+        self.rec.record_eval(step, {"top1": 100.0 * float(out["eval/top-1-acc"]),
+                                    "top5": 100.0 * float(out["eval/top-5-acc"]), "loss": float(out["eval/loss"])},
+                             f"TorchSSL evaluate, EMA weights; {seconds:.1f} s")
         self.recorded.add(step)
-        self.log(f"eval step {step}: top1 {record['top1']:.2f} top5 {record['top5']:.2f} loss {record['loss']:.4f} "
-                 f"(TorchSSL evaluate, EMA weights; {seconds:.1f} s)")
 
     def saved(self, save_name: str, step: int, seconds: float) -> None:
-        self.ckpt_s_in_step += seconds
         if save_name == CHECKPOINT:
             write_json_atomic(self.save_path / PROGRESS, {
-                "spec_hash": self.spec.hash(), "step": step, "train_seconds": self.train_s,
+                "spec_hash": self.spec.hash(), "step": step, "train_seconds": self.rec.train_seconds,
                 "wall_seconds": self.wall_seconds()})
 
-    def wall_seconds(self) -> float:
-        return self.prior_wall_s + time.perf_counter() - self.t_start
+    def paused(self):
+        return self.rec.paused()
 
 
 def verify_data(lb_dset, ulb_dset, eval_dset, arrays, split: np.ndarray, eval_idx: np.ndarray) -> None:
@@ -235,30 +192,24 @@ def verify_data(lb_dset, ulb_dset, eval_dset, arrays, split: np.ndarray, eval_id
 
 def run(spec: RunSpec, files: RunFiles, run_dir: Path, device_name: str, num_workers: int | None = None,
         stop_after: int | None = None) -> dict | None:
-    """Run (or resume, or recognize as done) one run in run_dir with TorchSSL. Returns result.json's content.
-
-    stop_after=k (tests): stop after step k as an interruption would, with a checkpoint; returns None.
-    """
+    """Run (or resume, or recognize as done) one run in run_dir with TorchSSL. Returns result.json's content, or
+    None when stop_after=k (tests) stopped it after step k as an interruption would, with a checkpoint."""
     t_start = time.perf_counter()
     run_dir = Path(run_dir).resolve()
-    if spec.impl != "torchssl":
-        raise ValueError(f"this is the TorchSSL entry; the spec says impl={spec.impl!r}")
+    check_impl(spec, "torchssl")
     done = finished_result(run_dir, spec)
     if done is not None:
         return done
     if spec.channels_last:
         raise ValueError("channels_last is not something TorchSSL does; run TorchSSL with --no-channels-last")
-    if num_workers is None:
-        num_workers = int(files.extra.get("num_workers", TORCHSSL_NUM_WORKERS))
-    given = files.extra.get("torchssl_checkout")
-    checkout = verify_checkout(Path(given)) if given else ensure_checkout()  # ensure_checkout verifies its own
-
-    import torch
-    import torch.backends.cudnn as cudnn
+    if not files.torchssl_checkout:
+        raise ValueError("spec.json names no TorchSSL checkout (torchssl_checkout); run_all.py makes and names one")
+    checkout = verify_checkout(Path(files.torchssl_checkout))
+    num_workers = files.num_workers if num_workers is None else num_workers
+    num_workers = TORCHSSL_NUM_WORKERS if num_workers is None else num_workers
 
     device = resolve_device(device_name)
     arrays, split, eval_idx = load_run_inputs(spec, files)
-
     save_path = run_dir / SAVE_NAME
     save_path.mkdir(parents=True, exist_ok=True)
     log = make_log(run_dir)
@@ -266,118 +217,134 @@ def run(spec: RunSpec, files: RunFiles, run_dir: Path, device_name: str, num_wor
     if spec.dataset not in tssl.ssl_dataset.mean:
         raise ValueError(f"TorchSSL has no normalization constants for data set {spec.dataset!r}")
     os.chdir(save_path)  # TorchSSL writes ./data_statistics/ relative to the working directory
-
-    gpu = device.index if device.type == "cuda" else None
-    args = torchssl_args(spec, run_dir, gpu, num_workers)
-    ckpt_path = save_path / CHECKPOINT
-    if ckpt_path.exists():
-        args.resume, args.load_path = True, str(ckpt_path)
+    args = torchssl_args(spec, run_dir, device.index if device.type == "cuda" else None, num_workers)
     applied = patches.applied(device.type, spec.precision)
 
     shim = patches.cpu_device_shim(device) if "cpu_device_shim" in applied else contextlib.nullcontext()
     with shim, StopFlag() as stop:
-        # ---- fixmatch.py main_worker(), line by line, for one device --------------------------------------
-        random.seed(args.seed)
-        torch.manual_seed(args.seed)
-        np.random.seed(args.seed)
-        cudnn.deterministic = True
-        tb_log = tssl.train_utils.TBLog(str(save_path), "tensorboard", use_tensorboard=args.use_tensorboard)
-        logger = tssl.utils.get_logger(args.save_name, str(save_path), "INFO")
-        logger.warning(f"USE GPU: {args.gpu} for training")
-        args.bn_momentum = 1.0 - 0.999
-        _net_builder = tssl.utils.net_builder(args.net, args.net_from_name,
-                                              {"first_stride": 2 if "stl" in args.dataset else 1,
-                                               "depth": args.depth, "widen_factor": args.widen_factor,
-                                               "leaky_slope": args.leaky_slope, "bn_momentum": args.bn_momentum,
-                                               "dropRate": args.dropout, "use_embed": False, "is_remix": False})
-        FixMatch = patches.bench_fixmatch_class(tssl.fixmatch.FixMatch)
-        model = FixMatch(_net_builder, args.num_classes, args.ema_m, args.T, args.p_cutoff, args.ulb_loss_ratio,
-                         args.hard_label, num_eval_iter=args.num_eval_iter, tb_log=tb_log, logger=logger)
-        param_count = tssl.utils.count_parameters(model.model)
-        logger.info(f"Number of Trainable Params: {param_count}")
-        optimizer = tssl.train_utils.get_optimizer(model.model, args.optim, args.lr, args.momentum,
-                                                   args.weight_decay, nesterov=spec.nesterov)
-        scheduler = tssl.train_utils.get_cosine_schedule_with_warmup(optimizer, args.num_train_iter,
-                                                                     num_warmup_steps=args.num_train_iter * 0)
-        model.set_optimizer(optimizer, scheduler)
-        if device.type == "cuda":
-            torch.cuda.set_device(args.gpu)
-        model.model = model.model.to(device)  # main_worker's .cuda(args.gpu), with the device as a parameter
-        model.ema_model = copy.deepcopy(model.model)
-        logger.info(f"model_arch: {model}")
-        logger.info(f"Arguments: {args}")
-        write_json_atomic(save_path / "args.json", vars(args))
-        cudnn.benchmark = True
-
-        Dataset = patches.arrays_dataset_class(tssl.ssl_dataset.SSL_Dataset, (arrays.train_x, arrays.train_y),
-                                               (arrays.test_x[eval_idx], arrays.test_y[eval_idx]))
-        train_dset = Dataset(args, alg="fixmatch", name=args.dataset, train=True, num_classes=args.num_classes,
-                             data_dir=args.data_dir)
-        lb_dset, ulb_dset = train_dset.get_ssl_dset(args.num_labels, index=split)
-        eval_dset = Dataset(args, alg="fixmatch", name=args.dataset, train=False, num_classes=args.num_classes,
-                            data_dir=args.data_dir).get_dset()
-        verify_data(lb_dset, ulb_dset, eval_dset, arrays, split, eval_idx)
-
-        get_data_loader = tssl.data_utils.get_data_loader
-        loader_dict = {
-            "train_lb": get_data_loader(lb_dset, args.batch_size, data_sampler=args.train_sampler,
-                                        num_iters=args.num_train_iter, num_workers=args.num_workers,
-                                        distributed=args.distributed),
-            "train_ulb": get_data_loader(ulb_dset, args.batch_size * args.uratio, data_sampler=args.train_sampler,
-                                         num_iters=args.num_train_iter, num_workers=4 * args.num_workers,
-                                         distributed=args.distributed),
-            "eval": get_data_loader(eval_dset, args.eval_batch_size, num_workers=args.num_workers,
-                                    drop_last=False),
-        }
-        model.set_dset(ulb_dset)
-        start_step, prior = 0, {}
-        if args.resume:
-            model.load_model(args.load_path)
-            start_step = model.it
-            prior = _read_progress(save_path, spec, start_step, log)
-            log(f"resuming {spec.name} from {ckpt_path} at step {start_step} of {spec.steps}")
-        else:
-            log(f"starting {spec.name} with TorchSSL {COMMIT[:12]}: {spec.steps} steps on {device}, "
-                f"{param_count:,} parameters, {spec.precision}, num_workers {num_workers}; patches: "
-                f"{', '.join(applied)}")
-        if start_step > spec.steps:
-            raise ValueError(f"checkpoint {ckpt_path} holds step {start_step}, past the spec's {spec.steps}")
-        truncate_metrics(run_dir, start_step)
-
-        # ---- the patches that observe and bound TorchSSL's own loop -------------------------------------
-        rec = Recorder(spec, run_dir, save_path, log, stop, start_step, prior,
-                       torch.as_tensor(arrays.train_y).to(device), t_start, stop_after)
-        rec.optimizer = optimizer
-        model.hooks = rec
-        remaining = spec.steps - start_step
-        loader_dict["train_lb"] = patches.LimitedBatches(loader_dict["train_lb"], remaining, rec.labelled_fetched)
-        loader_dict["train_ulb"] = patches.LimitedBatches(loader_dict["train_ulb"], remaining,
-                                                          rec.unlabelled_fetched)
-        model.set_data_loader(loader_dict)
-        patches.observe_losses(tssl.fixmatch, rec.sup_loss, rec.unsup_loss)
-        if "amp_bf16" in applied:
-            patches.amp_bf16(tssl.fixmatch, device.type)
-
-        # ---- TorchSSL's training loop, unchanged -----------------------------------------------------------
-        try:
+        w = main_worker(tssl, args, spec, device, (arrays, split, eval_idx), save_path, log, applied)
+        rec = RunRecorder(spec, run_dir, log, stop, start_step=w.start_step,
+                          prior_train_seconds=w.prior.get("train_seconds", 0.0), stop_after=stop_after, device=device)
+        hooks = Hooks(rec, spec, save_path, w.optimizer, args, w.train_y, w.start_step,
+                      lambda: w.prior.get("wall_seconds", 0.0) + time.perf_counter() - t_start)
+        observe_and_bound(tssl, w, hooks, spec.steps - w.start_step, applied, device)
+        try:  # ---- TorchSSL's training loop, unchanged -------------------------------------------------------
             for _ in range(args.epoch):
-                model.train(args, logger=logger)
+                w.model.train(args, logger=w.logger)
         except StoppedAfter:
             return None
 
-    if rec.steps_done != spec.steps:  # the step budget is a contract
-        raise RuntimeError(f"TorchSSL ran to step {rec.steps_done}, the spec says {spec.steps}")
+    if hooks.steps_done != spec.steps:  # the step budget is a contract
+        raise RuntimeError(f"TorchSSL ran to step {hooks.steps_done}, the spec says {spec.steps}")
     found = problems(checkout)
     if found:
         log(f"warning: the TorchSSL checkout {checkout} changed during the run: {found[0]}")
     return write_result(
-        run_dir, spec, log, steps=rec.steps_done, data_sha256=arrays.sha256, param_count=param_count,
-        wall_seconds=rec.wall_seconds(), train_seconds=rec.train_s, device=str(device), eval_images=len(eval_idx),
+        run_dir, spec, files, log, steps=hooks.steps_done, data_sha256=arrays.sha256, param_count=w.param_count,
+        wall_seconds=hooks.wall_seconds(), train_seconds=rec.train_seconds, device=str(device),
+        eval_images=len(eval_idx),
         patches=[{"name": p.name, "target": p.target, "why": p.why} for p in patches.PATCHES if p.name in applied],
         torchssl_url=URL, torchssl_commit=COMMIT, torchssl_checkout_clean=not found,
         torchssl_args=vars(args), num_workers=num_workers,
         impl_settings={**IMPL_SETTINGS, "data_pipeline": f"PIL transforms in DataLoader workers "
                        f"({num_workers} labelled, {4 * num_workers} unlabelled)"})
+
+
+def main_worker(tssl, args, spec: RunSpec, device, inputs, save_path: Path, log, applied) -> SimpleNamespace:
+    """fixmatch.py's main_worker(), line by line, for one device: seeds, model, optimizer, schedule, data sets,
+    loaders, and the resume from its checkpoint. Returns what the loop needs."""
+    import torch
+    import torch.backends.cudnn as cudnn
+
+    arrays, split, eval_idx = inputs
+    ckpt_path = save_path / CHECKPOINT
+    if ckpt_path.exists():
+        args.resume, args.load_path = True, str(ckpt_path)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    cudnn.deterministic = True
+    tb_log = tssl.train_utils.TBLog(str(save_path), "tensorboard", use_tensorboard=args.use_tensorboard)
+    logger = tssl.utils.get_logger(args.save_name, str(save_path), "INFO")
+    logger.warning(f"USE GPU: {args.gpu} for training")
+    args.bn_momentum = 1.0 - 0.999
+    _net_builder = tssl.utils.net_builder(args.net, args.net_from_name,
+                                          {"first_stride": 2 if "stl" in args.dataset else 1,
+                                           "depth": args.depth, "widen_factor": args.widen_factor,
+                                           "leaky_slope": args.leaky_slope, "bn_momentum": args.bn_momentum,
+                                           "dropRate": args.dropout, "use_embed": False, "is_remix": False})
+    FixMatch = patches.bench_fixmatch_class(tssl.fixmatch.FixMatch)
+    model = FixMatch(_net_builder, args.num_classes, args.ema_m, args.T, args.p_cutoff, args.ulb_loss_ratio,
+                     args.hard_label, num_eval_iter=args.num_eval_iter, tb_log=tb_log, logger=logger)
+    param_count = tssl.utils.count_parameters(model.model)
+    logger.info(f"Number of Trainable Params: {param_count}")
+    optimizer = tssl.train_utils.get_optimizer(model.model, args.optim, args.lr, args.momentum, args.weight_decay,
+                                               nesterov=spec.nesterov)
+    scheduler = tssl.train_utils.get_cosine_schedule_with_warmup(optimizer, args.num_train_iter,
+                                                                 num_warmup_steps=args.num_train_iter * 0)
+    model.set_optimizer(optimizer, scheduler)
+    if device.type == "cuda":
+        torch.cuda.set_device(args.gpu)
+    model.model = model.model.to(device)  # main_worker's .cuda(args.gpu), with the device as a parameter
+    model.ema_model = copy.deepcopy(model.model)
+    logger.info(f"model_arch: {model}")
+    logger.info(f"Arguments: {args}")
+    write_json_atomic(save_path / "args.json", vars(args))
+    cudnn.benchmark = True
+
+    loaders = data_loaders(tssl, args, arrays, split, eval_idx)
+    model.set_dset(loaders.pop("ulb_dset"))
+    model.set_data_loader(loaders)
+    start_step, prior = 0, {}
+    if args.resume:
+        model.load_model(args.load_path)
+        start_step = model.it
+        prior = _read_progress(save_path, spec, start_step, log)
+        log(f"resuming {spec.name} from {ckpt_path} at step {start_step} of {spec.steps}")
+    else:
+        log(f"starting {spec.name} with TorchSSL {COMMIT[:12]}: {spec.steps} steps on {device}, {param_count:,} "
+            f"parameters, {spec.precision}, num_workers {args.num_workers}; patches: {', '.join(applied)}")
+    if start_step > spec.steps:
+        raise ValueError(f"checkpoint {ckpt_path} holds step {start_step}, past the spec's {spec.steps}")
+    truncate_metrics(save_path.parent, start_step)
+    return SimpleNamespace(model=model, optimizer=optimizer, logger=logger, param_count=param_count,
+                           start_step=start_step, prior=prior,
+                           train_y=torch.as_tensor(arrays.train_y).to(device))
+
+
+def data_loaders(tssl, args, arrays, split: np.ndarray, eval_idx: np.ndarray) -> dict:
+    """main_worker's data sets and loaders, on our arrays and split (patches our_arrays, our_split), checked to
+    hold exactly our images. Returns its loader_dict plus "ulb_dset"."""
+    Dataset = patches.arrays_dataset_class(tssl.ssl_dataset.SSL_Dataset, (arrays.train_x, arrays.train_y),
+                                           (arrays.test_x[eval_idx], arrays.test_y[eval_idx]))
+    train_dset = Dataset(args, alg="fixmatch", name=args.dataset, train=True, num_classes=args.num_classes,
+                         data_dir=args.data_dir)
+    lb_dset, ulb_dset = train_dset.get_ssl_dset(args.num_labels, index=split)
+    eval_dset = Dataset(args, alg="fixmatch", name=args.dataset, train=False, num_classes=args.num_classes,
+                        data_dir=args.data_dir).get_dset()
+    verify_data(lb_dset, ulb_dset, eval_dset, arrays, split, eval_idx)
+    get_data_loader = tssl.data_utils.get_data_loader
+    return {
+        "train_lb": get_data_loader(lb_dset, args.batch_size, data_sampler=args.train_sampler,
+                                    num_iters=args.num_train_iter, num_workers=args.num_workers,
+                                    distributed=args.distributed),
+        "train_ulb": get_data_loader(ulb_dset, args.batch_size * args.uratio, data_sampler=args.train_sampler,
+                                     num_iters=args.num_train_iter, num_workers=4 * args.num_workers,
+                                     distributed=args.distributed),
+        "eval": get_data_loader(eval_dset, args.eval_batch_size, num_workers=args.num_workers, drop_last=False),
+        "ulb_dset": ulb_dset,
+    }
+
+
+def observe_and_bound(tssl, w: SimpleNamespace, hooks: Hooks, remaining: int, applied: list[str], device) -> None:
+    """The patches that observe TorchSSL's loop and bound it to the steps still to do."""
+    w.model.hooks = hooks
+    loaders = w.model.loader_dict
+    loaders["train_lb"] = patches.LimitedBatches(loaders["train_lb"], remaining, hooks.labelled_fetched)
+    loaders["train_ulb"] = patches.LimitedBatches(loaders["train_ulb"], remaining, hooks.unlabelled_fetched)
+    patches.observe_losses(tssl.fixmatch, hooks.sup_loss, hooks.unsup_loss)
+    if "amp_bf16" in applied:
+        patches.amp_bf16(tssl.fixmatch, device.type)
 
 
 def _read_progress(save_path: Path, spec: RunSpec, step: int, log) -> dict:
@@ -386,30 +353,23 @@ def _read_progress(save_path: Path, spec: RunSpec, step: int, log) -> dict:
         log(f"note: no {PROGRESS} beside the checkpoint; time before step {step} is not counted")
         return {}
     progress = read_json(path, "progress file")
-    if progress.get("spec_hash") != spec.hash():
-        raise ValueError(f"checkpoint in {save_path} belongs to spec {progress.get('spec_hash')}, not {spec.hash()}")
+    check_belongs(progress.get("spec_hash"), spec, save_path / CHECKPOINT)
     if progress.get("step") != step:
         log(f"note: {PROGRESS} is for step {progress.get('step')}, the checkpoint for step {step}; times approximate")
     return progress
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m third_party.torchssl.entry", description=__doc__.splitlines()[0])
-    parser.add_argument("--spec", type=Path, required=True, help="the run's spec.json")
-    parser.add_argument("--run-dir", type=Path, required=True, help="the run folder (outputs go here)")
-    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: spec.json's)")
-    parser.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: resume
-    parser.add_argument("--num-workers", type=int, default=None,
-                        help=f"TorchSSL's num_workers (the unlabelled loader gets 4x); default: spec.json's "
-                             f"extra['num_workers'], else TorchSSL's {TORCHSSL_NUM_WORKERS}")
-    args = parser.parse_args(argv)
-    run_dir = args.run_dir.resolve()
+    def add_flags(parser) -> None:
+        parser.add_argument("--num-workers", type=int, default=None,
+                            help=f"TorchSSL's num_workers (the unlabelled loader gets 4x); default: spec.json's "
+                                 f"num_workers, else TorchSSL's {TORCHSSL_NUM_WORKERS}")
 
-    def body() -> None:
-        spec, files = read_spec(args.spec)
-        run(spec, files, run_dir, args.device or files.device, args.num_workers, args.stop_after)
+    def body(spec: RunSpec, files: RunFiles, run_dir: Path, device: str, args) -> None:
+        run(spec, files, run_dir, device, args.num_workers, args.stop_after)
 
-    return run_entry("torchssl.entry", run_dir, body, expected=(CheckoutError,))
+    return entry_main("third_party.torchssl.entry", __doc__.splitlines()[0], body, argv, add_flags,
+                      expected=(CheckoutError,))
 
 
 if __name__ == "__main__":

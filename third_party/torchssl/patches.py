@@ -4,7 +4,8 @@ TorchSSL's files are never edited. Each patch below is a subclass, a wrapper tha
 unchanged, or an argument TorchSSL already accepts. None of them touches the loss, the model, the optimizer, the
 schedule, the EMA or the augmentation. result.json lists the names applied to each run under "patches".
 
-This module imports neither torch nor TorchSSL at import time, so the table can be read anywhere.
+This module imports neither torch nor TorchSSL at import time, so the table can be read anywhere. How TorchSSL's
+recipe itself differs from the paper's is in README.md here.
 """
 from __future__ import annotations
 
@@ -229,7 +230,8 @@ def bench_fixmatch_class(FixMatch):
     """TorchSSL's FixMatch with the spec's schedule, evaluations observed and atomic saves; train() is its own.
 
     Needs `hooks` set before train(): an object with end_of_step(model) -> bool (evaluate now?),
-    evaluated(result_dict, seconds) and saved(save_name, step, seconds).
+    evaluated(result_dict, seconds), saved(save_name, step, seconds) and paused() (a context manager for time that
+    is not training).
     """
     class BenchFixMatch(FixMatch):
         hooks = None
@@ -242,12 +244,13 @@ def bench_fixmatch_class(FixMatch):
 
         @num_eval_iter.setter
         def num_eval_iter(self, value):
-            self.torchssl_num_eval_iter = value  # its own schedule, incl. the switch to 1000; kept, not used
+            pass  # its own schedule (set in __init__, switched to 1000 late in train()): the spec's replaces it
 
         def evaluate(self, eval_loader=None, args=None):
-            t0 = time.perf_counter()
-            out = super().evaluate(eval_loader=eval_loader, args=args)
-            self.hooks.evaluated(out, time.perf_counter() - t0)
+            with self.hooks.paused():  # evaluation is not training time
+                t0 = time.perf_counter()
+                out = super().evaluate(eval_loader=eval_loader, args=args)
+                self.hooks.evaluated(out, time.perf_counter() - t0)
             return out
 
         def save_model(self, save_name, save_path):
@@ -257,11 +260,12 @@ def bench_fixmatch_class(FixMatch):
             # replace the last good checkpoint with non-finite weights.
             if not all(torch.isfinite(p).all() for p in self.model.parameters()):
                 raise NonFiniteLoss(f"non-finite weights at step {self.it + 1}; the last good checkpoint is kept")
-            t0 = time.perf_counter()
-            tmp = save_name + ".tmp"
-            super().save_model(tmp, save_path)
-            replace_durably(Path(save_path) / tmp, Path(save_path) / save_name)
-            # save_model stores it = self.it + 1: the steps done when called inside the loop, as it is here
-            self.hooks.saved(save_name, self.it + 1, time.perf_counter() - t0)
+            with self.hooks.paused():  # saving is not training time
+                t0 = time.perf_counter()
+                tmp = save_name + ".tmp"
+                super().save_model(tmp, save_path)
+                replace_durably(Path(save_path) / tmp, Path(save_path) / save_name)
+                # save_model stores it = self.it + 1: the steps done when called inside the loop, as it is here
+                self.hooks.saved(save_name, self.it + 1, time.perf_counter() - t0)
 
     return BenchFixMatch

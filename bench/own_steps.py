@@ -1,11 +1,11 @@
 """Steps per second of own_impl's whole training step (sampling, augmentation, forward, backward, SGD, EMA).
 
-    python bench/own_cpu_steps.py [--device cpu] [--batch 16] [--uratio 7] [--warmup 3] [--repeats 5]
-                                  [--configs fp32 fp32-cl bf16-cl fp32-cl-compile] [--compile-mode MODE]
-    python bench/own_cpu_steps.py --device cuda --batch 64 --configs bf16-cl bf16-cl-compile --window 20
+    python bench/own_steps.py [--device cpu] [--batch-size 16] [--uratio 7] [--warmup 3] [--repeats 5]
+                              [--configs fp32 fp32-cl bf16-cl fp32-cl-compile] [--compile-mode MODE]
+    python bench/own_steps.py --device cuda --batch-size 64 --configs bf16-cl bf16-cl-compile --window 20
 
 A configuration is precision (fp32 | bf16 autocast) plus optional `-cl` (channels_last) and `-compile`
-(torch.compile of the augmentation and of forward + loss + backward, as own_impl.train does it). All configurations
+(torch.compile of the augmentation and of forward + loss + backward, as own_impl.compile does it). All configurations
 are built first (compilation timed apart, as `compile_s`), then each gets `warmup` untimed steps, then `repeats`
 rounds run `window` timed steps of every configuration in turn, so that load from other processes on a shared
 machine falls on all of them alike. The device is synchronized only at the ends of a window (a GPU runs ahead of the
@@ -19,21 +19,20 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
+import common
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from contract.results import machine_info  # noqa: E402
-from contract.spec import RunSpec  # noqa: E402
-from own_impl.optim import cosine_lr  # noqa: E402
-from contract.runtime import resolve_device  # noqa: E402
-from own_impl.train import (DeviceData, EpochSampler, build, compile_augment_warm_up, compile_warm_up,  # noqa: E402
-                            make_augment_fn, make_batch, make_loss_fn, train_step)
+from contract.runtime import resolve_device
+from contract.spec import RunSpec
+from harness.env import machine_info
+from own_impl.compile import make_augment_fn, make_loss_fn, warm_up_augment, warm_up_loss
+from own_impl.data import DeviceData, EpochSampler, Samplers, make_batch
+from own_impl.optim import cosine_lr
+from own_impl.train import build, forward_loss, train_step
 
 N_TRAIN = 50_000
 
@@ -41,7 +40,7 @@ N_TRAIN = 50_000
 def parse_config(name: str) -> dict:
     parts = name.split("-")
     if parts[0] not in ("fp32", "bf16") or not set(parts[1:]) <= {"cl", "compile"}:
-        raise SystemExit(f"bad configuration {name!r}: fp32|bf16, then optional -cl and -compile")
+        raise ValueError(f"bad configuration {name!r}: fp32|bf16, then optional -cl and -compile")
     return {"precision": parts[0], "channels_last": "cl" in parts, "compile": "compile" in parts}
 
 
@@ -57,13 +56,16 @@ class Runner:
                             precision=cfg["precision"], channels_last=cfg["channels_last"], steps=steps)
         torch.manual_seed(0)
         self.model, self.ema, self.optimizer = build(self.spec, device)
-        self.loss_fn = make_loss_fn(self.model, self.spec, cfg["compile"], compile_mode)
+        self.loss_fn = make_loss_fn(forward_loss, self.model, self.spec, cfg["compile"], compile_mode)
         self.augment_fn = make_augment_fn(cfg["compile"], compile_mode)
-        self.compile_s = (compile_augment_warm_up(self.augment_fn, self.spec, data.train_x.shape[1:], device)
-                          + compile_warm_up(self.model, self.loss_fn, self.spec, data.train_x.shape[1:])
-                          if cfg["compile"] else 0.0)
-        self.lab, self.unl = EpochSampler(data.labelled, 1), EpochSampler(np.arange(len(data.train_y)), 2)
-        self.aug_gen = torch.Generator(device=device).manual_seed(3)
+        t = time.perf_counter()
+        if cfg["compile"]:
+            warm_up_augment(self.augment_fn, self.spec, data.train_x.shape[1:], device)
+            warm_up_loss(self.model, self.loss_fn, self.spec, data.train_x.shape[1:])
+            self.sync()
+        self.compile_s = time.perf_counter() - t if cfg["compile"] else 0.0
+        self.samplers = Samplers(EpochSampler(data.labelled, 1), EpochSampler(np.arange(len(data.train_y)), 2),
+                                 torch.Generator(device=device).manual_seed(3))
         self.k = 0
         self.step_s, self.data_host_s, self.step_host_s, self.cpu_s = [], [], [], []
 
@@ -79,17 +81,17 @@ class Runner:
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(steps):
             t1 = time.perf_counter()
-            x, y_x, y_u = make_batch(self.data, self.lab, self.unl, self.spec, self.aug_gen, self.augment_fn)
+            x, y_x, y_u = make_batch(self.data, self.samplers, self.spec, self.augment_fn)
             t2 = time.perf_counter()
-            stats = train_step(self.model, self.ema, self.optimizer, x, y_x, y_u, self.spec,
-                               cosine_lr(self.spec.lr, self.k, self.spec.steps), self.loss_fn)
+            stats = train_step(self.model, self.ema, self.optimizer, self.loss_fn, x, y_x, y_u,
+                               cosine_lr(self.spec.lr, self.k, self.spec.steps))
             loss_sum += stats["loss"]
             data_s, step_s = data_s + t2 - t1, step_s + time.perf_counter() - t2
             self.k += 1
         loss = float(loss_sum)  # the sync; a NaN here would mean a broken step
         t3 = time.perf_counter()
         if not np.isfinite(loss):
-            raise SystemExit(f"{self.name}: non-finite loss before step {self.k}")
+            raise ValueError(f"{self.name}: non-finite loss before step {self.k}")
         if timed:
             self.step_s.append((t3 - t0) / steps)
             self.data_host_s.append(data_s / steps)
@@ -119,7 +121,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
     p.add_argument("--window", type=int, default=None, help="steps per timed sample (default: 1 on the CPU, "
                    "20 on a GPU)")
-    p.add_argument("--batch", type=int, nargs="+", default=[16], help="B, labelled images per step")
+    p.add_argument("--batch-size", type=int, nargs="+", default=[16], help="B, labelled images per step")
     p.add_argument("--uratio", type=int, default=7, help="mu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--json", type=Path, default=None, help="also write the JSON here")
@@ -135,7 +137,7 @@ def main() -> int:
     data = DeviceData(train_x, train_y, np.arange(250), train_x[:0], train_y[:0], "-")
     window = args.window or (20 if device.type == "cuda" else 1)
     rows = []
-    for batch in args.batch:
+    for batch in args.batch_size:
         runners = []
         for name in args.configs:
             runners.append(Runner(name, data, device, batch, args.uratio, args.warmup + args.repeats * window,
@@ -162,7 +164,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ValueError as e:  # bad input (a device, a configuration name): one line
-        sys.exit(f"own_cpu_steps.py: error: {e}")
+    common.run_main("own_steps.py", main)

@@ -1,33 +1,16 @@
-"""One prepared GPU session: environment, our step eager vs compiled, side-by-side throughput, CUDA tests, a short
-side-by-side accuracy run; all to --out.
+"""What only a GPU can confirm, checked in one prepared run: the environment, the CUDA-only tests, our step eager
+against compiled, both implementations' throughput side by side, and a short side-by-side accuracy run; everything
+it learns goes to --out.
 
-Made for a lent GPU with a hard limit (finishes in under 9 minutes on one H200 by default); tried first on the CPU
-with `--device cpu`, which shrinks every stage to a few steps of tiny batches so the whole script runs in minutes:
+    python bench/gpu_check.py --device cuda --out OUT --data PATH/cifar10-jpeg.tar.gz
+    python bench/gpu_check.py --device cpu --out /tmp/gpu-check --data PATH/cifar10-jpeg.tar.gz   # the same, tiny
 
-    python bench/gpu_session.py --device cpu --out /tmp/gpu-dry --data ../shared/data/cifar10-jpeg.tar.gz
-    python bench/gpu_session.py --device cuda --out "$OUT" --data data/cifar10-jpeg.tar.gz
-
-On the lent GPU machine (bare: torch 2.11, no GitPython, no internet), prepare here first, in the repo root:
-
-    echo /.gpu/ >> .git/info/exclude; mkdir -p .gpu/cache .gpu/whl
-    cp ../shared/data/cifar10-jpeg.tar.gz .gpu/                                   # the data set (19 MB)
-    cp -r ~/.cache/fixmatch_bench/torchssl-f26e1d42967c .gpu/cache/               # the verified checkout
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        -d .gpu/whl GitPython gitdb smmap                                         # pure-Python wheels
-
-then call the device tool's run with carry [".gpu"] and the command
-
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl && \
-    PYTHONPATH=/tmp/site FIXMATCH_BENCH_CACHE=$PWD/.gpu/cache PYTHONUNBUFFERED=1 \
-    python3 bench/gpu_session.py --device cuda --out "$OUT" --data .gpu/cifar10-jpeg.tar.gz
-
-Stages, most wanted first: the TorchSSL checkout; decoding the data set into the cache; our step eager against
-compiled (bench/own_cpu_steps.py); both implementations' throughput in bf16 (bench/throughput.py); the CUDA-only
-tests (augmentation on the GPU, eager and compiled, gives the CPU's pixels and inputs; compiled steps match a
-float64 reference); a 1000-step side-by-side accuracy run at 4000 labels with the time that is left.
-It writes at most 8 files (what the device tool brings back): env.txt, own-configs.json, throughput.json,
-accuracy.json, RESULTS.md, curves-4000.png, session.log, summary.md. Each stage has its own time limit, and a stage
-that fails or runs out of time is recorded and the next one still runs.
+It needs a verified TorchSSL checkout in the cache folder ($FIXMATCH_BENCH_CACHE) or a source to clone it from
+(--torchssl-source); without one it measures ours alone. Each stage has its own time limit and process group; a
+stage that fails or runs out of time is recorded and the next one still runs. --device cpu shrinks every stage to
+a few steps of tiny batches, so that the whole script can be checked on any machine before a GPU is spent on it.
+It writes at most 8 files: env.txt, own-configs.json, throughput.json, accuracy.json, RESULTS.md, curves-4000.png,
+session.log, summary.md.
 """
 from __future__ import annotations
 
@@ -41,10 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import common
+from harness.runner import child_env  # contract and harness only: no torch in this process
 
-from harness.runner import child_env  # noqa: E402  (contract and harness only: no torch in this process)
+REPO = common.REPO
 
 
 def main() -> int:
@@ -105,15 +88,16 @@ def main() -> int:
             subprocess.run(["nvidia-smi"], stdout=f, stderr=subprocess.STDOUT)
         subprocess.run([sys.executable, "-m", "pip", "list", "--format=freeze"], stdout=f, stderr=subprocess.DEVNULL)
 
-    common = ["--device", args.device]
+    shared = ["--device", args.device]
     if args.data:
-        common += ["--data", args.data]
+        shared += ["--data", args.data]
     if args.torchssl_source:
-        common += ["--torchssl-source", args.torchssl_source]
+        shared += ["--torchssl-source", args.torchssl_source]
     # TorchSSL needs git, gitpython and its checkout: without them, measure ours alone rather than nothing.
     impls = ["own", "torchssl"]
-    probe = [sys.executable, "-c", "from third_party.torchssl.checkout import ensure_checkout; import sys; "
-             "print(ensure_checkout(sys.argv[1] if len(sys.argv) > 1 else None))"]
+    probe = [sys.executable, "-c", "import sys; from harness.env import default_cache_dir; "
+             "from third_party.torchssl.checkout import ensure_checkout; "
+             "print(ensure_checkout(sys.argv[1] if len(sys.argv) > 1 else None, default_cache_dir()))"]
     if not stage("TorchSSL checkout", probe + ([args.torchssl_source] if args.torchssl_source else []), 60):
         impls = ["own"]
         summary.append("- TorchSSL unavailable (see session.log): ours alone")
@@ -121,16 +105,16 @@ def main() -> int:
         stage("data", [sys.executable, "-c", "import sys; from harness.data import load_cifar10; "
                        "print(load_cifar10(sys.argv[1]).data_dir)", args.data], 90)
     # Our step eager against compiled (augmentation + forward/backward), without the harness around it.
-    own = ["--batch", "4", "--uratio", "2", "--configs", "fp32", "fp32-compile", "--warmup", "1", "--repeats", "2",
+    own = ["--batch-size", "4", "--uratio", "2", "--configs", "fp32", "fp32-compile", "--warmup", "1", "--repeats", "2",
            "--window", "1"] if cpu else \
-        ["--batch", "64", "--uratio", "7", "--configs", "bf16-cl", "bf16-cl-compile", "--warmup", "20",
+        ["--batch-size", "64", "--uratio", "7", "--configs", "bf16-cl", "bf16-cl-compile", "--warmup", "20",
          "--repeats", "5", "--window", "20"]
-    stage("own configurations", [sys.executable, "bench/own_cpu_steps.py", "--device", args.device, *own,
+    stage("own configurations", [sys.executable, "bench/own_steps.py", "--device", args.device, *own,
                                  "--json", str(out / "own-configs.json")], 100)
     batch = ["--batch-size", "4", "--uratio", "2", "--warmup", "2", "--window", "2", "--repeats", "2"] if cpu else \
         ["--batch-size", "64", "--uratio", "7", "--warmup", "40", "--window", "20", "--repeats", "5"]
     precision = "fp32" if cpu else "bf16"
-    stage(f"throughput {precision}", [sys.executable, "bench/throughput.py", *common, *batch, "--precision",
+    stage(f"throughput {precision}", [sys.executable, "bench/throughput.py", *shared, *batch, "--precision",
                                       precision, "--channels-last", "--impls", *impls,
                                       "--json", str(out / "throughput.json")], 130)
     # The GPU-only tests: augmentation on the GPU (eager and compiled) = the CPU's pixels; compiled steps = float64.
@@ -144,7 +128,7 @@ def main() -> int:
         sys.executable, "run_all.py", "--budgets", "4000", "--preset", "short", "--steps", str(steps),
         "--eval-every", str(max(steps // 6, 1)), "--checkpoint-every", str(max(steps // 4, 1)), "--log-every",
         str(max(steps // 30, 1)), "--precision", precision, "--out", str(acc_out), "--no-warmup",
-        "--impls", *impls, *common, *size], left() - 20)
+        "--impls", *impls, *shared, *size], left() - 20)
     if not (acc_out / "RESULTS.md").exists():  # cut off: report whatever runs finished
         stage("report", [sys.executable, "run_all.py", "--report-only", "--out", str(acc_out)], 15)
     if (acc_out / "RESULTS.md").exists():

@@ -1,0 +1,141 @@
+"""The command line (`fixmatch-bench`, `python run_all.py`): flags, then data, splits, plan, runs and report."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+from contract.spec import IMPLS, MAX_SEED, PRECISIONS, SETTING_FIELDS
+from harness.plan import PRESETS, Plan, make_plan
+
+# Flags that override one preset value each: (spec field, type, help).
+OVERRIDES = [
+    ("steps", int, "optimizer steps per run"), ("eval_every", int, "steps between evaluations"),
+    ("batch_size", int, "B, labelled images per step"), ("uratio", int, "mu, unlabelled per labelled"),
+    ("lr", float, "initial learning rate"), ("momentum", float, "SGD momentum"),
+    ("weight_decay", float, "weight decay"), ("threshold", float, "tau, confidence threshold"),
+    ("lambda_u", float, "unlabelled loss weight"), ("ema_decay", float, "EMA decay"),
+    ("depth", int, "WideResNet depth"), ("widen_factor", int, "WideResNet width"),
+    ("eval_subset", int, "0: whole test set; n: fixed class-balanced subset"),
+    ("eval_batch_size", int, "evaluation batch size"), ("checkpoint_every", int, "steps between checkpoints"),
+    ("log_every", int, "steps between training-statistics lines"),
+]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag is reported in one line (the usage block is for --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="fixmatch-bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                      description="Run our FixMatch and TorchSSL's side by side on CIFAR-10 and write the report.",
+                      allow_abbrev=False)
+    p.add_argument("--budgets", type=int, nargs="+", default=[40, 250, 4000],
+                   help="label budgets: labelled images in total, positive multiples of 10")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help=f"seeds (0..{MAX_SEED}); each draws its split")
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS), help="implementations to run")
+    p.add_argument("--preset", default="paper", choices=list(PRESETS), help="settings preset")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--gpus", type=int, nargs="+", default=None,
+                   help="GPU indices to spread runs over, one run per GPU at a time (implies CUDA)")
+    p.add_argument("--data", default=None,
+                   help="CIFAR-10 source: torchvision folder, cifar-10-python.tar.gz, image-folder tree or its "
+                        ".tar/.tar.gz (default: $FIXMATCH_BENCH_DATA, else torchvision's download into the cache)")
+    p.add_argument("--torchssl-source", default=None,
+                   help="git URL or local path/mirror to clone TorchSSL from "
+                        "(default: $TORCHSSL_SOURCE, else https://github.com/TorchSSL/TorchSSL)")
+    p.add_argument("--out", default="results", help="results folder: splits/, runs/, RESULTS.md, figures/")
+    p.add_argument("--cache-dir", default=None,
+                   help="where decoded data and the TorchSSL checkout are cached "
+                        "(default: $FIXMATCH_BENCH_CACHE, else ~/.cache/fixmatch_bench)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and write the split files only")
+    p.add_argument("--report-only", action="store_true", help="rebuild RESULTS.md and figures from result files")
+    p.add_argument("--no-warmup", action="store_true", help="skip the measured warm-up and time estimate")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile our augmentation and training step (default: own_impl/compile.py's policy: "
+                        "on for CUDA, and on the CPU for runs of 1000 steps or more); not part of the run spec")
+    p.add_argument("--torchssl-workers", type=int, default=None,
+                   help="TorchSSL's DataLoader workers (its unlabelled loader gets 4x; default: its config's 1)")
+    g = p.add_argument_group("overrides of the preset's values")
+    for name, typ, hint in OVERRIDES:
+        g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=hint)
+    g.add_argument("--precision", choices=list(PRECISIONS), default=None, help="fp32 or bf16 autocast")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum")
+    g.add_argument("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format")
+    return p
+
+
+def overrides(args: argparse.Namespace) -> dict:
+    """The preset values the flags override: only the flags given."""
+    return {k: getattr(args, k) for k in SETTING_FIELDS if getattr(args, k, None) is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console script: every way the command ends is an exit code and, for an error, one line."""
+    from harness.data import DataError
+    from third_party.torchssl.checkout import CheckoutError  # gitpython only: no TorchSSL, no torch
+
+    args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # a kill checkpoints the running runs, like Ctrl-C
+    try:
+        return run(args)
+    except (ValueError, OSError, CheckoutError, DataError) as e:  # UsageError, SplitError are ValueErrors
+        if isinstance(e, OSError) and e.filename is not None:  # e.g. --out naming a file: "[Errno 20] ..." made plain
+            also = f" -> {e.filename2}" if e.filename2 is not None else ""
+            print(f"error: {e.strerror}: {e.filename}{also}", file=sys.stderr)
+        else:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished runs are kept, interrupted ones resume from their checkpoint on the next call",
+              file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    from harness.env import user_path
+
+    out = user_path(args.out)
+    if args.report_only:
+        return _report(out)
+    plan = make_plan(budgets=args.budgets, seeds=args.seeds, impls=args.impls, preset=args.preset,
+                     overrides=overrides(args), out_dir=out, device=args.device, gpus=args.gpus,
+                     data=args.data or os.environ.get("FIXMATCH_BENCH_DATA"),
+                     cache_dir=user_path(args.cache_dir) if args.cache_dir else None)
+    print(plan.describe())
+    if args.dry_run:
+        return 0
+
+    from harness.runner import RunOptions, execute
+
+    options = RunOptions(devices=plan.devices, torchssl_source=args.torchssl_source, cache_dir=plan.cache_dir,
+                         warmup=not args.no_warmup, compile_own=args.compile, torchssl_workers=args.torchssl_workers)
+    failed = execute(plan.runs, data=plan.data, options=options)
+    _report(out)
+    if failed:
+        print(f"{len(failed)} of {len(plan.runs)} runs failed: {', '.join(r.spec.name for r in failed)}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _report(out: Path) -> int:
+    from harness.report import write_report
+
+    print(f"report: {write_report(out)}")
+    return 0
+
+
+__all__ = ["Plan", "build_parser", "main"]

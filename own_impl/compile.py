@@ -1,0 +1,123 @@
+"""When and how our step is compiled: torch.compile of the augmentation and of forward + loss + backward.
+
+The policy, stated once:
+- What is compiled: the augmentation with normalization (one graph: eager, it is about 700 small kernels per step,
+  each a host-side launch on a GPU) and forward + loss + backward (BatchNorm, activations and the loss fused around
+  the convolutions). The module itself is never wrapped, so checkpoints look the same either way.
+- When: as asked (`--compile` / `--no-compile`, carried to the run by spec.json); unasked, on CUDA always, and on
+  the CPU for runs of CPU_COMPILE_MIN_STEPS steps or more, because compiling takes tens of seconds there, which
+  tests and smoke runs never win back (bench/README.md has the measurements).
+- It is how a run executes, not what it computes: the augmented pixels are the same bit for bit and the step's
+  results differ only within float tolerance (tests/test_own_compile.py), so it is not part of the run spec.
+- Each part is compiled on stand-in inputs before the first step (timed apart from training). An unasked compile
+  that fails (no C++ compiler, no Triton) falls back to eager for that part alone, with a line in the log; an
+  asked-for one fails the run.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from contract.spec import RunSpec
+from own_impl.augment import sample_strong_params, sample_weak_params
+from own_impl.data import augment_and_normalize, normalization_table, normalize
+
+CPU_COMPILE_MIN_STEPS = 1000
+COMPILE_MODE = None  # torch.compile's default mode
+
+
+def use_compile(device: torch.device, choice: bool | None, steps: int, binding: bool = True) -> tuple[bool, bool]:
+    """(compile?, must it succeed?) for a run of `steps` steps on `device`. choice None: the policy decides (a
+    failure falls back); True/False: as asked, a failure failing the run unless not `binding` (benchmarks)."""
+    if choice is None:
+        return device.type == "cuda" or (device.type == "cpu" and steps >= CPU_COMPILE_MIN_STEPS), False
+    return bool(choice), binding
+
+
+def make_augment_fn(compile: bool, mode: str | None = COMPILE_MODE):
+    """augment_and_normalize, compiled as one graph if `compile`."""
+    if not compile:
+        return augment_and_normalize
+    return torch.compile(augment_and_normalize, mode=mode, dynamic=False, fullgraph=True)
+
+
+def make_loss_fn(forward_loss: Callable, model: torch.nn.Module, spec: RunSpec, compile: bool,
+                 mode: str | None = COMPILE_MODE):
+    """(x, y_x, y_u) -> forward_loss(model, x, y_x, y_u, spec), compiled (with its backward) if `compile`."""
+    def loss_fn(x: torch.Tensor, y_x: torch.Tensor, y_u: torch.Tensor):
+        return forward_loss(model, x, y_x, y_u, spec)
+
+    # dynamic=False: a run has one input shape; never trade the static kernels for shape-generic ones
+    return torch.compile(loss_fn, mode=mode, dynamic=False) if compile else loss_fn
+
+
+def warm_up_augment(augment_fn, spec: RunSpec, image_shape: torch.Size, device: torch.device) -> None:
+    """Compile augment_fn on stand-in images and parameters of the run's shapes, from a throwaway generator: the
+    run's generators are not touched."""
+    n_x, n_u = spec.batch_size, spec.batch_size * spec.uratio
+    g = torch.Generator(device=device).manual_seed(0)
+    images = torch.zeros((n_x + n_u, *image_shape), dtype=torch.uint8, device=device)
+    augment_fn(images, sample_weak_params(n_x + n_u, g, device), images[n_x:],
+               sample_strong_params(n_u, *image_shape[1:], g, device), normalization_table(device), spec.channels_last)
+
+
+def warm_up_loss(model: torch.nn.Module, loss_fn, spec: RunSpec, image_shape: torch.Size) -> None:
+    """Compile loss_fn and its backward on a stand-in batch of the run's shapes; leaves the model as it was: no
+    random number is drawn, no parameter changes, and the BatchNorm statistics the batch moved are put back."""
+    device = next(model.parameters()).device
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    n_x, n_u = spec.batch_size, spec.batch_size * spec.uratio
+    x = normalize(torch.zeros((n_x + 2 * n_u, *image_shape), dtype=torch.uint8, device=device), spec.channels_last)
+    try:
+        loss, _ = loss_fn(x, torch.zeros(n_x, dtype=torch.int64, device=device),
+                          torch.zeros(n_u, dtype=torch.int64, device=device))
+        loss.backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(saved)  # copies into the same tensors: the optimizer and the compiled code keep them
+
+
+@dataclass
+class Compiled:
+    """The step's two parts as they will run, and what compiling them took."""
+
+    augment_fn: Callable
+    loss_fn: Callable
+    augmentation_compiled: bool
+    step_compiled: bool
+    seconds: float  # compilation before the first step, kept out of training time
+
+
+def compile_step(forward_loss: Callable, model: torch.nn.Module, spec: RunSpec, device: torch.device,
+                 image_shape: torch.Size, choice: bool | None, log: Callable[[str], None],
+                 binding: bool = True) -> Compiled:
+    """Both parts, compiled or eager by the policy above, each compiled before the first step; the fallback."""
+    wanted, asked = use_compile(device, choice, spec.steps, binding)
+    eager = Compiled(make_augment_fn(False), make_loss_fn(forward_loss, model, spec, False), False, False, 0.0)
+    if not wanted:
+        return eager
+    out = Compiled(make_augment_fn(True), make_loss_fn(forward_loss, model, spec, True), True, True, 0.0)
+    parts = (("the augmentation", lambda: warm_up_augment(out.augment_fn, spec, image_shape, device),
+              "augment_fn", "augmentation_compiled"),
+             ("forward + loss + backward", lambda: warm_up_loss(model, out.loss_fn, spec, image_shape),
+              "loss_fn", "step_compiled"))
+    for what, warm_up, fn_field, flag_field in parts:
+        t = time.perf_counter()
+        try:
+            warm_up()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            log(f"compiled {what} in {time.perf_counter() - t:.1f} s (kept out of train_seconds)")
+        except Exception as e:
+            if asked:
+                raise
+            first_line = (str(e).splitlines() or [""])[0][:200]
+            log(f"torch.compile of {what} failed ({type(e).__name__}: {first_line}); {what} runs eager")
+            setattr(out, fn_field, getattr(eager, fn_field))
+            setattr(out, flag_field, False)
+        finally:
+            out.seconds += time.perf_counter() - t
+    return out

@@ -1,0 +1,143 @@
+"""The data side of a step: the uint8 data set on the device, index samplers, the augmentation, normalization."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from contract.arrays import load_run_inputs
+from contract.spec import RunFiles, RunSpec
+from own_impl.augment import StrongParams, WeakParams, apply_strong, flip_and_shift, sample_strong_params, \
+    sample_weak_params
+
+# CIFAR-10 per-channel mean and std of the training pixels, in [0, 1] units (the constants TorchSSL uses).
+CIFAR10_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
+CIFAR10_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
+
+
+@dataclass
+class DeviceData:
+    train_x: torch.Tensor  # (N, 3, 32, 32) uint8
+    train_y: torch.Tensor  # (N,) int64
+    labelled: np.ndarray  # (n_labels,) sorted indices into the train set
+    eval_x: torch.Tensor  # (M, 3, 32, 32) uint8: the test set or its fixed subset
+    eval_y: torch.Tensor  # (M,) int64
+    sha256: str  # recomputed from the arrays
+
+
+def load_device_data(spec: RunSpec, files: RunFiles, device: torch.device) -> DeviceData:
+    arrays, labelled, sub = load_run_inputs(spec, files)
+
+    def images(x: np.ndarray) -> torch.Tensor:  # (N, 32, 32, 3) HWC -> (N, 3, 32, 32) on the device
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
+
+    return DeviceData(images(arrays.train_x), torch.from_numpy(arrays.train_y).to(device), labelled,
+                      images(arrays.test_x[sub]), torch.from_numpy(arrays.test_y[sub]).to(device), arrays.sha256)
+
+
+class EpochSampler:
+    """Indices from shuffled passes over a pool: each pass is a fresh permutation drawn from a local generator."""
+
+    def __init__(self, pool: np.ndarray, seed: int):
+        self.pool = torch.as_tensor(pool, dtype=torch.int64)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order = self.pool[:0]
+        self.pos = 0
+
+    def next(self, n: int) -> torch.Tensor:  # (n,) int64 on the CPU; a batch may run into the next pass
+        parts = []
+        while n > 0:
+            if self.pos == len(self.order):
+                self.order = self.pool[torch.randperm(len(self.pool), generator=self.generator)]
+                self.pos = 0
+            take = min(n, len(self.order) - self.pos)
+            parts.append(self.order[self.pos:self.pos + take])
+            self.pos += take
+            n -= take
+        return torch.cat(parts)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": self.order.clone(), "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.order, self.pos = state["order"].clone(), state["pos"]
+
+
+@dataclass
+class Samplers:
+    """Where each step's images come from: its labelled and unlabelled indices, and its augmentation's numbers."""
+
+    labelled: EpochSampler  # passes over the split
+    unlabelled: EpochSampler  # passes over all N train images, the labelled ones included (as the paper)
+    augment: torch.Generator  # on the device
+
+    @classmethod
+    def seeded(cls, seed: int, data: DeviceData) -> "Samplers":
+        seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(3, dtype=np.uint64)]
+        return cls(EpochSampler(data.labelled, seeds[0]), EpochSampler(np.arange(len(data.train_y)), seeds[1]),
+                   torch.Generator(device=data.train_x.device).manual_seed(seeds[2]))
+
+    def state_dict(self) -> dict:
+        return {"augment": self.augment.get_state(), "labelled": self.labelled.state_dict(),
+                "unlabelled": self.unlabelled.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.augment.set_state(state["augment"])
+        self.labelled.load_state_dict(state["labelled"])
+        self.unlabelled.load_state_dict(state["unlabelled"])
+
+
+def normalize(x: torch.Tensor, channels_last: bool, table: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float32, standardized with the CIFAR-10 mean and std, by table lookup.
+
+    table: normalization_table(x.device), passed in by compiled callers. A lookup is exact on every backend; the
+    same x * scale + shift computed per pixel could be fused into one FMA by a compiler and differ in the last bit."""
+    table = normalization_table(x.device) if table is None else table
+    offsets = torch.arange(0, 3 * 256, 256, device=x.device).view(1, 3, 1, 1)
+    out = table.reshape(-1)[x.long() + offsets]
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+@functools.cache
+def normalization_table(device: torch.device) -> torch.Tensor:
+    """(3, 256) float32: level v of channel c -> (v/255 - mean_c)/std_c, as v * scale + shift in float32 (one rounding
+    for each), made once per device on the CPU."""
+    levels = torch.arange(256, dtype=torch.float32)
+    return torch.stack([levels * (1.0 / (255.0 * s)) + (-m / s) for m, s in zip(CIFAR10_MEAN, CIFAR10_STD)]).to(device)
+
+
+def make_batch(data: DeviceData, samplers: Samplers, spec: RunSpec,
+               augment_fn=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step's input: x = [weak(labelled); weak(unlabelled); strong(unlabelled)], (B + 2muB, 3, 32, 32), and the
+    labels of the labelled (B,) and unlabelled (muB,) images (the latter only for the pseudo-label diagnostic).
+
+    The random numbers are drawn here; augment_fn (default: augment_and_normalize, eager) applies them, so a
+    compiled augment_fn draws exactly what the eager one does."""
+    device = data.train_x.device
+
+    def to_device(idx: torch.Tensor) -> torch.Tensor:
+        # From pinned memory a host-to-GPU copy is truly asynchronous; from pageable memory CUDA may wait for the
+        # queued GPU work first, which would stall the host once per step.
+        return idx.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else idx
+
+    n_x, n_u = spec.batch_size, spec.batch_size * spec.uratio
+    idx = to_device(torch.cat([samplers.labelled.next(n_x), samplers.unlabelled.next(n_u)]))
+    idx_x, idx_u = idx[:n_x], idx[n_x:]  # (B,), (muB,)
+    x_weak, x_strong = data.train_x[idx], data.train_x[idx_u]  # (B + muB, ...), (muB, ...)
+    _, _, h, w = x_weak.shape
+    p_weak = sample_weak_params(len(x_weak), samplers.augment, device)
+    p_strong = sample_strong_params(len(x_strong), h, w, samplers.augment, device)
+    x = (augment_fn or augment_and_normalize)(x_weak, p_weak, x_strong, p_strong, normalization_table(device),
+                                              spec.channels_last)
+    return x, data.train_y[idx_x], data.train_y[idx_u]
+
+
+def augment_and_normalize(x_weak: torch.Tensor, p_weak: WeakParams, x_strong: torch.Tensor, p_strong: StrongParams,
+                          table: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 images, drawn parameters and normalization_table -> the step's float32 input [weak(x_weak);
+    strong(x_strong)]. Pure: no random numbers, no host sync, so it compiles into a few fused kernels."""
+    return normalize(torch.cat([flip_and_shift(x_weak, p_weak), apply_strong(x_strong, p_strong)]), channels_last,
+                     table)
