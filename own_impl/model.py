@@ -1,10 +1,30 @@
-"""WideResNet-28-2 as in the official FixMatch code (libml/models.py, class ResNet), in PyTorch.
+"""WideResNet-28-2 as in the official FixMatch code (libml/models.py, class ResNet), in PyTorch, or wired as TorchSSL's.
 
 Same parameters as TorchSSL's models/nets/wrn.py (conv biases included: 1,469,642 for WRN-28-2 and 10 classes;
-the often quoted 1,467,610 is the count without conv biases). One deliberate difference from TorchSSL: in the
-first block of groups 2 and 3, TorchSSL feeds the raw input to conv1, so that block's bn1 is never used (its
-parameters get no gradient); here, as in the official code, conv1 always sees leaky_relu(bn1(x)), and only the
-shortcut sees the raw input unless activate_before_residual (group 1).
+the often quoted 1,467,610 is the count without conv biases), created in the same order, so the same seed draws
+the same initial values wherever the two inits agree.
+
+TorchSSL's WideResNet against the official code's (the defaults here), part by part:
+
+| part                         | official: wiring="official", conv_bias_init="zero"  | TorchSSL's wrn.py               |
+|------------------------------|-----------------------------------------------------|---------------------------------|
+| conv1 of the first block of  | leaky_relu(bn1(x))                                  | the raw x; bn1 still runs (its  |
+| groups 2 and 3               |                                                     | running statistics move in      |
+|                              |                                                     | training) but gets no gradient  |
+| conv biases                  | 0                                                   | nn.Conv2d's default: U(-b, b),  |
+|                              |                                                     | b = 1 / sqrt(fan_in)            |
+| conv weights                 | He normal, fan-out, gain sqrt(2)                    | the same ('leaky_relu', a = 0)  |
+| BatchNorm momentum, eps;     | 0.001, 1e-3; weight 1, bias 0                       | the same                        |
+| affine init                  |                                                     |                                 |
+| activation                   | leaky ReLU 0.1; group 1's shortcut sees it too      | the same                        |
+| shortcut                     | 1x1 conv with bias on a width change, else identity | the same                        |
+| head                         | leaky_relu(bn(x)), mean over H and W, linear        | the same (adaptive_avg_pool2d   |
+|                              |                                                     | to 1x1 computes that mean)      |
+| classifier init              | Xavier normal weight, bias 0                        | the same                        |
+| dropout                      | none                                                | none (drop_rate 0)              |
+
+WideResNet(wiring="torchssl", conv_bias_init="pytorch") is TorchSSL's network: loaded with its state dict it gives
+the same outputs and gradients (tests/test_own_model.py).
 """
 from __future__ import annotations
 
@@ -15,10 +35,12 @@ import torch.nn.functional as F
 BN_MOMENTUM = 0.001  # PyTorch convention: running = (1 - m) * running + m * batch; TF's momentum 0.999
 BN_EPS = 1e-3  # TF's default, used by the official code
 LEAKY_SLOPE = 0.1
+WIRINGS = ("official", "torchssl")
+CONV_BIAS_INITS = ("zero", "pytorch")
 
 
-def _bn(channels: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+def _bn(channels: int, momentum: float) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=momentum)
 
 
 def _act(x: torch.Tensor) -> torch.Tensor:
@@ -26,51 +48,66 @@ def _act(x: torch.Tensor) -> torch.Tensor:
 
 
 class ResidualBlock(nn.Module):
-    """Pre-activation block: x + conv3x3(act(bn(conv3x3(act(bn(x)))))), with a 1x1 conv shortcut on a width change."""
+    """Pre-activation block: x + conv3x3(act(bn(conv3x3(act(bn(x)))))), with a 1x1 conv shortcut on a width change.
+    conv1_sees_raw_input: TorchSSL's wiring, conv3x3(x) in place of conv3x3(act(bn(x))) for the first conv."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int, activate_before_residual: bool = False):
+    def __init__(self, c_in: int, c_out: int, stride: int, activate_before_residual: bool = False, *,
+                 bn_momentum: float = BN_MOMENTUM, conv1_sees_raw_input: bool = False):
         super().__init__()
-        self.bn1 = _bn(c_in)
+        self.bn1 = _bn(c_in, bn_momentum)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=True)
-        self.bn2 = _bn(c_out)
+        self.bn2 = _bn(c_out, bn_momentum)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=True)
         # The official code adds a shortcut conv when the channel count changes (stride 2 only ever comes with it).
         self.shortcut = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=True) if c_in != c_out else None
         self.activate_before_residual = activate_before_residual
+        self.conv1_sees_raw_input = conv1_sees_raw_input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Computed even when conv1 sees the raw input: TorchSSL runs bn1 there too, so its running statistics move.
         a = _act(self.bn1(x))
         if self.activate_before_residual:
             x = a  # group 1: the shortcut also takes the activated input
-        out = self.conv2(_act(self.bn2(self.conv1(a))))
+        out = self.conv2(_act(self.bn2(self.conv1(x if self.conv1_sees_raw_input else a))))
         return out + (x if self.shortcut is None else self.shortcut(x))
 
 
 class WideResNet(nn.Module):
-    def __init__(self, num_classes: int = 10, depth: int = 28, widen_factor: int = 2):
+    """wiring: "official" or "torchssl" (conv1 of the first block of groups 2 and 3 sees the raw input);
+    conv_bias_init: "zero" (official) or "pytorch" (nn.Conv2d's default, as TorchSSL);
+    bn_momentum: every BatchNorm's, PyTorch convention. The defaults are the official code's."""
+
+    def __init__(self, num_classes: int = 10, depth: int = 28, widen_factor: int = 2, *,
+                 bn_momentum: float = BN_MOMENTUM, wiring: str = "official", conv_bias_init: str = "zero"):
         super().__init__()
         if (depth - 4) % 6:
             raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
+        if wiring not in WIRINGS or conv_bias_init not in CONV_BIAS_INITS:
+            raise ValueError(f"WideResNet wiring must be one of {WIRINGS} and conv_bias_init one of "
+                             f"{CONV_BIAS_INITS}, got {wiring!r} and {conv_bias_init!r}")
         n = (depth - 4) // 6  # residual blocks per group
         widths = [16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.conv = nn.Conv2d(3, 16, 3, padding=1, bias=True)
         groups, c_in = [], 16
         for g, width in enumerate(widths):
-            blocks = [ResidualBlock(c_in, width, stride=1 if g == 0 else 2, activate_before_residual=g == 0)]
-            blocks += [ResidualBlock(width, width, stride=1) for _ in range(n - 1)]
+            blocks = [ResidualBlock(c_in, width, stride=1 if g == 0 else 2, activate_before_residual=g == 0,
+                                    bn_momentum=bn_momentum, conv1_sees_raw_input=wiring == "torchssl" and g > 0)]
+            blocks += [ResidualBlock(width, width, stride=1, bn_momentum=bn_momentum) for _ in range(n - 1)]
             groups.append(nn.Sequential(*blocks))
             c_in = width
         self.groups = nn.Sequential(*groups)
-        self.bn = _bn(c_in)
+        self.bn = _bn(c_in, bn_momentum)
         self.fc = nn.Linear(c_in, num_classes)
-        self._init_weights()
+        self._init_weights(zero_conv_biases=conv_bias_init == "zero")
 
-    def _init_weights(self) -> None:
+    def _init_weights(self, zero_conv_biases: bool) -> None:
         # Official code: conv kernels ~ N(0, 2 / (k*k*c_out)) (He, fan-out), biases 0; classifier Glorot normal.
+        # Leaving the biases at nn.Conv2d's default draws no extra random numbers: it was drawn at construction.
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+                if zero_conv_biases:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)

@@ -1,15 +1,18 @@
-"""own_impl.model: WRN-28-2's parameter count by hand and against TorchSSL's network, gradients, BN settings."""
+"""own_impl.model: WRN-28-2's parameter count by hand and against TorchSSL's network, gradients, BN settings, and
+TorchSSL's wiring against TorchSSL's own WideResNet (outputs, gradients, initial values)."""
 import json
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn as nn
 
+from contract.arrays import load_arrays
 from own_impl.model import WideResNet, _act
 from own_impl.optim import param_groups
 
-from conftest import wrn_count_by_hand
+from conftest import torchssl_modules, wrn_count_by_hand
 
 
 def test_param_count_matches_hand_count():
@@ -66,3 +69,138 @@ def test_layer_settings_follow_the_official_code():
     assert model.groups[0][0].activate_before_residual and not model.groups[1][0].activate_before_residual
     # leaky ReLU with slope 0.1 between layers
     assert torch.equal(_act(torch.tensor([-1.0, 0.0, 2.0])), torch.tensor([-0.1, 0.0, 2.0]))
+
+
+# ---------------------------------------------------------------- TorchSSL's wiring, against TorchSSL's own network
+
+@pytest.fixture(scope="module")
+def torchssl_wrn(torchssl_checkout):
+    """TorchSSL's models/nets/wrn.py, from the checkout."""
+    with torchssl_modules(torchssl_checkout, "models.nets.wrn") as (wrn,):
+        yield wrn
+
+
+@pytest.fixture(scope="module")
+def real_batch(cifar) -> tuple[torch.Tensor, torch.Tensor]:
+    """10 real training images, one of each class, as floats around 0, and their labels."""
+    arrays = load_arrays(cifar.data_dir)
+    x = torch.from_numpy(arrays.train_x[::5000].copy()).permute(0, 3, 1, 2).float() / 255 - 0.5
+    return x.contiguous(), torch.from_numpy(arrays.train_y[::5000].copy())
+
+
+def ours_name(torchssl_name: str) -> str:
+    """TorchSSL's parameter or buffer name -> ours: conv1 -> conv, blockG.layer.I -> groups.(G-1).I,
+    convShortcut -> shortcut, the head's bn1 -> bn."""
+    first, rest = torchssl_name.split(".", 1)
+    if first.startswith("block"):
+        _, i, rest = rest.split(".", 2)   # "layer", block index, the rest
+        return f"groups.{int(first[5:]) - 1}.{i}.{rest.replace('convShortcut', 'shortcut')}"
+    return {"conv1": "conv", "bn1": "bn", "fc": "fc"}[first] + "." + rest
+
+
+def torchssl_pair(wrn, seed: int) -> tuple[nn.Module, WideResNet]:
+    """TorchSSL's WRN-28-2 and ours with TorchSSL's wiring, each built after torch.manual_seed(seed)."""
+    torch.manual_seed(seed)
+    theirs = wrn.WideResNet(first_stride=1, num_classes=10, depth=28, widen_factor=2)
+    torch.manual_seed(seed)
+    ours = WideResNet(num_classes=10, depth=28, widen_factor=2, wiring="torchssl", conv_bias_init="pytorch")
+    return theirs, ours
+
+
+def test_torchssl_wiring_same_seed_same_initial_values(torchssl_wrn):
+    """Same construction order and init, PyTorch-default conv biases included: equal state dicts, bit for bit."""
+    theirs, ours = torchssl_pair(torchssl_wrn, seed=3)
+    mapped = {ours_name(k): v for k, v in theirs.state_dict().items()}
+    assert list(mapped) == list(ours.state_dict())
+    assert [k for k, v in ours.state_dict().items() if not torch.equal(v, mapped[k])] == []
+    biases = [m.bias for m in ours.modules() if isinstance(m, nn.Conv2d)]
+    assert all(b.abs().max() > 0 for b in biases)   # not zeroed
+
+
+def test_torchssl_wiring_same_outputs_and_gradients_as_torchssl(torchssl_wrn, real_batch):
+    """TorchSSL's state dict (BatchNorm affine values and running statistics made non-trivial first, so that a
+    misplaced tensor shows) loaded into ours: equal logits in train and eval mode, equal gradients for every
+    parameter, None for the same two bn1s in both, and equal running statistics after the training pass."""
+    theirs, ours = torchssl_pair(torchssl_wrn, seed=4)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in theirs.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                for t in (m.weight, m.bias, m.running_mean):
+                    t.copy_(torch.randn(t.shape, generator=g) * 0.2 + (1 if t is m.weight else 0))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    ours.load_state_dict({ours_name(k): v for k, v in theirs.state_dict().items()})
+    x, y = real_batch
+    logits = [model.train()(x) for model in (theirs, ours)]
+    for out in logits:
+        nn.functional.cross_entropy(out, y).backward()
+    assert torch.equal(logits[0], logits[1])
+    grads = {ours_name(n): p.grad for n, p in theirs.named_parameters()}
+    no_grad = sorted(n for n, p in ours.named_parameters() if p.grad is None)
+    assert no_grad == sorted(n for n, grad in grads.items() if grad is None) == [
+        "groups.1.0.bn1.bias", "groups.1.0.bn1.weight", "groups.2.0.bn1.bias", "groups.2.0.bn1.weight"]
+    assert [n for n, p in ours.named_parameters() if p.grad is not None and not torch.equal(p.grad, grads[n])] == []
+    theirs_buffers = {ours_name(k): v for k, v in theirs.named_buffers()}
+    assert [k for k, v in ours.named_buffers() if not torch.equal(v, theirs_buffers[k])] == []
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(x), theirs.eval()(x))
+
+
+def test_default_wiring_is_the_official_one(real_batch):
+    """The defaults: official wiring, zero conv biases, momentum 0.001; the same seed gives the same values as
+    explicit official arguments, and differs from PyTorch-default biases in the conv biases only."""
+    torch.manual_seed(6)
+    default = WideResNet(num_classes=10)
+    torch.manual_seed(6)
+    explicit = WideResNet(num_classes=10, bn_momentum=0.001, wiring="official", conv_bias_init="zero")
+    torch.manual_seed(6)
+    pytorch_biases = WideResNet(num_classes=10, conv_bias_init="pytorch")
+    assert sum(p.numel() for p in default.parameters()) == 1_469_642
+    conv_biases = {n + ".bias" for n, m in default.named_modules() if isinstance(m, nn.Conv2d)}
+    assert len(conv_biases) == 28
+    for name, value in default.state_dict().items():
+        assert torch.equal(value, explicit.state_dict()[name]), name
+        assert torch.equal(value, pytorch_biases.state_dict()[name]) == (name not in conv_biases), name
+    assert not any(b.conv1_sees_raw_input for b in default.modules() if hasattr(b, "conv1_sees_raw_input"))
+    # Every parameter, both bn1s of the widening blocks included, shapes the official wiring's output.
+    x, y = real_batch
+    nn.functional.cross_entropy(default.train()(x), y).backward()
+    assert [n for n, p in default.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
+
+
+def test_torchssl_wiring_changes_only_the_widening_blocks(real_batch):
+    torch.manual_seed(7)
+    official = WideResNet(num_classes=10)
+    torch.manual_seed(7)
+    torchssl = WideResNet(num_classes=10, wiring="torchssl")
+    raw = [n for n, m in torchssl.named_modules() if getattr(m, "conv1_sees_raw_input", False)]
+    assert raw == ["groups.1.0", "groups.2.0"]
+    assert all(torch.equal(a, b) for a, b in zip(official.state_dict().values(), torchssl.state_dict().values()))
+    x, _ = real_batch
+    with torch.no_grad():
+        assert not torch.allclose(official.eval()(x), torchssl.eval()(x))
+    with pytest.raises(ValueError, match="wiring"):
+        WideResNet(wiring="TorchSSL")
+    with pytest.raises(ValueError, match="conv_bias_init"):
+        WideResNet(conv_bias_init="uniform")
+
+
+@pytest.mark.parametrize("wiring", ["official", "torchssl"])
+def test_bn_momentum_is_honoured_by_every_batchnorm(real_batch, wiring):
+    """momentum m: after one training pass from running mean 0 and variance 1, every BatchNorm holds
+    m * (its input's batch mean) and (1 - m) + m * (its unbiased batch variance), the unused bn1s included."""
+    m = 0.25
+    torch.manual_seed(8)
+    model = WideResNet(num_classes=10, bn_momentum=m, wiring=wiring).train()
+    bns = {name: bn for name, bn in model.named_modules() if isinstance(bn, nn.BatchNorm2d)}
+    assert len(bns) == 25 and all(bn.momentum == m and bn.eps == 1e-3 for bn in bns.values())
+    inputs = {}
+    for name, bn in bns.items():
+        bn.register_forward_hook(lambda mod, args, out, name=name: inputs.setdefault(name, args[0].detach()))
+    with torch.no_grad():
+        model(real_batch[0])
+    assert set(inputs) == set(bns)
+    for name, bn in bns.items():
+        mean, var = inputs[name].mean((0, 2, 3)), inputs[name].var((0, 2, 3), unbiased=True)
+        torch.testing.assert_close(bn.running_mean, m * mean, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(bn.running_var, (1 - m) + m * var, rtol=1e-5, atol=1e-6, msg=name)
