@@ -104,6 +104,19 @@ class RunRecorder:
         self.window_first, self.window_train_s = start_step + 1, 0.0
         self.names: list[str] | None = None
         self.sums = None  # (len(names),) tensor on the device: the window's sums (weighted ones pre-multiplied)
+        self.optimizer_steps = None  # optimizer updates applied in the window, if counted (count_optimizer_steps)
+        if start_step > 0:  # a resumed run says where, so a reader knows which steps a restart may have touched
+            append_metrics(self.run_dir, {"kind": "resume", "step": start_step})
+
+    def count_optimizer_steps(self, optimizer) -> None:
+        """Count the updates `optimizer` actually applies (a post-step hook: a step a gradient scaler skips is not
+        one); each training record says how many its window applied."""
+        self.optimizer_steps = 0
+
+        def counted(*_) -> None:
+            self.optimizer_steps += 1
+
+        optimizer.register_step_post_hook(counted)
 
     # timing ------------------------------------------------------------------------------------------------------
     @property
@@ -151,11 +164,13 @@ class RunRecorder:
         spec = self.spec
         last = step == spec.steps
         stopping = self.stop.signum is not None or (step == self.stop_after and not last)
-        if step % spec.log_every == 0 or last or stopping:  # a stop logs its partial window too
+        checkpoint = step % spec.checkpoint_every == 0 or last or stopping
+        # A checkpoint closes the log window too, so the training records up to a checkpoint cover exactly its steps
+        # (a resume drops the records after it; counts summed over records stay exact).
+        if step % spec.log_every == 0 or checkpoint:
             with self.paused():
                 self._write_train_record(step, lr)
-        return Due(evaluate=step % spec.eval_every == 0 or last,
-                   checkpoint=step % spec.checkpoint_every == 0 or last or stopping, stop=stopping)
+        return Due(evaluate=step % spec.eval_every == 0 or last, checkpoint=checkpoint, stop=stopping)
 
     def _add(self, stats: dict[str, Any]) -> None:
         import torch
@@ -173,10 +188,13 @@ class RunRecorder:
         means = {k: (v / sums[WEIGHTED_BY[k]] if sums[WEIGHTED_BY[k]] > 0 else None) if k in WEIGHTED_BY else v / n
                  for k, v in sums.items()}
         window_s = self.train_seconds - self.window_train_s
-        record = {"kind": "train", "step": step, "lr": lr, **means,
+        record = {"kind": "train", "step": step, "window_steps": n, "lr": lr, **means,
                   "images_per_s": n * self.spec.images_per_step / window_s if window_s > 0 else None,
                   "data_frac": self.clock.data_fraction(),
                   "train_seconds": self.train_seconds}  # training time so far, all processes
+        if self.optimizer_steps is not None:
+            record["optimizer_steps"] = self.optimizer_steps
+            self.optimizer_steps = 0
         append_metrics(self.run_dir, record)
         self.log(train_log_line(record, self.spec.steps))
         self.window_first, self.window_train_s, self.sums = step + 1, record["train_seconds"], None

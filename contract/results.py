@@ -12,11 +12,12 @@ METRICS_FILE = "metrics.jsonl"
 
 # Every result.json carries exactly these keys (more are allowed), with the same meaning for every implementation.
 RESULT_KEYS = (
-    "impl", "n_labels", "seed", "steps", "spec_hash",
-    "final_top1", "best_top1", "median20_top1", "final_top5", "final_loss",
+    "algorithm", "impl", "recipe", "n_labels", "seed", "steps", "optimizer_steps", "resumed_at", "spec_hash",
+    "final_top1", "best_top1", "median20_top1", "median_window", "final_top5", "final_loss",
     "split_sha256", "data_sha256", "data_kind", "param_count",
     "wall_seconds", "steps_per_second", "device", "torch_version", "code_version", "evals",
 )
+MEDIAN_WINDOW = 20  # the paper's statistic: the median of the last 20 evaluations
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -78,15 +79,18 @@ def truncate_metrics(run_dir: Path, after_step: int) -> None:
 
 
 def summarize_evals(evals: list[dict[str, Any]]) -> dict[str, float]:
-    """final, best (chosen on the test set) and the paper's median of the last 20 evaluations, all top-1 in %."""
+    """final, best (chosen on the test set) and the paper's median of the last 20 evaluations, all top-1 in %;
+    median_window says how many evaluations the median really covers (fewer than 20 when fewer were made)."""
     if not evals:
         raise ValueError("no evaluation was recorded")
     evals = sorted(evals, key=lambda r: r["step"])
     top1 = [r["top1"] for r in evals]
+    window = top1[-MEDIAN_WINDOW:]
     return {
         "final_top1": top1[-1],
         "best_top1": max(top1),
-        "median20_top1": statistics.median(top1[-20:]),
+        "median20_top1": statistics.median(window),
+        "median_window": len(window),
         "final_top5": evals[-1]["top5"],
         "final_loss": evals[-1]["loss"],
     }
@@ -129,11 +133,20 @@ def write_result(run_dir: Path, spec, files, log, *, steps: int, data_sha256: st
     plus its own `impl_keys`); validate it, write it atomically, log the closing line. Returns the result."""
     import torch
 
-    evals = read_evals(run_dir)
+    metrics = read_metrics(run_dir)
+    evals = [r for r in metrics if r.get("kind") == "eval"]
+    train = [r for r in metrics if r.get("kind") == "train"]
+    counted = [r.get("optimizer_steps") for r in train]
     result = {
-        "impl": spec.impl, "n_labels": spec.n_labels, "seed": spec.seed, "steps": steps, "spec_hash": spec.hash(),
+        "algorithm": spec.algorithm, "impl": spec.impl, "recipe": spec.recipe, "n_labels": spec.n_labels, "seed": spec.seed, "steps": steps,
+        # updates the optimizer really applied, counted by a hook (a gradient scaler may skip some); None if not
+        # counted. The training records partition the steps (each checkpoint closes one), so their sum is exact.
+        "optimizer_steps": sum(counted) if counted and None not in counted else None,
+        "resumed_at": [r["step"] for r in metrics if r.get("kind") == "resume"],  # empty: never stopped
+        "spec_hash": spec.hash(), "eval_every": spec.eval_every,
         **summarize_evals(evals),
         "split_sha256": spec.split_sha256, "data_sha256": data_sha256, "data_kind": spec.data_kind,
+        "data_source": files.data_source,
         "param_count": param_count,
         "wall_seconds": wall_seconds,  # summed over sessions, evaluation included
         "train_seconds": train_seconds,  # training steps only
@@ -145,6 +158,7 @@ def write_result(run_dir: Path, spec, files, log, *, steps: int, data_sha256: st
     }
     validate_result(result)
     write_json_atomic(Path(run_dir) / RESULT_FILE, result)
-    log(f"done: final top1 {result['final_top1']:.2f}, median of last 20 {result['median20_top1']:.2f}; "
+    log(f"done: final top1 {result['final_top1']:.2f}, median of last {result['median_window']} "
+        f"{result['median20_top1']:.2f}; {result['optimizer_steps']} optimizer steps applied; "
         f"{result['steps_per_second'] or 0:.3f} steps/s")
     return result

@@ -12,11 +12,15 @@ from typing import Any
 from contract.results import read_json, write_json_atomic
 
 IMPLS = ("own", "torchssl")
+ALGORITHMS = ("fixmatch",)
+# Which augmentation, sampling and network wiring a run follows: the paper's (our implementation's default) or
+# TorchSSL's, which our implementation reproduces and TorchSSL always runs (own_impl/recipes.py has the table).
+RECIPES = ("paper", "torchssl")
 PRECISIONS = ("fp32", "bf16")
 SPEC_FILE = "spec.json"
 # The fields that place a run in a study (what it is run on); every other field is a setting a preset gives.
-IDENTITY_FIELDS = ("impl", "n_labels", "seed", "data_kind", "data_sha256", "split_sha256", "dataset",
-                   "num_classes")
+IDENTITY_FIELDS = ("algorithm", "impl", "recipe", "n_labels", "seed", "data_kind", "data_sha256", "split_sha256",
+                   "dataset", "num_classes")
 MAX_SEED = 2**32 - 1  # numpy's SeedSequence and torch.manual_seed accept any int, the split files' readers too
 
 
@@ -30,6 +34,8 @@ class RunSpec:
     data_kind: str  # source kind of the data set, e.g. "image-folder-tar"
     data_sha256: str  # sha256 of the decoded arrays (train_x, train_y, test_x, test_y)
     split_sha256: str  # sha256 of the sorted labelled indices (int64 little endian)
+    algorithm: str = "fixmatch"
+    recipe: str = "paper"  # "paper" | "torchssl"; a TorchSSL run's is always "torchssl"
     dataset: str = "cifar10"
     num_classes: int = 10
     steps: int = 2**20  # optimizer steps, exactly
@@ -43,6 +49,7 @@ class RunSpec:
     threshold: float = 0.95  # tau, confidence threshold for pseudo-labels
     lambda_u: float = 1.0
     ema_decay: float = 0.999
+    bn_momentum: float = 0.001  # every BatchNorm's, PyTorch convention (the paper's and TorchSSL's 0.001)
     depth: int = 28  # WideResNet depth
     widen_factor: int = 2
     precision: str = "fp32"  # "fp32" | "bf16" (autocast)
@@ -69,13 +76,17 @@ class RunSpec:
         return cls(**d)
 
     def hash(self) -> str:
-        """Stable across processes and machines: sha256 of the canonical JSON of every field, first 12 hex digits."""
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """Stable across processes and machines: sha256 of the canonical JSON of every field, first 12 hex digits.
+        A field that does not apply to the run's algorithm is None and left out, so adding an algorithm's settings
+        never renames the runs of another."""
+        fields = {k: v for k, v in self.to_dict().items() if v is not None}
+        text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     @property
     def name(self) -> str:
-        return f"{self.dataset}-{self.n_labels}-seed{self.seed}-{self.impl}-{self.hash()}"
+        arm = self.impl if self.impl == "torchssl" else f"{self.impl}-{self.recipe}"
+        return f"{self.dataset}-{self.algorithm}-{self.n_labels}-seed{self.seed}-{arm}-{self.hash()}"
 
     @property
     def images_per_step(self) -> int:
@@ -110,7 +121,8 @@ def settings_problems(values: dict[str, Any], num_classes: int = 10) -> list[str
         if not isinstance(v[name], int) or isinstance(v[name], bool) or v[name] < 1:
             problems.append(f"{name} must be a positive integer, got {v[name]!r}")
     # finite first: inf passes "> 0" and then fails deep inside a run
-    finite = {k: v[k] for k in ("lr", "momentum", "weight_decay", "threshold", "lambda_u", "ema_decay")}
+    finite = {k: v[k] for k in ("lr", "momentum", "weight_decay", "threshold", "lambda_u", "ema_decay",
+                                "bn_momentum")}
     for name, x in finite.items():
         if not isinstance(x, (int, float)) or not math.isfinite(x):
             problems.append(f"{name} must be a finite number, got {x!r}")
@@ -128,6 +140,8 @@ def settings_problems(values: dict[str, Any], num_classes: int = 10) -> list[str
         problems.append(f"threshold must lie in [0, 1], got {v['threshold']}")
     if not 0.0 <= v["ema_decay"] < 1.0:
         problems.append(f"ema_decay must lie in [0, 1), got {v['ema_decay']}")
+    if not 0.0 < v["bn_momentum"] <= 1.0:
+        problems.append(f"bn_momentum must lie in (0, 1], got {v['bn_momentum']}")
     if (v["depth"] - 4) % 6:
         problems.append(f"WideResNet depth must be 6n+4, got {v['depth']}")
     if v["eval_subset"] < 0 or v["eval_subset"] % num_classes:
@@ -142,6 +156,12 @@ def spec_problems(d: dict[str, Any]) -> list[str]:
     problems = settings_problems({k: d[k] for k in SETTING_FIELDS if k in d}, d["num_classes"])
     if d["impl"] not in IMPLS:
         problems.append(f"impl {d['impl']!r} is not one of {IMPLS}")
+    if d["algorithm"] not in ALGORITHMS:
+        problems.append(f"algorithm {d['algorithm']!r} is not one of {ALGORITHMS}")
+    if d["recipe"] not in RECIPES:
+        problems.append(f"recipe {d['recipe']!r} is not one of {RECIPES}")
+    elif d["impl"] == "torchssl" and d["recipe"] != "torchssl":
+        problems.append(f"TorchSSL runs its own recipe only (recipe 'torchssl'), not {d['recipe']!r}")
     problem = budget_problem(d["n_labels"], d["num_classes"])
     if problem:
         problems.append(problem)
@@ -160,6 +180,7 @@ class RunFiles:
     device: str = "cpu"
     code_version: str = "unknown"  # this project's commit (-dirty: uncommitted changes), or its package version
     machine: str = ""  # the accelerator, or the CPU model and core count
+    data_source: str = ""  # what the data set was decoded from and how it stores pixels, for reports
     compile: bool | None = None  # own: torch.compile asked for (True/False) or left to own_impl's policy (None)
     compile_binding: bool = True  # own: an asked-for compile that fails fails the run; False: falls back to eager
     num_workers: int | None = None  # torchssl: its DataLoader workers (None: TorchSSL's config)

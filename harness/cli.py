@@ -7,7 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
-from contract.spec import IMPLS, MAX_SEED, PRECISIONS, SETTING_FIELDS
+from contract.spec import IMPLS, MAX_SEED, PRECISIONS, RECIPES, SETTING_FIELDS
 from harness.plan import PRESETS, Plan, make_plan
 
 # Flags that override one preset value each: (spec field, type, help).
@@ -17,6 +17,7 @@ OVERRIDES = [
     ("lr", float, "initial learning rate"), ("momentum", float, "SGD momentum"),
     ("weight_decay", float, "weight decay"), ("threshold", float, "tau, confidence threshold"),
     ("lambda_u", float, "unlabelled loss weight"), ("ema_decay", float, "EMA decay"),
+    ("bn_momentum", float, "BatchNorm momentum (PyTorch convention)"),
     ("depth", int, "WideResNet depth"), ("widen_factor", int, "WideResNet width"),
     ("eval_subset", int, "0: whole test set; n: fixed class-balanced subset"),
     ("eval_batch_size", int, "evaluation batch size"), ("checkpoint_every", int, "steps between checkpoints"),
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label budgets: labelled images in total, positive multiples of 10")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help=f"seeds (0..{MAX_SEED}); each draws its split")
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS), help="implementations to run")
+    p.add_argument("--recipes", nargs="+", default=["paper"], choices=list(RECIPES),
+                   help="recipes our implementation runs, once each (TorchSSL always runs its own): paper, and "
+                        "torchssl to check the implementation against TorchSSL on one recipe")
     p.add_argument("--preset", default="paper", choices=list(PRESETS), help="settings preset")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--gpus", type=int, nargs="+", default=None,
@@ -110,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     out = user_path(args.out)
     if args.report_only:
         return _report(out)
-    plan = make_plan(budgets=args.budgets, seeds=args.seeds, impls=args.impls, preset=args.preset,
+    plan = make_plan(budgets=args.budgets, seeds=args.seeds, impls=args.impls, recipes=args.recipes,
+                     preset=args.preset,
                      overrides=overrides(args), out_dir=out, device=args.device, gpus=args.gpus,
                      data=args.data or os.environ.get("FIXMATCH_BENCH_DATA"),
                      cache_dir=user_path(args.cache_dir) if args.cache_dir else None)
@@ -122,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
 
     options = RunOptions(devices=plan.devices, torchssl_source=args.torchssl_source, cache_dir=plan.cache_dir,
                          warmup=not args.no_warmup, compile_own=args.compile, torchssl_workers=args.torchssl_workers)
-    failed = execute(plan.runs, data=plan.data, options=options)
+    failed = execute(plan.runs, data=plan.data, options=options, data_source=plan.data_source)
     _report(out)
     if failed:
         print(f"{len(failed)} of {len(plan.runs)} runs failed: {', '.join(r.spec.name for r in failed)}",

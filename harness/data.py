@@ -243,3 +243,52 @@ def _validate(arrays: dict[str, np.ndarray], classes: tuple[str, ...], where: st
         if len(x) != len(y) or (found != per_class).any():
             raise DataError(f"{where}: {split} has {len(x)} images with per-class counts {found.tolist()}, "
                             f"expected {per_class} per class ({per_class * len(classes)} in all)")
+
+
+# The IJG (libjpeg) standard luminance quantization table, natural order, which quality q scales (ITU T.81 K.1).
+_IJG_LUMINANCE = (
+    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+    14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+    49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99,
+)
+
+
+def describe_pixels(kind: str, source: str | Path | None) -> str:
+    """How the source stores its pixels, for reports: the original release's raw bytes, or the image format of an
+    image-folder source (JPEG with its IJG quality, read off the first image's quantization table: lossy, so its
+    pixels differ from the original release)."""
+    if kind in ("torchvision", "cifar10-python-tar"):
+        return "the original CIFAR-10 pixels"
+    first = _first_image_bytes(Path(source)) if source is not None else None
+    if first is None:
+        return "image files"
+    from PIL import Image
+
+    with Image.open(io.BytesIO(first)) as im:
+        if im.format != "JPEG":
+            return f"{im.format} image files (lossless: the original pixels if made from the release)"
+        quality = _ijg_quality(list(im.quantization.get(0, [])))
+    q = f" quality {quality}" if quality else " (non-standard quantization tables)"
+    return (f"JPEG{q} image files: lossy, so pixels differ slightly from the original release and absolute "
+            f"accuracies are not directly comparable with published ones; runs on the same pixels are")
+
+
+def _ijg_quality(table: list[int]) -> int | None:
+    """The IJG quality 1..100 whose scaled standard luminance table is `table` (natural order), if any."""
+    for q in range(1, 101):
+        scale = 5000 // q if q < 50 else 200 - 2 * q
+        if [min(max((v * scale + 50) // 100, 1), 255) for v in _IJG_LUMINANCE] == table:
+            return q
+    return None
+
+
+def _first_image_bytes(path: Path) -> bytes | None:
+    """The bytes of the first image file of an image-folder tree or of its tar archive (None if none is found)."""
+    if path.is_dir():
+        first = next((p for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES), None)
+        return first.read_bytes() if first else None
+    with tarfile.open(path) as tar:
+        for m in tar:
+            if m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES):
+                return tar.extractfile(m).read()
+    return None

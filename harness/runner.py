@@ -41,6 +41,7 @@ class RunContext:
 
     data_dir: Path
     code_version: str
+    data_source: str = ""
     compile_own: bool | None = None
     compile_binding: bool = True
     torchssl_workers: int | None = None
@@ -62,7 +63,7 @@ def prepare(run: PlannedRun, ctx: RunContext, device: str) -> None:
     own, torchssl = run.spec.impl == "own", run.spec.impl == "torchssl"
     write_spec(run.run_dir, run.spec, RunFiles(
         data_dir=str(ctx.data_dir), split_file=str(run.split_file.resolve()), device=device,
-        code_version=ctx.code_version, machine=machine_info(device),
+        code_version=ctx.code_version, machine=machine_info(device), data_source=ctx.data_source,
         compile=ctx.compile_own if own else None, compile_binding=ctx.compile_binding,
         num_workers=ctx.torchssl_workers if torchssl else None,
         torchssl_checkout=ctx.torchssl_checkout if torchssl else None))
@@ -179,7 +180,7 @@ def warmup_estimate(runs: list[PlannedRun], ctx: RunContext, n_test: int, device
     return total
 
 
-def run_context(data, options: RunOptions, need_torchssl: bool) -> RunContext:
+def run_context(data, options: RunOptions, need_torchssl: bool, data_source: str = "") -> RunContext:
     """What spec.json files carry; the TorchSSL checkout is made (or found, verified) here if a run needs it."""
     checkout = None
     if need_torchssl:
@@ -187,16 +188,17 @@ def run_context(data, options: RunOptions, need_torchssl: bool) -> RunContext:
         from third_party.torchssl.checkout import ensure_checkout
 
         checkout = str(ensure_checkout(options.torchssl_source, cache_dir=options.cache_dir or default_cache_dir()))
-    return RunContext(data_dir=Path(data.data_dir), code_version=code_version(), compile_own=options.compile_own,
+    return RunContext(data_dir=Path(data.data_dir), code_version=code_version(), data_source=data_source,
+                      compile_own=options.compile_own,
                       torchssl_workers=options.torchssl_workers, torchssl_checkout=checkout)
 
 
-def execute(runs: list[PlannedRun], *, data, options: RunOptions) -> list[PlannedRun]:
+def execute(runs: list[PlannedRun], *, data, options: RunOptions, data_source: str = "") -> list[PlannedRun]:
     """Run every planned run that is not done; return the ones that failed."""
     done, todo = [], []
     for r in runs:
         (done if is_done(r) else todo).append(r)
-    ctx = run_context(data, options, any(r.spec.impl == "torchssl" for r in todo))
+    ctx = run_context(data, options, any(r.spec.impl == "torchssl" for r in todo), data_source)
     for r in done:
         print(f"done already: {r.spec.name}")
     if not todo:

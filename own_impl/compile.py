@@ -22,8 +22,9 @@ from typing import Callable
 import torch
 
 from contract.spec import RunSpec
-from own_impl.augment import sample_strong_params, sample_weak_params
-from own_impl.data import augment_and_normalize, normalization_table, normalize
+from own_impl.augment import sample_weak_params
+from own_impl.data import augmenter, normalization_table, normalize
+from own_impl.recipes import RECIPES
 
 CPU_COMPILE_MIN_STEPS = 1000
 COMPILE_MODE = None  # torch.compile's default mode
@@ -37,11 +38,11 @@ def use_compile(device: torch.device, choice: bool | None, steps: int, binding: 
     return bool(choice), binding
 
 
-def make_augment_fn(compile: bool, mode: str | None = COMPILE_MODE):
-    """augment_and_normalize, compiled as one graph if `compile`."""
+def make_augment_fn(recipe: str, compile: bool, mode: str | None = COMPILE_MODE):
+    """The recipe's augment_and_normalize (own_impl.data.augmenter), compiled as one graph if `compile`."""
     if not compile:
-        return augment_and_normalize
-    return torch.compile(augment_and_normalize, mode=mode, dynamic=False, fullgraph=True)
+        return augmenter(recipe)
+    return torch.compile(augmenter(recipe), mode=mode, dynamic=False, fullgraph=True)
 
 
 def make_loss_fn(forward_loss: Callable, model: torch.nn.Module, spec: RunSpec, compile: bool,
@@ -60,8 +61,9 @@ def warm_up_augment(augment_fn, spec: RunSpec, image_shape: torch.Size, device: 
     n_x, n_u = spec.batch_size, spec.batch_size * spec.uratio
     g = torch.Generator(device=device).manual_seed(0)
     images = torch.zeros((n_x + n_u, *image_shape), dtype=torch.uint8, device=device)
-    augment_fn(images, sample_weak_params(n_x + n_u, g, device), images[n_x:],
-               sample_strong_params(n_u, *image_shape[1:], g, device), normalization_table(device), spec.channels_last)
+    p_strong = RECIPES[spec.recipe].sample_strong(n_u, *image_shape[1:], g, device)
+    augment_fn(images, sample_weak_params(n_x + n_u, g, device), images[n_x:], p_strong, normalization_table(device),
+               spec.channels_last)
 
 
 def warm_up_loss(model: torch.nn.Module, loss_fn, spec: RunSpec, image_shape: torch.Size) -> None:
@@ -96,10 +98,12 @@ def compile_step(forward_loss: Callable, model: torch.nn.Module, spec: RunSpec, 
                  binding: bool = True) -> Compiled:
     """Both parts, compiled or eager by the policy above, each compiled before the first step; the fallback."""
     wanted, asked = use_compile(device, choice, spec.steps, binding)
-    eager = Compiled(make_augment_fn(False), make_loss_fn(forward_loss, model, spec, False), False, False, 0.0)
+    eager = Compiled(make_augment_fn(spec.recipe, False), make_loss_fn(forward_loss, model, spec, False), False,
+                     False, 0.0)
     if not wanted:
         return eager
-    out = Compiled(make_augment_fn(True), make_loss_fn(forward_loss, model, spec, True), True, True, 0.0)
+    out = Compiled(make_augment_fn(spec.recipe, True), make_loss_fn(forward_loss, model, spec, True), True, True,
+                   0.0)
     parts = (("the augmentation", lambda: warm_up_augment(out.augment_fn, spec, image_shape, device),
               "augment_fn", "augmentation_compiled"),
              ("forward + loss + backward", lambda: warm_up_loss(model, out.loss_fn, spec, image_shape),

@@ -9,8 +9,8 @@ import torch
 
 from contract.arrays import load_run_inputs
 from contract.spec import RunFiles, RunSpec
-from own_impl.augment import StrongParams, WeakParams, apply_strong, flip_and_shift, sample_strong_params, \
-    sample_weak_params
+from own_impl.augment import WeakParams, flip_and_shift, sample_weak_params
+from own_impl.recipes import RECIPES
 
 # CIFAR-10 per-channel mean and std of the training pixels, in [0, 1] units (the constants TorchSSL uses).
 CIFAR10_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
@@ -35,6 +35,24 @@ def load_device_data(spec: RunSpec, files: RunFiles, device: torch.device) -> De
 
     return DeviceData(images(arrays.train_x), torch.from_numpy(arrays.train_y).to(device), labelled,
                       images(arrays.test_x[sub]), torch.from_numpy(arrays.test_y[sub]).to(device), arrays.sha256)
+
+
+class ReplacementSampler:
+    """Indices drawn uniformly with replacement from a pool, from a local generator (torch's RandomSampler with
+    replacement=True, as TorchSSL samples)."""
+
+    def __init__(self, pool: np.ndarray, seed: int):
+        self.pool = torch.as_tensor(pool, dtype=torch.int64)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self, n: int) -> torch.Tensor:  # (n,) int64 on the CPU
+        return self.pool[torch.randint(len(self.pool), (n,), generator=self.generator)]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
 
 
 class EpochSampler:
@@ -70,14 +88,15 @@ class EpochSampler:
 class Samplers:
     """Where each step's images come from: its labelled and unlabelled indices, and its augmentation's numbers."""
 
-    labelled: EpochSampler  # passes over the split
-    unlabelled: EpochSampler  # passes over all N train images, the labelled ones included (as the paper)
+    labelled: EpochSampler | ReplacementSampler  # from the split
+    unlabelled: EpochSampler | ReplacementSampler  # from all N train images, the labelled ones included (as the paper)
     augment: torch.Generator  # on the device
 
     @classmethod
-    def seeded(cls, seed: int, data: DeviceData) -> "Samplers":
+    def seeded(cls, seed: int, data: DeviceData, with_replacement: bool = False) -> "Samplers":
         seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(3, dtype=np.uint64)]
-        return cls(EpochSampler(data.labelled, seeds[0]), EpochSampler(np.arange(len(data.train_y)), seeds[1]),
+        sampler = ReplacementSampler if with_replacement else EpochSampler
+        return cls(sampler(data.labelled, seeds[0]), sampler(np.arange(len(data.train_y)), seeds[1]),
                    torch.Generator(device=data.train_x.device).manual_seed(seeds[2]))
 
     def state_dict(self) -> dict:
@@ -114,9 +133,10 @@ def make_batch(data: DeviceData, samplers: Samplers, spec: RunSpec,
     """One step's input: x = [weak(labelled); weak(unlabelled); strong(unlabelled)], (B + 2muB, 3, 32, 32), and the
     labels of the labelled (B,) and unlabelled (muB,) images (the latter only for the pseudo-label diagnostic).
 
-    The random numbers are drawn here; augment_fn (default: augment_and_normalize, eager) applies them, so a
-    compiled augment_fn draws exactly what the eager one does."""
+    The random numbers are drawn here, the strong ones by the spec's recipe; augment_fn (default: augmenter(recipe),
+    eager) applies them, so a compiled augment_fn draws exactly what the eager one does."""
     device = data.train_x.device
+    recipe = RECIPES[spec.recipe]
 
     def to_device(idx: torch.Tensor) -> torch.Tensor:
         # From pinned memory a host-to-GPU copy is truly asynchronous; from pageable memory CUDA may wait for the
@@ -129,15 +149,22 @@ def make_batch(data: DeviceData, samplers: Samplers, spec: RunSpec,
     x_weak, x_strong = data.train_x[idx], data.train_x[idx_u]  # (B + muB, ...), (muB, ...)
     _, _, h, w = x_weak.shape
     p_weak = sample_weak_params(len(x_weak), samplers.augment, device)
-    p_strong = sample_strong_params(len(x_strong), h, w, samplers.augment, device)
-    x = (augment_fn or augment_and_normalize)(x_weak, p_weak, x_strong, p_strong, normalization_table(device),
-                                              spec.channels_last)
+    p_strong = recipe.sample_strong(len(x_strong), h, w, samplers.augment, device)
+    x = (augment_fn or augmenter(spec.recipe))(x_weak, p_weak, x_strong, p_strong, normalization_table(device),
+                                               spec.channels_last)
     return x, data.train_y[idx_x], data.train_y[idx_u]
 
 
-def augment_and_normalize(x_weak: torch.Tensor, p_weak: WeakParams, x_strong: torch.Tensor, p_strong: StrongParams,
-                          table: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """uint8 images, drawn parameters and normalization_table -> the step's float32 input [weak(x_weak);
-    strong(x_strong)]. Pure: no random numbers, no host sync, so it compiles into a few fused kernels."""
-    return normalize(torch.cat([flip_and_shift(x_weak, p_weak), apply_strong(x_strong, p_strong)]), channels_last,
-                     table)
+@functools.cache
+def augmenter(recipe: str):
+    """The recipe's augment_and_normalize: uint8 images, drawn parameters and normalization_table -> the step's
+    float32 input [weak(x_weak); strong(x_strong)]. Pure: no random numbers, no host sync, so it compiles into a few
+    fused kernels."""
+    apply_strong = RECIPES[recipe].apply_strong
+
+    def augment_and_normalize(x_weak: torch.Tensor, p_weak: WeakParams, x_strong: torch.Tensor, p_strong,
+                              table: torch.Tensor, channels_last: bool) -> torch.Tensor:
+        return normalize(torch.cat([flip_and_shift(x_weak, p_weak), apply_strong(x_strong, p_strong)]),
+                         channels_last, table)
+
+    return augment_and_normalize

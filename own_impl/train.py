@@ -22,22 +22,18 @@ from own_impl.data import DeviceData, Samplers, load_device_data, make_batch, no
 from own_impl.loss import fixmatch_loss
 from own_impl.model import WideResNet
 from own_impl.optim import EMA, cosine_lr, param_groups
+from own_impl.recipes import RECIPES
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FUSED_SGD_DEVICES = ("cpu", "cuda")  # where torch.optim.SGD(fused=True) exists (CPU since torch 2.4)
-# How this implementation realises the spec, for the report's side-by-side settings (TorchSSL's entry writes the
-# same keys; third_party/torchssl/README.md explains each difference).
+# How this implementation realises the spec whatever the recipe, for the report's side-by-side settings (TorchSSL's
+# entry writes the same keys; third_party/torchssl/README.md explains each difference). The recipe's own rows are
+# in own_impl/recipes.py.
 IMPL_SETTINGS = {
-    "strong_augmentation": "RandAugment as the paper's RA: 2 of 14 ops with replacement, each applied with p=0.5 at "
-                           "a magnitude uniform in its range; Cutout 16x16, fill 127; after the flip and shift",
     "weak_augmentation": "flip p=0.5, reflect-pad 4 + random 32x32 crop (batched on the device)",
-    "labelled_sampling": "shuffled passes over the split",
-    "unlabelled_sampling": "shuffled passes over all 50,000 train images",
     "weight_decay_applies_to": "conv and linear weights (chosen by module type)",
     "ema": "parameters, decay as spec; BatchNorm buffers copied from the live model",
     "evaluated_model": "EMA parameters with the live model's BatchNorm statistics",
-    "wrn_first_block_of_groups_2_3": "conv1 sees leaky_relu(bn1(x)), as the official code",
-    "conv_bias_init": "zero, as the official code",
     "resume": "bit-exact: every RNG state and the sampler positions are restored",
     "headline_statistic_upstream": "median of the last 20 evaluations (the paper's)",
     "data_pipeline": "uint8 data set on the device, batched tensor augmentation, no DataLoader",
@@ -53,8 +49,11 @@ def autocast(spec: RunSpec, device: torch.device):
 
 
 def build(spec: RunSpec, device: torch.device) -> tuple[torch.nn.Module, EMA, torch.optim.Optimizer]:
-    """The live model (train mode), its EMA copy and the SGD optimizer, freshly initialized from the global RNG."""
-    model = WideResNet(spec.num_classes, spec.depth, spec.widen_factor).to(device)
+    """The live model (train mode, wired as the recipe says), its EMA copy and the SGD optimizer, freshly initialized
+    from the global RNG."""
+    recipe = RECIPES[spec.recipe]
+    model = WideResNet(spec.num_classes, spec.depth, spec.widen_factor, bn_momentum=spec.bn_momentum,
+                       wiring=recipe.wiring, conv_bias_init=recipe.conv_bias_init).to(device)
     if spec.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
@@ -154,7 +153,8 @@ def start(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device, l
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest conv algorithms
     torch.manual_seed(spec.seed)  # the one global seeding: model initialization
     data = load_device_data(spec, files, device)
-    state = RunState(data, Samplers.seeded(spec.seed, data), *build(spec, device))
+    state = RunState(data, Samplers.seeded(spec.seed, data, RECIPES[spec.recipe].with_replacement),
+                     *build(spec, device))
     path = run_dir / CHECKPOINT_FILE
     if path.exists():
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -164,7 +164,7 @@ def start(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device, l
     else:
         log(f"starting {spec.name}: {spec.steps} steps on {device}, "
             f"{sum(p.numel() for p in state.model.parameters()):,} parameters, "
-            f"{spec.precision}{', channels_last' if spec.channels_last else ''}")
+            f"recipe {spec.recipe}, {spec.precision}{', channels_last' if spec.channels_last else ''}")
     truncate_metrics(run_dir, state.step)  # drop records a killed process wrote past its last checkpoint
     return state
 
@@ -203,6 +203,7 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device | 
     with StopFlag() as stop:
         rec = RunRecorder(spec, run_dir, log, stop, start_step=s.step, prior_train_seconds=s.prior_train_s,
                           stop_after=stop_after, device=device, cuda_events=device.type == "cuda")
+        rec.count_optimizer_steps(s.optimizer)
         try:
             while s.step < spec.steps:  # the one place that bounds the number of optimizer steps
                 lr = cosine_lr(spec.lr, s.step, spec.steps)
@@ -234,7 +235,7 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device | 
         compiled=c.step_compiled,  # torch.compile of forward + loss + backward in the last process
         augmentation_compiled=c.augmentation_compiled,  # and of the augmentation
         compile_seconds=s.prior_compile_s + c.seconds,  # summed over processes, kept out of train_seconds
-        impl_settings=IMPL_SETTINGS)
+        impl_settings={**IMPL_SETTINGS, **RECIPES[spec.recipe].settings})
 
 
 def main(argv: list[str] | None = None) -> int:

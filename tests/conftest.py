@@ -153,6 +153,7 @@ def make_run_dir(cifar, tmp_path):
         values = dict(steps=3, eval_every=3, batch_size=2, uratio=2, eval_subset=100, eval_batch_size=100,
                       checkpoint_every=3, log_every=1)
         values.update(overrides)
+        values.setdefault("recipe", "torchssl" if impl == "torchssl" else "paper")
         spec = RunSpec(impl=impl, n_labels=n_labels, seed=seed, data_kind=cifar.identity.kind,
                        data_sha256=cifar.identity.data_sha256, split_sha256=split_sha, **values)
         run_dir = tmp_path / "runs" / spec.name

@@ -36,6 +36,16 @@ def test_dry_run_prints_plan_and_writes_only_splits(shared_archive, cifar, tmp_p
         assert f"sha256 {sha}" in r.stdout
     plan_lines = [line for line in r.stdout.splitlines() if "hash=" in line]
     assert len(plan_lines) == 6 and sum("torchssl" in line for line in plan_lines) == 3
+    assert "JPEG quality 75 image files: lossy" in r.stdout  # the data source says how it stores pixels
+
+
+def test_paper_preset_evaluates_every_1024_steps_and_recipes_multiply_ours(shared_archive, cifar, tmp_path):
+    r = run_cli("--budgets", "40", "--dry-run", "--data", str(shared_archive), "--out", str(tmp_path / "o"),
+                "--preset", "paper", "--device", "cpu", "--recipes", "paper", "torchssl")
+    assert r.returncode == 0, r.stderr
+    plan_lines = [line.split() for line in r.stdout.splitlines() if "hash=" in line]
+    assert [(p[0], p[1]) for p in plan_lines] == [("own", "paper"), ("own", "torchssl"), ("torchssl", "torchssl")]
+    assert all("eval_every=1024" in p and "steps=1048576" in p for p in plan_lines)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -54,6 +64,8 @@ def test_dry_run_prints_plan_and_writes_only_splits(shared_archive, cifar, tmp_p
     (["--lr", "inf"], "lr must be a finite number, got inf"),
     (["--lambda-u", "nan"], "lambda_u must be a finite number, got nan"),
     (["--impls", "own", "own"], "--impls own own repeats a value"),
+    (["--recipes", "official"], "argument --recipes: invalid choice: 'official'"),
+    (["--bn-momentum", "0"], "bn_momentum must lie in (0, 1], got 0.0"),
     (["--eval-subset", "20000"], "--eval-subset 20000 is more than the 10000 test images"),
 ])
 def test_bad_flags_fail_with_one_clear_line(tmp_path, shared_archive, args, message):

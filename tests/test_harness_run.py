@@ -29,9 +29,17 @@ def test_plan_gives_every_implementation_the_same_split(tmp_path):
     for r in runs:
         by_pair.setdefault((r.spec.n_labels, r.spec.seed), []).append(r.spec)
     for own, theirs in by_pair.values():
-        assert own.impl != theirs.impl
-        assert {k: v for k, v in own.to_dict().items() if k != "impl"} == \
-               {k: v for k, v in theirs.to_dict().items() if k != "impl"}
+        assert (own.impl, own.recipe, theirs.impl, theirs.recipe) == ("own", "paper", "torchssl", "torchssl")
+        assert {k: v for k, v in own.to_dict().items() if k not in ("impl", "recipe")} == \
+               {k: v for k, v in theirs.to_dict().items() if k not in ("impl", "recipe")}
+    # ours once per recipe; TorchSSL once, with its own: ours (TorchSSL recipe) differs from TorchSSL in impl only
+    three = plan_runs(budgets=[40], seeds=[0], impls=["own", "torchssl"], recipes=["paper", "torchssl"],
+                      values=preset_values("smoke", {}), out_dir=tmp_path, data_kind="k", data_sha256="d" * 64,
+                      splits=splits)
+    assert [(r.spec.impl, r.spec.recipe) for r in three] == [("own", "paper"), ("own", "torchssl"),
+                                                             ("torchssl", "torchssl")]
+    diff = lambda a, b: {k for k, v in a.spec.to_dict().items() if b.spec.to_dict()[k] != v}  # noqa: E731
+    assert diff(three[1], three[2]) == {"impl"} and diff(three[0], three[1]) == {"recipe"}
     with pytest.raises(ValueError, match="impl 'mixmatch' is not one of"):
         plan_runs(budgets=[40], seeds=[0], impls=["mixmatch"], values=preset_values("smoke", {}), out_dir=tmp_path,
                   data_kind="k", data_sha256="d" * 64, splits=splits)

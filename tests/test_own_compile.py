@@ -150,7 +150,7 @@ def test_step_and_augmentation_trace_as_one_graph_each():
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g)
     args = (images, A.sample_weak_params(6, g), images[2:], A.sample_strong_params(4, 32, 32, g),
             data_mod.normalization_table(CPU), False)
-    explained = torch._dynamo.explain(data_mod.augment_and_normalize)(*args)
+    explained = torch._dynamo.explain(data_mod.augmenter("paper"))(*args)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
@@ -173,13 +173,13 @@ def batches(data: data_mod.DeviceData, spec: RunSpec, augment_fn, n: int = 2) ->
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_compiled_batches_are_the_eager_batches(channels_last, device):
+@pytest.mark.parametrize("channels_last, recipe", [(False, "paper"), (True, "paper"), (False, "torchssl")])
+def test_compiled_batches_are_the_eager_batches(channels_last, recipe, device):
     """make_batch with the compiled augmentation: the same random draws, the same float inputs, bit for bit (on a
-    GPU against the GPU's eager batches, which draw from a CUDA generator)."""
-    spec = tiny_spec(channels_last=channels_last)
+    GPU against the GPU's eager batches, which draw from a CUDA generator), for either recipe."""
+    spec = tiny_spec(channels_last=channels_last, recipe=recipe)
     data = tiny_data(device)
-    compiled = compile_mod.make_augment_fn(True)
+    compiled = compile_mod.make_augment_fn(recipe, True)
     eager, comp, again = (batches(data, spec, fn) for fn in (None, compiled, compiled))
     for e, c in zip(eager, comp):
         for a, b in zip(e, c):

@@ -31,8 +31,9 @@ def test_three_steps_write_the_whole_run_folder(make_run_dir):
     records = read_metrics(run)
     train = [m for m in records if m["kind"] == "train"]
     assert [m["step"] for m in train] == [1, 2, 3]
-    assert set(train[0]) == {"kind", "step", "lr", "loss", "loss_x", "loss_u", "mask_rate", "pseudo_acc",
-                             "images_per_s", "data_frac", "train_seconds"}
+    assert set(train[0]) == {"kind", "step", "window_steps", "lr", "loss", "loss_x", "loss_u", "mask_rate",
+                             "pseudo_acc", "optimizer_steps", "images_per_s", "data_frac", "train_seconds"}
+    assert [m["optimizer_steps"] for m in train] == [1, 1, 1]  # counted by the optimizer's own hook
     assert train[0]["lr"] == spec.lr  # step k=0 runs at the base rate
     assert all(0.0 <= m["mask_rate"] <= 1.0 and 0.0 <= m["data_frac"] <= 1.0 for m in train)
     assert 0 < train[0]["train_seconds"] < train[1]["train_seconds"] < train[2]["train_seconds"]
@@ -43,6 +44,8 @@ def test_three_steps_write_the_whole_run_folder(make_run_dir):
     result = json.loads((run / "result.json").read_text())
     assert set(RESULT_KEYS) <= set(result)
     assert result["impl"] == "own" and result["steps"] == 3 and result["spec_hash"] == spec.hash()
+    assert result["recipe"] == "paper" and result["optimizer_steps"] == 3 and result["resumed_at"] == []
+    assert result["median_window"] == 1
     assert result["param_count"] == 1_469_642
     assert result["data_sha256"] == spec.data_sha256 and result["split_sha256"] == spec.split_sha256
     assert result["evals"] == evals and result["final_top1"] == evals[0]["top1"]
@@ -80,11 +83,14 @@ def test_interrupted_and_resumed_run_equals_straight_run(make_run_dir, tmp_path)
     assert all(torch.equal(x, y) for x, y in zip(moms_a, moms_b, strict=True))
 
     keep = ("kind", "step", "lr", "loss", "loss_x", "loss_u", "mask_rate", "pseudo_acc", "top1", "top5")
-    strip = lambda rs: [{k: r[k] for k in keep if k in r} for r in rs]  # noqa: E731 (timings differ)
+    strip = lambda rs: [{k: r[k] for k in keep if k in r} for r in rs  # noqa: E731 (timings differ)
+                        if r["kind"] != "resume"]
     assert strip(read_metrics(resumed)) == strip(read_metrics(straight))
     assert [r["step"] for r in read_metrics(resumed) if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
     ra, rb = (json.loads((d / "result.json").read_text()) for d in (straight, resumed))
     assert ra["evals"] == rb["evals"] and [e["step"] for e in ra["evals"]] == [3, 6]
+    assert (ra["resumed_at"], rb["resumed_at"]) == ([], [3])
+    assert ra["optimizer_steps"] == rb["optimizer_steps"] == 6  # across both processes
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(make_run_dir, monkeypatch):

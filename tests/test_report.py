@@ -1,16 +1,26 @@
-"""The report: numbers worked out by hand from result files written here, the mismatch check, the figures."""
+"""The report: numbers worked out by hand from result files written here, pairing on common seeds, the paired
+statistics and their intervals, the mismatch check, the figures."""
 import json
+import subprocess
+import sys
 
 import pytest
 
 from contract.results import append_metrics, write_json_atomic
 from contract.spec import RunFiles, RunSpec, write_spec
 from harness.report import write_report
+from harness.stats import paired, t975
+
+from conftest import REPO
+
+ARM = {"own": ("own", "paper"), "own-tssl": ("own", "torchssl"), "torchssl": ("torchssl", "torchssl")}
 
 
-def fake_run(out, impl, n, seed, final, best, evals_top1, *, steps=100, split="s", data="d", sps=2.0, wall=50.0):
-    spec = RunSpec(impl=impl, n_labels=n, seed=seed, data_kind="image-folder-tar", data_sha256=data * 64,
-                   split_sha256=split * 64, steps=steps, eval_every=10)
+def fake_run(out, who, n, seed, final, best, evals_top1, *, median=None, steps=100, split="s", data="d", sps=2.0,
+             wall=50.0, optimizer_steps=None):
+    impl, recipe = ARM[who]
+    spec = RunSpec(impl=impl, recipe=recipe, n_labels=n, seed=seed, data_kind="image-folder-tar",
+                   data_sha256=data * 64, split_sha256=split * 64, steps=steps, eval_every=10)
     run_dir = out / "runs" / spec.name
     write_spec(run_dir, spec, RunFiles(data_dir="/d", split_file="/s"))
     evals = [{"kind": "eval", "step": 10 * (i + 1), "top1": a, "top5": 99.0, "loss": 0.5}
@@ -19,16 +29,18 @@ def fake_run(out, impl, n, seed, final, best, evals_top1, *, steps=100, split="s
         append_metrics(run_dir, e)
         append_metrics(run_dir, {"kind": "train", "step": e["step"], "mask_rate": 0.5, "pseudo_acc": 0.9})
     write_json_atomic(run_dir / "result.json", {
-        "impl": impl, "n_labels": n, "seed": seed, "steps": steps, "spec_hash": spec.hash(),
-        "final_top1": final, "best_top1": best, "median20_top1": final, "final_top5": 99.0, "final_loss": 0.5,
-        "split_sha256": split * 64, "data_sha256": data * 64, "data_kind": "image-folder-tar", "param_count": 1,
-        "wall_seconds": wall, "steps_per_second": sps, "device": "cpu", "torch_version": "x", "code_version": "c",
-        "evals": evals})
+        "algorithm": "fixmatch", "impl": impl, "recipe": recipe, "n_labels": n, "seed": seed, "steps": steps,
+        "optimizer_steps": steps if optimizer_steps is None else optimizer_steps, "resumed_at": [],
+        "spec_hash": spec.hash(), "final_top1": final, "best_top1": best,
+        "median20_top1": final if median is None else median, "median_window": len(evals), "final_top5": 99.0,
+        "final_loss": 0.5, "split_sha256": split * 64, "data_sha256": data * 64, "data_kind": "image-folder-tar",
+        "param_count": 1, "wall_seconds": wall, "steps_per_second": sps, "device": "cpu", "torch_version": "x",
+        "code_version": "c", "evals": evals})
     return run_dir
 
 
-def row(text, n, impl_name):
-    return next(line for line in text.splitlines() if line.startswith(f"| {n} | {impl_name} |"))
+def row(text, n, name):
+    return next(line for line in text.splitlines() if line.startswith(f"| {n} | {name} |"))
 
 
 def test_table_mean_std_over_seeds_worked_by_hand(tmp_path):
@@ -38,16 +50,56 @@ def test_table_mean_std_over_seeds_worked_by_hand(tmp_path):
     fake_run(tmp_path, "torchssl", 40, 0, 40.0, 41.0, [30.0, 40.0], split="a", sps=1.0, wall=100.0)
     fake_run(tmp_path, "torchssl", 40, 1, 44.0, 47.0, [30.0, 44.0], split="b", sps=1.0, wall=100.0)
     text = write_report(tmp_path).read_text()
-    ours = row(text, 40, "ours (own_impl)")
-    assert "| 55.00 ± 7.07 (n=2) |" in ours and "| 56.50 ± 6.36 (n=2) |" in ours  # best: 52, 61
-    assert "| 2.00 | yes |" in ours and "| 50 s |" in ours
+    ours = row(text, 40, "ours (paper recipe)")
+    assert "| 0, 1 | 55.00 ± 7.07 (n=2) |" in ours and "| 56.50 ± 6.36 (n=2) |" in ours  # best: 52, 61
+    assert "| 50 s | 2.00 |" in ours
     theirs = row(text, 40, "TorchSSL")
     assert "| 42.00 ± 2.83 (n=2) |" in theirs and "| 44.00 ± 4.24 (n=2) |" in theirs
-    assert "MISMATCH" not in text
+    assert "MISMATCH" not in text and "Unpaired" not in text
     assert "chosen on the test set" in text and "median of the last 20 evaluations" in text
+    # fewer than 20 evaluations: the heading says how many the median really covers, and how often
+    assert "| median of last 2 evaluations (every 10 steps) (%) |" in text
     assert (tmp_path / "figures" / "curves-40.png").stat().st_size > 10_000
     assert (tmp_path / "figures" / "throughput.png").exists()
     assert "![40 labels" in text
+
+
+def test_only_common_seeds_are_compared_and_the_rest_is_listed_as_unpaired(tmp_path):
+    fake_run(tmp_path, "own", 40, 0, 50.0, 50.0, [50.0], split="a")
+    fake_run(tmp_path, "own", 40, 1, 90.0, 90.0, [90.0], split="b")  # TorchSSL lacks seed 1
+    fake_run(tmp_path, "torchssl", 40, 0, 40.0, 40.0, [40.0], split="a")
+    text = write_report(tmp_path).read_text()
+    assert "| 0 | 50.00 (n=1) |" in row(text, 40, "ours (paper recipe)")  # not the mean of 50 and 90
+    assert "| 0 | 40.00 (n=1) |" in row(text, 40, "TorchSSL")
+    unpaired = text.split("### Unpaired runs")[1].split("###")[0]
+    assert "40 labels, seed 1, ours (paper recipe): final top-1 90.00" in unpaired
+    assert "seed 0" not in unpaired
+
+
+def test_paired_differences_and_intervals_worked_by_hand(tmp_path):
+    # implementation check, final: diffs 1, 2, 3 -> mean 2, std 1, half-width t(0.975, 2) * 1 / sqrt(3)
+    # = 4.3027 / 1.7321 = 2.4842 -> [-0.48, +4.48]: contains 0
+    # median: diffs 2, 2.5, 3 -> mean 2.5, std 0.5, half-width 1.2421 -> [+1.26, +3.74]: excludes 0
+    for seed, (ours, theirs, m_ours, m_theirs) in enumerate([(51, 50, 52, 50), (62, 60, 62.5, 60), (73, 70, 73, 70)]):
+        split = "abc"[seed]
+        fake_run(tmp_path, "own-tssl", 250, seed, ours, ours, [ours], median=m_ours, split=split)
+        fake_run(tmp_path, "torchssl", 250, seed, theirs, theirs, [theirs], median=m_theirs, split=split)
+    text = write_report(tmp_path).read_text()
+    section = text.split("### Implementation check")[1].split("###")[0]
+    final = row(section, 250, "final")
+    assert "| 0: +1.00, 1: +2.00, 2: +3.00 | +2.00 | 1.00 | 3 | [-0.48, +4.48] |" in final
+    assert "no difference detected at n = 3" in final
+    median = row(section, 250, "median")
+    assert "| +2.50 | 0.50 | 3 | [+1.26, +3.74] |" in median and "excludes 0: higher by 2.50" in median
+    assert "### Recipe effect" not in text  # no paper-recipe runs: no such section
+
+
+def test_student_t_quantiles():
+    assert t975(1) == 12.7062 and t975(2) == 4.3027 and t975(30) == 2.0423
+    for df, exact in ((31, 2.0395), (40, 2.0211), (60, 2.0003), (120, 1.9799)):
+        assert t975(df) == pytest.approx(exact, abs=1.5e-4)
+    p = paired([5.0])
+    assert (p.n, p.mean, p.sd, p.low) == (1, 5.0, None, None) and "no interval" in p.verdict()
 
 
 def test_mismatched_split_is_loud_and_excluded(tmp_path):
@@ -56,37 +108,32 @@ def test_mismatched_split_is_loud_and_excluded(tmp_path):
     fake_run(tmp_path, "own", 250, 1, 90.0, 91.0, [90.0], split="b")
     fake_run(tmp_path, "torchssl", 250, 1, 85.0, 86.0, [85.0], split="b")
     text = write_report(tmp_path).read_text()
-    assert "MISMATCHED RUNS" in text and "250 labels, seed 0: the implementations differ in split_sha256" in text
-    ours = row(text, 250, "ours (own_impl)")
-    assert "| 90.00 (n=1) |" in ours and "MISMATCH on 1 seed(s), excluded" in ours  # seed 0 left out
+    assert "MISMATCHED RUNS" in text and "250 labels, seed 0: the runs differ in split_sha256" in text
+    assert "| 1 | 90.00 (n=1) |" in row(text, 250, "ours (paper recipe)")  # seed 0 left out
 
 
-def test_step_budget_mismatch_is_detected(tmp_path):
+@pytest.mark.parametrize("field, value", [("steps", 101), ("optimizer_steps", 99)])
+def test_step_mismatch_is_detected(tmp_path, field, value):
     fake_run(tmp_path, "own", 40, 0, 50.0, 50.0, [50.0], steps=100)
     run = fake_run(tmp_path, "torchssl", 40, 0, 50.0, 50.0, [50.0], steps=100)
     res = json.loads((run / "result.json").read_text())
-    res["steps"] = 101  # TorchSSL's loop runs one step too many unless stopped
+    res[field] = value  # e.g. one more loop step, or a gradient scaler that skipped an update
     write_json_atomic(run / "result.json", res)
     text = write_report(tmp_path).read_text()
-    assert "differ in steps" in text
+    assert f"differ in {field}" in text
 
 
 def test_empty_results_folder(tmp_path):
     assert "No finished runs yet" in write_report(tmp_path).read_text()
 
 
-@pytest.mark.parametrize("impls", [("own",), ("own", "torchssl")])
-def test_report_only_cli(tmp_path, impls):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    for impl in impls:
-        fake_run(tmp_path, impl, 4000, 0, 93.0, 94.0, [90.0, 93.0])
-    repo = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "run_all.py", "--report-only", "--out", str(tmp_path)], cwd=repo,
+@pytest.mark.parametrize("who", [("own",), ("own", "torchssl")])
+def test_report_only_cli(tmp_path, who):
+    for w in who:
+        fake_run(tmp_path, w, 4000, 0, 93.0, 94.0, [90.0, 93.0])
+    r = subprocess.run([sys.executable, "run_all.py", "--report-only", "--out", str(tmp_path)], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "| 4000 | ours (own_impl) | 93.00 (n=1) |" in text
-    assert ("| yes |" in text) == (len(impls) == 2)
+    assert "| 4000 | ours (paper recipe) | 0 | 93.00 (n=1) |" in text
+    assert ("### Implementation check" in text) is False  # ours with the paper recipe against TorchSSL: no pair

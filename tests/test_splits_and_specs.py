@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from contract.arrays import indices_sha256, load_split
-from contract.spec import RunFiles, RunSpec, read_spec, write_spec
+from contract.spec import ALGORITHMS, RunFiles, RunSpec, read_spec, write_spec
 from harness.splits import SplitError, ensure_split, make_split
 
 from conftest import REPO
@@ -96,10 +96,12 @@ def test_spec_hash_is_stable_across_processes():
 
 def test_spec_hash_changes_with_every_field():
     base = _spec()
-    changed = {"impl": "torchssl", "n_labels": 40, "seed": 1, "data_kind": "torchvision", "data_sha256": "c" * 64,
-               "split_sha256": "d" * 64, "dataset": "cifar10x", "num_classes": 5, "precision": "bf16"}
+    changed = {"impl": "torchssl", "recipe": "torchssl", "n_labels": 40, "seed": 1, "data_kind": "torchvision",
+               "data_sha256": "c" * 64, "split_sha256": "d" * 64, "dataset": "cifar10x", "num_classes": 5,
+               "precision": "bf16"}
     hashes = {base.hash()}
-    for f in dataclasses.fields(RunSpec):
+    fields = [f for f in dataclasses.fields(RunSpec) if not (f.name == "algorithm" and len(ALGORITHMS) == 1)]
+    for f in fields:
         v = getattr(base, f.name)
         if f.name in changed:
             new = changed[f.name]
@@ -109,8 +111,9 @@ def test_spec_hash_changes_with_every_field():
             new = v + 10 if f.name != "depth" else 34
         else:
             new = v / 2
-        hashes.add(dataclasses.replace(base, **{f.name: new}).hash())
-    assert len(hashes) == len(dataclasses.fields(RunSpec)) + 1
+        also = {"recipe": "torchssl"} if f.name == "impl" else {}  # TorchSSL runs only its own recipe
+        hashes.add(dataclasses.replace(base, **{f.name: new}, **also).hash())
+    assert len(hashes) == len(fields) + 1
 
 
 def test_spec_validation_names_the_bad_value():
@@ -120,6 +123,12 @@ def test_spec_validation_names_the_bad_value():
         _spec(impl="fixmatch")
     with pytest.raises(ValueError, match="depth must be 6n\\+4, got 27"):
         _spec(depth=27)
+    with pytest.raises(ValueError, match="recipe 'official' is not one of"):
+        _spec(recipe="official")
+    with pytest.raises(ValueError, match="TorchSSL runs its own recipe only"):
+        _spec(impl="torchssl", recipe="paper")
+    with pytest.raises(ValueError, match="bn_momentum must lie in"):
+        _spec(bn_momentum=0.0)
 
 
 def test_spec_file_round_trip_and_tamper_check(tmp_path):

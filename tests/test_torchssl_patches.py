@@ -14,15 +14,30 @@ from third_party.torchssl.entry import torchssl_args, verify_data
 def test_every_patch_is_named_explained_and_applied_only_where_it_belongs():
     names = [p.name for p in patches.PATCHES]
     assert len(names) == len(set(names))
-    assert all(len(p.why) > 80 and p.target and p.when in ("always", "cpu", "bf16") for p in patches.PATCHES)
+    assert all(len(p.why) > 80 and p.target and p.when in ("always", "cpu", "bf16", "bn_momentum")
+               for p in patches.PATCHES)
     always = [p.name for p in patches.PATCHES if p.when == "always"]
     assert patches.applied("cuda", "fp32") == always
     assert patches.applied("cpu", "fp32") == always + ["cpu_device_shim"]
     assert patches.applied("cuda", "bf16") == always + ["amp_bf16"]
+    assert patches.applied("cuda", "fp32", 0.01) == always + ["bn_momentum"]
+
+
+def test_amp_bf16_binds_bf16_autocast_and_a_disabled_scaler():
+    import torch
+
+    module = SimpleNamespace()
+    patches.amp_bf16(module, "cpu")
+    with module.autocast():
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    scaler = module.GradScaler()
+    assert not scaler.is_enabled()
+    loss = torch.tensor(2.0, requires_grad=True)
+    assert scaler.scale(loss) is loss  # no loss scaling: bf16 needs none
 
 
 def test_spec_maps_onto_torchssl_arguments(tmp_path):
-    spec = RunSpec(impl="torchssl", n_labels=250, seed=3, data_kind="k", data_sha256="a" * 64,
+    spec = RunSpec(impl="torchssl", recipe="torchssl", n_labels=250, seed=3, data_kind="k", data_sha256="a" * 64,
                    split_sha256="b" * 64, steps=1000, eval_every=100, batch_size=32, uratio=5, lr=0.05,
                    momentum=0.8, weight_decay=1e-3, threshold=0.9, lambda_u=2.0, ema_decay=0.99, depth=16,
                    widen_factor=4, eval_batch_size=64, precision="bf16")

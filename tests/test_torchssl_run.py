@@ -36,6 +36,7 @@ def test_three_step_run_writes_our_schema(make_run_dir, torchssl_checkout):
     assert result["split_sha256"] == split["sha256"] == indices_sha256(split["labeled_indices"]) == spec.split_sha256
     assert result["data_sha256"] == spec.data_sha256 and result["spec_hash"] == spec.hash()
     assert result["impl"] == "torchssl" and result["steps"] == 3 and result["eval_images"] == 100
+    assert result["recipe"] == "torchssl" and result["optimizer_steps"] == 3 and result["resumed_at"] == []
     assert result["param_count"] == wrn_count_by_hand(28, 2, 10)[0] == 1_469_642
     assert result["torchssl_commit"] == co.COMMIT and result["torchssl_checkout_clean"] is True
     names = [p["name"] for p in result["patches"]]
@@ -65,9 +66,11 @@ def test_three_step_run_writes_our_schema(make_run_dir, torchssl_checkout):
 
 
 def test_interrupted_run_resumes_to_exactly_the_budget(make_run_dir, torchssl_checkout):
-    # threshold 0: every pseudo-label is accepted, so mask_rate (the ACCEPTED fraction) must be exactly 1
+    # threshold 0: every pseudo-label is accepted, so mask_rate (the ACCEPTED fraction) must be exactly 1.
+    # bf16 with its GradScaler off (patch amp_bf16), and BatchNorm momentum 0.5 (patch bn_momentum).
     run_dir = make_run_dir("torchssl", files={"torchssl_checkout": str(torchssl_checkout), "num_workers": 0},
-                           steps=4, eval_every=2, checkpoint_every=2, threshold=0.0)
+                           steps=4, eval_every=2, checkpoint_every=2, threshold=0.0, precision="bf16",
+                           bn_momentum=0.5)
     first = entry(run_dir, "--stop-after", "3")
     assert first.returncode == 0, first.stderr[-3000:]
     assert not (run_dir / "result.json").exists() and checkpoint(run_dir)["it"] == 3
@@ -81,4 +84,10 @@ def test_interrupted_run_resumes_to_exactly_the_budget(make_run_dir, torchssl_ch
     assert all(r["mask_rate"] == 1.0 and r["loss_u"] > 0 for r in metrics if r["kind"] == "train")
     ckpt = checkpoint(run_dir)
     assert ckpt["it"] == 4 and ckpt["scheduler"]["last_epoch"] == 4
-    assert json.loads((run_dir / "result.json").read_text())["steps"] == 4
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["steps"] == 4 and result["optimizer_steps"] == 4 and result["resumed_at"] == [3]
+    assert {"amp_bf16", "bn_momentum"} <= {p["name"] for p in result["patches"]}
+    # At momentum 0.001, four steps move a running mean by at most 0.4% of the batch means (a few 1e-3 here);
+    # at 0.5 it follows them: the patch reached TorchSSL's network.
+    first_bn = ckpt["model"]["block1.layer.0.bn1.running_mean"]
+    assert first_bn.abs().max() > 0.02

@@ -218,7 +218,7 @@ def run(spec: RunSpec, files: RunFiles, run_dir: Path, device_name: str, num_wor
         raise ValueError(f"TorchSSL has no normalization constants for data set {spec.dataset!r}")
     os.chdir(save_path)  # TorchSSL writes ./data_statistics/ relative to the working directory
     args = torchssl_args(spec, run_dir, device.index if device.type == "cuda" else None, num_workers)
-    applied = patches.applied(device.type, spec.precision)
+    applied = patches.applied(device.type, spec.precision, spec.bn_momentum)
 
     shim = patches.cpu_device_shim(device) if "cpu_device_shim" in applied else contextlib.nullcontext()
     with shim, StopFlag() as stop:
@@ -228,6 +228,7 @@ def run(spec: RunSpec, files: RunFiles, run_dir: Path, device_name: str, num_wor
         hooks = Hooks(rec, spec, save_path, w.optimizer, args, w.train_y, w.start_step,
                       lambda: w.prior.get("wall_seconds", 0.0) + time.perf_counter() - t_start)
         observe_and_bound(tssl, w, hooks, spec.steps - w.start_step, applied, device)
+        rec.count_optimizer_steps(w.optimizer)
         try:  # ---- TorchSSL's training loop, unchanged -------------------------------------------------------
             for _ in range(args.epoch):
                 w.model.train(args, logger=w.logger)
@@ -286,6 +287,8 @@ def main_worker(tssl, args, spec: RunSpec, device, inputs, save_path: Path, log,
     if device.type == "cuda":
         torch.cuda.set_device(args.gpu)
     model.model = model.model.to(device)  # main_worker's .cuda(args.gpu), with the device as a parameter
+    if "bn_momentum" in applied:
+        patches.set_bn_momentum(model.model, spec.bn_momentum)
     model.ema_model = copy.deepcopy(model.model)
     logger.info(f"model_arch: {model}")
     logger.info(f"Arguments: {args}")

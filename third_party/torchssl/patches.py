@@ -23,7 +23,8 @@ from contract.runtime import NonFiniteLoss
 class Patch:
     name: str
     target: str  # what of TorchSSL it replaces or wraps
-    when: str  # "always", "cpu" (a device without CUDA) or "bf16" (spec.precision == "bf16")
+    when: str  # "always", "cpu" (a device without CUDA), "bf16" (spec.precision == "bf16") or "bn_momentum"
+    # (spec.bn_momentum is not the 0.001 TorchSSL's network hard-codes)
     why: str
 
 
@@ -73,16 +74,27 @@ PATCHES: tuple[Patch, ...] = (
           "TorchSSL calls .cuda() and CUDA events throughout and refuses to run without a GPU. For tests and CPU "
           "comparisons, .cuda(...) moves to the chosen device, the event is a wall-clock stand-in and "
           "synchronize does nothing. Not applied on CUDA devices."),
-    Patch("amp_bf16", "models.fixmatch.fixmatch.autocast", "bf16",
+    Patch("amp_bf16", "models.fixmatch.fixmatch.autocast, models.fixmatch.fixmatch.GradScaler", "bf16",
           "TorchSSL's amp is fp16 autocast with a GradScaler. For spec.precision == 'bf16' its autocast name is "
-          "bound to torch.autocast(device, bfloat16) and args.amp is set; its GradScaler is left as it is "
-          "(harmless with bf16: the gradients are fp32). Not applied for fp32."),
+          "bound to torch.autocast(device, bfloat16) and args.amp is set, and its GradScaler name to a disabled "
+          "scaler: bf16 needs no loss scaling, and an enabled scaler doubles its scale until a gradient overflows, "
+          "then skips that optimizer step while the scheduler and EMA still advance (about one step in 2000 late "
+          "in a long run), so the two implementations would not apply the same number of updates. The updates "
+          "applied are counted for both and recorded in result.json. Not applied for fp32."),
+    Patch("bn_momentum", "models.nets.wrn BatchNorm2d modules (momentum attribute)", "bn_momentum",
+          "TorchSSL's WideResNet hard-codes BatchNorm momentum 0.001 whatever bn_momentum its builder is given. "
+          "When the spec asks for another value, every BatchNorm2d of the built network gets spec.bn_momentum "
+          "before training (the EMA model is copied after), as ours does, so both implementations honour the "
+          "spec. Not applied at 0.001."),
 )
+TORCHSSL_BN_MOMENTUM = 0.001  # models/nets/wrn.py
 
 
-def applied(device_type: str, precision: str) -> list[str]:
-    """Names of the patches a run on `device_type` ("cpu", "cuda", ...) with `precision` gets, in table order."""
-    on = {"always": True, "cpu": device_type != "cuda", "bf16": precision == "bf16"}
+def applied(device_type: str, precision: str, bn_momentum: float = TORCHSSL_BN_MOMENTUM) -> list[str]:
+    """Names of the patches a run on `device_type` ("cpu", "cuda", ...) with `precision` and `bn_momentum` gets,
+    in table order."""
+    on = {"always": True, "cpu": device_type != "cuda", "bf16": precision == "bf16",
+          "bn_momentum": bn_momentum != TORCHSSL_BN_MOMENTUM}
     return [p.name for p in PATCHES if on[p.when]]
 
 
@@ -138,10 +150,26 @@ def cpu_device_shim(device):
 
 
 def amp_bf16(fixmatch_module, device_type: str) -> None:
-    """Bind the `autocast` name train() uses (`amp_cm = autocast if args.amp ...; with amp_cm():`) to bf16."""
+    """Bind the `autocast` name train() uses (`amp_cm = autocast if args.amp ...; with amp_cm():`) to bf16, and its
+    `GradScaler` name (`scaler = GradScaler()`) to a disabled scaler, whose scale/step/update pass through."""
     import torch
 
     fixmatch_module.autocast = lambda: torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    fixmatch_module.GradScaler = lambda: torch.amp.GradScaler(device_type, enabled=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bn_momentum
+
+
+def set_bn_momentum(model, momentum: float) -> int:
+    """Every BatchNorm2d of `model` gets `momentum`; returns how many there were."""
+    import torch
+
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:
+        m.momentum = momentum
+    return len(bns)
 
 
 # ---------------------------------------------------------------------------------------------------------------
