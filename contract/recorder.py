@@ -1,5 +1,6 @@
 """What every entry point records the same way: when to log, evaluate and checkpoint; the log window's named
-statistics; training time; the stop that ends a session; and the checks that a run folder belongs to this run.
+statistics; training time; the stop that ends a process's share of a run; and the checks that a run folder
+belongs to this run.
 
 A training loop calls, per step: begin_step(), data_ready(), then step_done(step, stats, lr), which writes the
 training record when one is due and says what else is due (evaluate, checkpoint, stop). Evaluations, checkpoints

@@ -148,7 +148,7 @@ def write_result(run_dir: Path, spec, files, log, *, steps: int, data_sha256: st
         "split_sha256": spec.split_sha256, "data_sha256": data_sha256, "data_kind": spec.data_kind,
         "data_source": files.data_source,
         "param_count": param_count,
-        "wall_seconds": wall_seconds,  # summed over sessions, evaluation included
+        "wall_seconds": wall_seconds,  # summed over processes, evaluation included
         "train_seconds": train_seconds,  # training steps only
         "steps_per_second": steps / train_seconds if train_seconds > 0 else None,
         "device": device, "device_name": files.machine,

@@ -79,7 +79,7 @@ def test_killed_run_resumes_and_finished_runs_are_skipped(shared_archive, cifar,
     result = json.loads((run_dir / "result.json").read_text())
     assert result["steps"] == 40
     train_steps = [r["step"] for r in read_metrics(run_dir) if r["kind"] == "train"]
-    assert train_steps == list(range(1, 41))  # every step logged exactly once across the two sessions
+    assert train_steps == list(range(1, 41))  # every step logged exactly once across the two processes
     assert [e["step"] for e in result["evals"]] == [20, 40]
     assert (out / "RESULTS.md").exists()
 

@@ -129,9 +129,9 @@ def test_compiled_run_resumes_like_a_straight_run(make_run_dir, tmp_path, device
     assert result["compiled"] is result["augmentation_compiled"] is True
     assert result["compile_seconds"] > first["compile_seconds"]
     log = (resumed / "log.txt").read_text()
-    # once per session each, kept out of train_seconds
+    # once per process each, kept out of train_seconds
     assert log.count("compiled the augmentation in") == log.count("compiled forward + loss + backward in") == 2
-    # an eager session picks up a compiled run's checkpoint: same keys, same state
+    # an eager process picks up a compiled run's checkpoint: same keys, same state
     eager = copy_run(straight, tmp_path / "eager")
     assert train_mod.train(spec, files, eager, dev, stop_after=2, compile=True) is None
     result = train_mod.train(spec, files, eager, dev, compile=False)

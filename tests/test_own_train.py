@@ -67,7 +67,7 @@ def test_interrupted_and_resumed_run_equals_straight_run(make_run_dir, tmp_path)
     train_mod.train(spec, files, straight, CPU)
     assert train_mod.train(spec, files, resumed, CPU, stop_after=3) is None
     assert torch.load(resumed / "checkpoint.pt", weights_only=True)["step"] == 3
-    # a killed session may have logged past its checkpoint: resume must drop that line, not duplicate step 4
+    # a killed process may have logged past its checkpoint: resume must drop that line, not duplicate step 4
     with open(resumed / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"kind": "train", "step": 4, "loss": -1.0}) + "\n")
     train_mod.train(spec, files, resumed, CPU)
