@@ -9,6 +9,7 @@ from typing import Any
 
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
+LAUNCH_FILE = "launch.json"  # how the run was started, written by whoever started it (e.g. {"launcher": "slurm", ...})
 
 # Every result.json carries exactly these keys (more are allowed), with the same meaning for every implementation.
 RESULT_KEYS = (
@@ -117,6 +118,13 @@ def finished_result(run_dir: Path, spec) -> dict[str, Any] | None:
     return done
 
 
+def read_launch(run_dir: Path) -> dict[str, Any]:
+    """RUN/launch.json: how the run was started ({"launcher": "local"} when absent); result.json carries its keys.
+    The launcher writes it, so an implementation records how it was started without knowing it."""
+    path = Path(run_dir) / LAUNCH_FILE
+    return read_json(path, "launch file") if path.exists() else {"launcher": "local"}
+
+
 def read_evals(run_dir: Path) -> list[dict[str, Any]]:
     return [r for r in read_metrics(run_dir) if r.get("kind") == "eval"]
 
@@ -131,6 +139,7 @@ def write_result(run_dir: Path, spec, files, log, *, steps: int, data_sha256: st
 
     evals = read_evals(run_dir)
     result = {
+        **read_launch(run_dir),  # first, so that no key of it can replace one of the result's own
         "impl": spec.impl, "n_labels": spec.n_labels, "seed": spec.seed, "steps": steps, "spec_hash": spec.hash(),
         **summarize_evals(evals),
         "split_sha256": spec.split_sha256, "data_sha256": data_sha256, "data_kind": spec.data_kind,

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from contract.results import METRICS_FILE, read_metrics, read_result
+from contract.results import LAUNCH_FILE, METRICS_FILE, read_metrics, read_result, write_json_atomic
 from contract.spec import RunFiles, write_spec
 from harness.env import PACKAGE_ROOT, code_version, machine_info
 from harness.plan import PlannedRun
@@ -245,6 +245,7 @@ class LocalScheduler:
                     return
                 run = self.queue.popleft()
             prepare(run, self.ctx, device)
+            write_json_atomic(run.run_dir / LAUNCH_FILE, {"launcher": "local"})
             with self.lock:
                 if self.stopping.is_set():
                     return
