@@ -9,6 +9,7 @@ from typing import Any
 
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
+LAUNCH_FILE = "launch.json"  # how the run was started, written by whoever started it (e.g. {"launcher": "slurm", ...})
 
 # Every result.json carries exactly these keys (more are allowed), with the same meaning for every implementation.
 RESULT_KEYS = (
@@ -121,6 +122,13 @@ def finished_result(run_dir: Path, spec) -> dict[str, Any] | None:
     return done
 
 
+def read_launch(run_dir: Path) -> dict[str, Any]:
+    """RUN/launch.json: how the run was started ({"launcher": "local"} when absent); result.json carries its keys.
+    The launcher writes it, so an implementation records how it was started without knowing it."""
+    path = Path(run_dir) / LAUNCH_FILE
+    return read_json(path, "launch file") if path.exists() else {"launcher": "local"}
+
+
 def read_evals(run_dir: Path) -> list[dict[str, Any]]:
     return [r for r in read_metrics(run_dir) if r.get("kind") == "eval"]
 
@@ -138,7 +146,9 @@ def write_result(run_dir: Path, spec, files, log, *, steps: int, data_sha256: st
     train = [r for r in metrics if r.get("kind") == "train"]
     counted = [r.get("optimizer_steps") for r in train]
     result = {
-        "algorithm": spec.algorithm, "impl": spec.impl, "recipe": spec.recipe, "n_labels": spec.n_labels, "seed": spec.seed, "steps": steps,
+        **read_launch(run_dir),  # first, so that no key of it can replace one of the result's own
+        "algorithm": spec.algorithm, "impl": spec.impl, "recipe": spec.recipe, "n_labels": spec.n_labels,
+        "seed": spec.seed, "steps": steps,
         # updates the optimizer really applied, counted by a hook (a gradient scaler may skip some); None if not
         # counted. The training records partition the steps (each checkpoint closes one), so their sum is exact.
         "optimizer_steps": sum(counted) if counted and None not in counted else None,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from contract.spec import IMPLS, MAX_SEED, PRECISIONS, RECIPES, SETTING_FIELDS
 from harness.plan import PRESETS, Plan, make_plan
+from harness.slurm import add_flags as add_launcher_flags
 
 # Flags that override one preset value each: (spec field, type, help).
 OVERRIDES = [
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "on for CUDA, and on the CPU for runs of 1000 steps or more); not part of the run spec")
     p.add_argument("--torchssl-workers", type=int, default=None,
                    help="TorchSSL's DataLoader workers (its unlabelled loader gets 4x; default: its config's 1)")
+    add_launcher_flags(p)
     g = p.add_argument_group("overrides of the preset's values")
     for name, typ, hint in OVERRIDES:
         g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=hint)
@@ -109,16 +111,25 @@ def _raise_interrupt(signum, frame):
 
 
 def run(args: argparse.Namespace) -> int:
-    from harness.env import user_path
+    from harness.env import default_cache_dir, user_path
 
     out = user_path(args.out)
+    if args.status:
+        from harness.status import print_status
+
+        return print_status(out)
     if args.report_only:
         return _report(out)
+    from harness.slurm import slurm_options
+
+    # Slurm: every option and the cluster checked before any work; each job's device is resolved on its node
+    slurm = slurm_options(args, out, user_path(args.cache_dir) if args.cache_dir else default_cache_dir())
     plan = make_plan(budgets=args.budgets, seeds=args.seeds, impls=args.impls, recipes=args.recipes,
                      preset=args.preset,
                      overrides=overrides(args), out_dir=out, device=args.device, gpus=args.gpus,
                      data=args.data or os.environ.get("FIXMATCH_BENCH_DATA"),
-                     cache_dir=user_path(args.cache_dir) if args.cache_dir else None)
+                     cache_dir=user_path(args.cache_dir) if args.cache_dir else None,
+                     devices=[slurm.device] if slurm else None)
     print(plan.describe())
     if args.dry_run:
         return 0
@@ -126,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
     from harness.runner import RunOptions, execute
 
     options = RunOptions(devices=plan.devices, torchssl_source=args.torchssl_source, cache_dir=plan.cache_dir,
-                         warmup=not args.no_warmup, compile_own=args.compile, torchssl_workers=args.torchssl_workers)
+                         warmup=not args.no_warmup, compile_own=args.compile, torchssl_workers=args.torchssl_workers,
+                         slurm=slurm)
     failed = execute(plan.runs, data=plan.data, options=options, data_source=plan.data_source)
     _report(out)
     if failed:

@@ -145,14 +145,17 @@ def plan_runs(*, budgets, seeds, impls, values: dict, out_dir: Path, data_kind: 
 
 
 def make_plan(*, budgets, seeds, impls, preset: str, overrides: dict, out_dir: Path, device: str,
-              gpus: list[int] | None, data: str | None, cache_dir: Path | None, recipes=("paper",)) -> Plan:
-    """Check the request, then decode (or find cached) the data, write or verify the split files, plan the runs."""
+              gpus: list[int] | None, data: str | None, cache_dir: Path | None, recipes=("paper",),
+              devices: list[str] | None = None) -> Plan:
+    """Check the request, then decode (or find cached) the data, write or verify the split files, plan the runs.
+    devices: where runs execute when that is decided elsewhere (a Slurm job's, resolved on its node); None: here,
+    from device and gpus."""
     from harness.data import describe_pixels, load_cifar10
     from harness.splits import ensure_split
 
     values = preset_values(preset, overrides)
     check_request(budgets, seeds, impls, values, recipes)
-    devices = resolve_devices(device, gpus)
+    devices = devices or resolve_devices(device, gpus)
     dataset = load_cifar10(data, cache_dir=cache_dir)
     plan = Plan(preset, devices, dataset, cache_dir,
                 f"{dataset.identity.describe()}: {describe_pixels(dataset.identity.kind, data)}")

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from contract.results import METRICS_FILE, read_metrics, read_result
+from contract.results import LAUNCH_FILE, METRICS_FILE, read_metrics, read_result, write_json_atomic
 from contract.spec import RunFiles, write_spec
 from harness.env import PACKAGE_ROOT, code_version, machine_info
 from harness.plan import PlannedRun
@@ -33,6 +33,7 @@ class RunOptions:
     warmup: bool = True  # time a few steps first and print an estimate of the total time
     compile_own: bool | None = None  # own_impl's torch.compile, asked for or left to its policy (None)
     torchssl_workers: int | None = None  # TorchSSL's DataLoader workers (None: its config's)
+    slurm: object | None = None  # harness.slurm.SlurmOptions: each run a Slurm job (None: subprocesses here)
 
 
 @dataclass(frozen=True)
@@ -75,14 +76,15 @@ def child_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", **extra}
 
 
-def launch(run: PlannedRun) -> subprocess.Popen:
+def launch(run: PlannedRun, **popen) -> subprocess.Popen:
+    """Start the run's entry point in its folder, output appended to its process.log; `popen`: more Popen options."""
     env = child_env()
     cmd = command(run)
     log = open(run.run_dir / PROCESS_LOG, "a")
     log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
     log.flush()
     return subprocess.Popen(cmd, cwd=run.run_dir, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+                            start_new_session=True, **popen)
 
 
 def log_tail(run: PlannedRun, lines: int = 15) -> str:
@@ -203,6 +205,10 @@ def execute(runs: list[PlannedRun], *, data, options: RunOptions, data_source: s
         print(f"done already: {r.spec.name}")
     if not todo:
         return []
+    if options.slurm is not None:  # jobs on a cluster: nothing is timed on this machine
+        from harness.slurm import SlurmScheduler
+
+        return SlurmScheduler(todo, ctx, options.slurm).run()
     if options.warmup:
         est = warmup_estimate(todo, ctx, len(data.test_y), options.devices[0])
         if est is not None:
@@ -247,6 +253,7 @@ class LocalScheduler:
                     return
                 run = self.queue.popleft()
             prepare(run, self.ctx, device)
+            write_json_atomic(run.run_dir / LAUNCH_FILE, {"launcher": "local"})
             with self.lock:
                 if self.stopping.is_set():
                     return
