@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     from third_party.torchssl.checkout import CheckoutError  # gitpython only: no TorchSSL, no torch
 
     args = build_parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # a kill checkpoints the running runs, like Ctrl-C
+    # A kill, or a hang-up (closed terminal, dropped ssh), checkpoints the running runs, like Ctrl-C.
+    previous = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return run(args)
     except (ValueError, OSError, CheckoutError, DataError) as e:  # UsageError, SplitError are ValueErrors
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _raise_interrupt(signum, frame):
@@ -109,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
 
     out = user_path(args.out)
     if args.report_only:
+        if not out.is_dir():
+            raise ValueError(f"--out {out} does not exist; --report-only rebuilds the report of an existing "
+                             f"results folder")
         return _report(out)
     plan = make_plan(budgets=args.budgets, seeds=args.seeds, impls=args.impls, preset=args.preset,
                      overrides=overrides(args), out_dir=out, device=args.device, gpus=args.gpus,
