@@ -534,3 +534,20 @@ def test_values_that_would_fail_inside_a_run_are_refused_before_any_work(tmp_pat
     r = run_all(*args, "--dry-run", "--data", str(tmp_path / "not-read"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and message in one_error_line(r)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_damaged_split_file_is_drawn_again_and_an_edited_one_refused(cifar, tmp_path, capsys):
+    from harness.splits import SplitError, ensure_split
+
+    path, sha = ensure_split(tmp_path, "cifar10", cifar.train_y, 40, 3, cifar.identity.data_sha256)
+    whole = path.read_text()
+    path.write_text(whole[:100])  # cut short
+    assert ensure_split(tmp_path, "cifar10", cifar.train_y, 40, 3, cifar.identity.data_sha256) == (path, sha)
+    assert path.read_text() == whole and (path.parent / (path.name + ".damaged")).read_text() == whole[:100]
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"warning: split file {path} is unreadable (JSONDecodeError") and "drawn again" in line
+    edited = json.loads(whole)
+    edited["labeled_indices"][0] += 1  # readable but not this split: never overwritten
+    path.write_text(json.dumps(edited))
+    with pytest.raises(SplitError, match=f"split file {path} holds split .* it is never overwritten"):
+        ensure_split(tmp_path, "cifar10", cifar.train_y, 40, 3, cifar.identity.data_sha256)
