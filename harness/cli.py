@@ -31,6 +31,14 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type for counts where 0 means none (DataLoader workers)."""
+    value = int(text)  # a ValueError is argparse's "invalid non_negative_int value"
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not accepted; accepted: 0 or more")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="fixmatch-bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                       description="Run our FixMatch and TorchSSL's side by side on CIFAR-10 and write the report.",
@@ -59,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile our augmentation and training step (default: own_impl/compile.py's policy: "
                         "on for CUDA, and on the CPU for runs of 1000 steps or more); not part of the run spec")
-    p.add_argument("--torchssl-workers", type=int, default=None,
+    p.add_argument("--torchssl-workers", type=non_negative_int, default=None,
                    help="TorchSSL's DataLoader workers (its unlabelled loader gets 4x; default: its config's 1)")
     g = p.add_argument_group("overrides of the preset's values")
     for name, typ, hint in OVERRIDES:

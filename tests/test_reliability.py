@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
 import signal
 import subprocess
 import sys
@@ -551,3 +552,21 @@ def test_a_damaged_split_file_is_drawn_again_and_an_edited_one_refused(cifar, tm
     path.write_text(json.dumps(edited))
     with pytest.raises(SplitError, match=f"split file {path} holds split .* it is never overwritten"):
         ensure_split(tmp_path, "cifar10", cifar.train_y, 40, 3, cifar.identity.data_sha256)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fault suite's list of bad command lines (bench/faults.py): each one line and a non-zero exit, nothing run
+
+
+def test_every_bad_input_of_the_fault_suite_is_one_line(shared_archive, cifar, tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import faults
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    suite = faults.Suite(tmp_path, str(shared_archive), random.Random(0), None)
+    faults.inputs(suite)
+    assert len(suite.rows) >= 30
+    failed = [f"{r.fault}: {r.detected} ({r.outcome})" for r in suite.rows if not r.ok]
+    assert failed == []
+    assert not (tmp_path / "inputs" / "code-was-run").exists()
