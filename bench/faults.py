@@ -429,7 +429,8 @@ def damaged_cache(suite: Suite, what: str) -> Row:
                     "--budgets", "40"])
     row.detected = first_line_with(r.stderr, "damaged")
     sha = json.loads((entry / "identity.json").read_text()).get("data_sha256") if r.returncode == 0 else None
-    row.outcome = f"rebuilt before any run; pixels sha256 {'equal' if sha == expected else 'DIFFERS'}; exit {r.returncode}"
+    row.outcome = (f"rebuilt before any run; pixels sha256 {'equal' if sha == expected else 'DIFFERS'}; "
+                   f"exit {r.returncode}")
     row.ok = r.returncode == 0 and sha == expected and str(entry) in row.detected
     return row
 
@@ -597,7 +598,8 @@ def add(suite: Suite, row: Row) -> None:
 
 
 def table(rows: list[Row]) -> list[str]:
-    lines = ["| # | part | fault | impl | when / input | detected / named | outcome | ok |", "|---:|---|---|---|---|---|---|---|"]
+    lines = ["| # | part | fault | impl | when / input | detected / named | outcome | ok |",
+             "|---:|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows, 1):
         cells = [str(i), r.part, r.fault, r.impl, r.when, r.detected, r.outcome, "yes" if r.ok else "**NO**"]
         lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")

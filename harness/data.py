@@ -239,7 +239,8 @@ def _decode_python_batches(files: dict[str, bytes], where: str) -> tuple[dict[st
             content = _CifarUnpickler(io.BytesIO(files[name]), encoding="latin1").load()
         except _Refused as e:
             raise DataError(f"CIFAR-10 file {name} in {where} is refused: it asks for {e}, which CIFAR-10's batches "
-                            f"do not contain (nothing of it was run); use the original cifar-10-python.tar.gz") from None
+                            f"do not contain (nothing of it was run); use the original cifar-10-python.tar.gz"
+                            ) from None
         except Exception as e:
             raise DataError(f"CIFAR-10 file {name} in {where} is corrupt ({type(e).__name__}: {e})") from None
         if not isinstance(content, dict) or any(k not in content for k in keys):

@@ -175,8 +175,8 @@ def test_a_child_gets_sigterm_when_the_thread_that_started_it_ends(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", f"""
 import subprocess, sys, time
 from harness.lifeline import die_with_parent
-child = subprocess.Popen([sys.executable, "-c", "import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep(600)"],
-                         preexec_fn=die_with_parent(), start_new_session=True)
+code = "import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
+child = subprocess.Popen([sys.executable, "-c", code], preexec_fn=die_with_parent(), start_new_session=True)
 time.sleep(600)
 """], env=env())
     try:
