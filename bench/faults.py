@@ -3,7 +3,7 @@
     python bench/faults.py --data ../shared/data/cifar10-jpeg.tar.gz [--impls own torchssl] [--seed 0]
                            [--parts kills damage inputs] [--summary FILE.md] [--work DIR] [--keep]
 
-About 15 minutes on a 2-core CPU. Every run is tiny (the smoke preset with B=2, mu=1, 12 steps, an evaluation every
+About 9 CPU-minutes (26 minutes of wall time on a busy 2-core machine). Every run is tiny (the smoke preset with B=2, mu=1, 12 steps, an evaluation every
 4 steps on 200 test images, a checkpoint every 2 steps) and is compared with an uninterrupted run of the same spec.
 
 - kills: run_all.py is started and, at a random step, during an evaluation or during a checkpoint write, killed:
@@ -616,13 +616,21 @@ def summary(rows: list[Row], argv: list[str], seconds: float, seed: int) -> str:
         mine = [r for r in rows if r.part == part]
         if mine:
             counts.append(f"{part}: {sum(r.ok for r in mine)}/{len(mine)} survived as required")
+    shown = []  # where the output goes is not part of the command's meaning
+    for a in argv:
+        if shown and shown[-1] in ("--summary", "--work"):
+            shown.pop()
+        elif a != "--keep":
+            shown.append(a)
+    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else ["?"] * 3
     return "\n".join([
         "# Fault suite", "",
-        f"- Command: `python bench/faults.py {' '.join(argv)}`",
+        f"- Command: `python bench/faults.py {' '.join(shown)}`",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M %Z')}; wall time {seconds / 60:.1f} min; random moments from seed "
         f"{seed}",
         f"- Machine: {machine_info('cpu')}, {platform.system()} {platform.release()}; Python "
-        f"{platform.python_version()}, torch {torch.__version__}; code {code_version()}",
+        f"{platform.python_version()}, torch {torch.__version__}; code {code_version()}; load average at the end "
+        f"{' / '.join(load)} (1 / 5 / 15 min)",
         f"- Runs: smoke preset, B=2, mu=1, {STEPS} steps, evaluation every {EVAL_EVERY} steps on 200 test images, "
         f"checkpoint every {CHECKPOINT_EVERY} steps; each compared with an uninterrupted run of the same spec",
         f"- Result: {'; '.join(counts)}", "",
@@ -630,7 +638,8 @@ def summary(rows: list[Row], argv: list[str], seconds: float, seed: int) -> str:
         "TorchSSL reseeds its random generators from the spec's seed every time it starts, so a resumed TorchSSL run "
         "replays the data order and augmentations of its first steps and its evaluations differ from an "
         "uninterrupted run's; for it the suite checks the steps, the checksums and the result's consistency only. "
-        "Ours restores every random state and must match bit for bit.", ""])
+        "Ours restores every random state and must match bit for bit. Paths inside the suite's scratch folder are "
+        "written W/....", ""])
 
 
 def main() -> int:
