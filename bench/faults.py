@@ -3,8 +3,9 @@
     python bench/faults.py --data ../shared/data/cifar10-jpeg.tar.gz [--impls own torchssl] [--seed 0]
                            [--parts kills damage inputs] [--summary FILE.md] [--work DIR] [--keep]
 
-About 9 CPU-minutes (26 minutes of wall time on a busy 2-core machine). Every run is tiny (the smoke preset with B=2, mu=1, 12 steps, an evaluation every
-4 steps on 200 test images, a checkpoint every 2 steps) and is compared with an uninterrupted run of the same spec.
+About 9 CPU-minutes (26 minutes of wall time on a busy 2-core machine). Every run is tiny (the smoke preset with
+B=2, mu=1, 12 steps, an evaluation every 4 steps on 200 test images, a checkpoint every 2 steps) and is compared
+with an uninterrupted run of the same spec.
 
 - kills: run_all.py is started and, at a random step, during an evaluation or during a checkpoint write, killed:
   kill -9 of the runner alone, kill -9 of the runner's and the training process's whole process groups, or SIGHUP
