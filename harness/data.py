@@ -12,6 +12,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
@@ -212,12 +213,12 @@ def _latin1_bytes(text: str, encoding: str = "utf-8") -> bytes:
 # The only globals a CIFAR-10 batch may name: numpy's array and dtype rebuilders under their numpy 1 and 2 module
 # names, at every pickle protocol, and the bytes encoder of protocol 2. Dicts, lists, strings, bytes and numbers
 # need none. Each is looked up from a live object, so the real function whatever numpy calls its module.
-_ALLOWED = {
+_ALLOWED = MappingProxyType({
     **{(m, "_reconstruct"): np.ndarray(0).__reduce__()[0] for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
     **{(m, "_frombuffer"): np.ndarray(1).__reduce_ex__(5)[0] for m in ("numpy.core.numeric", "numpy._core.numeric")},
     **{(m, "scalar"): np.int64(0).__reduce__()[0] for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
     ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _plain_dtype, ("_codecs", "encode"): _latin1_bytes,
-}
+})
 
 
 class _CifarUnpickler(pickle.Unpickler):
