@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,9 +44,9 @@ def load_arrays(data_dir: Path, expect_sha256: str | None = None) -> DataArrays:
     data_dir = Path(data_dir)
     try:
         arrays = {n: np.load(data_dir / f"{n}.npy") for n in ARRAY_NAMES}
-        meta = json.loads((data_dir / "identity.json").read_text())
+        meta = read_json(data_dir / "identity.json", "data identity file")  # a damaged one is named
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"cached data arrays incomplete in {data_dir}: {e.filename} is missing") from None
+        raise FileNotFoundError(f"cached data arrays incomplete in {data_dir}: {e.filename or e} is missing") from None
     sha = arrays_sha256(arrays)
     if expect_sha256 is not None and sha != expect_sha256:
         raise ValueError(f"data arrays in {data_dir} have sha256 {sha}, the run spec expects {expect_sha256}")

@@ -16,7 +16,7 @@ LOG_FILE = "log.txt"
 LOCK_FILE = ".lock"
 
 class RunInterrupted(Exception):
-    """SIGTERM or SIGINT arrived; the run wrote a checkpoint after its last whole step and stops."""
+    """SIGTERM, SIGHUP or SIGINT arrived; the run wrote a checkpoint after its last whole step and stops."""
 
     def __init__(self, signum: int, step: int):
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; the checkpoint resumes it")
@@ -36,7 +36,8 @@ class RunFolderBusy(RuntimeError):
 
 
 class StopFlag:
-    """SIGTERM/SIGINT only set a flag that the loop reads between steps, so a checkpoint always holds whole steps."""
+    """SIGTERM, SIGHUP (a closed terminal or dropped ssh; a dead runner's parent-death signal is SIGTERM) and SIGINT
+    only set a flag that the loop reads between steps, so a checkpoint always holds whole steps."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -53,7 +54,7 @@ class StopFlag:
         self.signum = signum
 
     def __enter__(self) -> "StopFlag":
-        for s in (signal.SIGTERM, signal.SIGINT):
+        for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             try:
                 self._old[s] = signal.signal(s, self._handle)
             except ValueError:  # not the main thread: signals stay with whoever owns them

@@ -33,6 +33,14 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type for counts where 0 means none (DataLoader workers)."""
+    value = int(text)  # a ValueError is argparse's "invalid non_negative_int value"
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not accepted; accepted: 0 or more")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="fixmatch-bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                       description="Run our FixMatch and TorchSSL's side by side on CIFAR-10 and write the report.",
@@ -64,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile our augmentation and training step (default: own_impl/compile.py's policy: "
                         "on for CUDA, and on the CPU for runs of 1000 steps or more); not part of the run spec")
-    p.add_argument("--torchssl-workers", type=int, default=None,
+    p.add_argument("--torchssl-workers", type=non_negative_int, default=None,
                    help="TorchSSL's DataLoader workers (its unlabelled loader gets 4x; default: its config's 1)")
     add_launcher_flags(p)
     g = p.add_argument_group("overrides of the preset's values")
@@ -88,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     from third_party.torchssl.checkout import CheckoutError  # gitpython only: no TorchSSL, no torch
 
     args = build_parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # a kill checkpoints the running runs, like Ctrl-C
+    # A kill, or a hang-up (closed terminal, dropped ssh), checkpoints the running runs, like Ctrl-C.
+    previous = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return run(args)
     except (ValueError, OSError, CheckoutError, DataError) as e:  # UsageError, SplitError are ValueErrors
@@ -103,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _raise_interrupt(signum, frame):
@@ -119,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
 
         return print_status(out)
     if args.report_only:
+        if not out.is_dir():
+            raise ValueError(f"--out {out} does not exist; --report-only rebuilds the report of an existing "
+                             f"results folder")
         return _report(out)
     from harness.slurm import slurm_options
 

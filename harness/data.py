@@ -4,17 +4,20 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import pickle
 import shutil
+import sys
 import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
 from contract.arrays import ARRAY_NAMES, arrays_sha256
-from harness.env import default_cache_dir
+from harness.env import default_cache_dir, user_path
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_COUNTS = {"train": 5000, "test": 1000}  # images per class
@@ -55,17 +58,17 @@ def load_cifar10(source: str | Path | None, cache_dir: Path | None = None,
     """Resolve, decode (once) and validate CIFAR-10. `source` None means torchvision's folder in the cache.
 
     `counts` is the number of images per class expected in each split (tests pass smaller trees)."""
-    cache_dir = Path(cache_dir or default_cache_dir())
-    path = Path(source if source is not None else cache_dir / "torchvision").expanduser()
+    cache_dir = user_path(cache_dir) if cache_dir else default_cache_dir()
+    # ~ expanded and made absolute once, keeping the names the user gave (a symlink named cifar-10-batches-py)
+    path = Path(os.path.abspath(os.path.expanduser(source))) if source is not None else cache_dir / "torchvision"
     if source is None and not _batches_dir(path).is_dir():  # torchvision's folder is downloaded on first use
         _torchvision_download(path)
     kind, files = _inspect(path)
     source_sha = _sha256_files(files, base=path if path.is_dir() else path.parent)
     entry = cache_dir / "arrays" / f"cifar10-{kind}-{source_sha[:16]}"
-    ident_file = entry / "identity.json"
-    if ident_file.exists() and all((entry / f"{n}.npy").exists() for n in ARRAY_NAMES):
-        meta = json.loads(ident_file.read_text())
-        train_y, test_y = np.load(entry / "train_y.npy"), np.load(entry / "test_y.npy")
+    cached = _read_cached(entry, source_sha, path)
+    if cached is not None:
+        meta, train_y, test_y = cached
     else:
         arrays, classes, kind = _decode(kind, path)
         _validate(arrays, classes, str(path), counts)
@@ -82,6 +85,34 @@ def load_cifar10(source: str | Path | None, cache_dir: Path | None = None,
         train_y, test_y = arrays["train_y"], arrays["test_y"]
     identity = DataIdentity(meta["kind"], meta["source_sha256"], meta["data_sha256"])
     return Dataset(entry, identity, tuple(meta["classes"]), train_y, test_y)
+
+
+def _read_cached(entry: Path, source_sha: str, source: Path) -> tuple[dict, np.ndarray, np.ndarray] | None:
+    """(identity, train_y, test_y) of a whole cache entry; None if there is none, or, after one line saying what is
+    damaged, if it is not whole: identity.json readable and naming this source, the four arrays readable with
+    CIFAR-10's layout, and their pixels' sha256 the one identity.json records (about a second for CIFAR-10)."""
+    if not entry.exists():
+        return None
+    try:
+        meta = json.loads((entry / "identity.json").read_text())
+        if not isinstance(meta, dict) or meta.get("source_sha256") != source_sha:
+            raise ValueError("identity.json does not name this source")
+        missing = [k for k in ("kind", "data_sha256", "classes") if k not in meta]
+        if missing:
+            raise ValueError(f"identity.json lacks {missing}")
+        arrays = {n: np.load(entry / f"{n}.npy", allow_pickle=False) for n in ARRAY_NAMES}
+        for split in ("train", "test"):
+            x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
+            if x.dtype != np.uint8 or x.shape[1:] != (32, 32, 3) or y.ndim != 1 or len(y) != len(x) \
+                    or y.dtype.kind not in "iu":
+                raise ValueError(f"{split} arrays are {x.dtype}{x.shape} and {y.dtype}{y.shape}")
+        if arrays_sha256(arrays) != meta["data_sha256"]:
+            raise ValueError("the arrays' sha256 is not the one identity.json records")
+    except (OSError, ValueError, EOFError) as e:  # json.JSONDecodeError is a ValueError
+        print(f"warning: cached data {entry} is damaged ({type(e).__name__}: {e}); rebuilding it from {source}",
+              file=sys.stderr)
+        return None
+    return meta, arrays["train_y"], arrays["test_y"]
 
 
 def _batches_dir(path: Path) -> Path:
@@ -161,24 +192,75 @@ def _decode_tar(path: Path) -> tuple[dict[str, np.ndarray], tuple[str, ...], str
     return (*_decode_image_tree({n: (lambda b=b: b) for n, b in blobs.items()}, str(path)), "image-folder-tar")
 
 
+class _Refused(Exception):
+    """A pickle asked for something CIFAR-10's batches do not contain."""
+
+
+def _plain_dtype(*args):
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise _Refused("an array of Python objects")
+    return dtype
+
+
+def _latin1_bytes(text: str, encoding: str = "utf-8") -> bytes:
+    """How Python 3 pickles bytes at protocol 2 (_codecs.encode(text, "latin1")); no other codec."""
+    if encoding not in ("latin1", "latin-1"):
+        raise _Refused(f"_codecs.encode with codec {encoding!r}")
+    return text.encode("latin1")
+
+
+# The only globals a CIFAR-10 batch may name: numpy's array and dtype rebuilders under their numpy 1 and 2 module
+# names, at every pickle protocol, and the bytes encoder of protocol 2. Dicts, lists, strings, bytes and numbers
+# need none. Each is looked up from a live object, so the real function whatever numpy calls its module.
+_ALLOWED = MappingProxyType({
+    **{(m, "_reconstruct"): np.ndarray(0).__reduce__()[0] for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{(m, "_frombuffer"): np.ndarray(1).__reduce_ex__(5)[0] for m in ("numpy.core.numeric", "numpy._core.numeric")},
+    **{(m, "scalar"): np.int64(0).__reduce__()[0] for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _plain_dtype, ("_codecs", "encode"): _latin1_bytes,
+})
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles what CIFAR-10's python batches hold, and refuses every other global (a pickle that names os.system
+    or any other callable would run it)."""
+
+    def find_class(self, module: str, name: str):
+        found = _ALLOWED.get((module, name))
+        if found is None:
+            raise _Refused(f"{module}.{name}")
+        return found
+
+
 def _decode_python_batches(files: dict[str, bytes], where: str) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
-    def unpickle(name: str) -> dict:
+    def unpickle(name: str, keys: tuple[str, ...]) -> dict:
         if name not in files:
             raise DataError(f"CIFAR-10 python data in {where} lacks {name}")
         try:
-            return pickle.loads(files[name], encoding="latin1")
+            content = _CifarUnpickler(io.BytesIO(files[name]), encoding="latin1").load()
+        except _Refused as e:
+            raise DataError(f"CIFAR-10 file {name} in {where} is refused: it asks for {e}, which CIFAR-10's batches "
+                            f"do not contain (nothing of it was run); use the original cifar-10-python.tar.gz"
+                            ) from None
         except Exception as e:
             raise DataError(f"CIFAR-10 file {name} in {where} is corrupt ({type(e).__name__}: {e})") from None
+        if not isinstance(content, dict) or any(k not in content for k in keys):
+            raise DataError(f"CIFAR-10 file {name} in {where} is not a CIFAR-10 batch (no {keys} in it)")
+        return content
 
     def stack(names):
-        parts = [unpickle(n) for n in names]
-        x = np.concatenate([np.asarray(p["data"], dtype=np.uint8).reshape(-1, 3, 32, 32) for p in parts])
-        y = np.concatenate([np.asarray(p["labels"], dtype=np.int64) for p in parts])
+        parts = [unpickle(n, ("data", "labels")) for n in names]
+        try:
+            x = np.concatenate([np.asarray(p["data"], dtype=np.uint8).reshape(-1, 3, 32, 32) for p in parts])
+            y = np.concatenate([np.asarray(p["labels"], dtype=np.int64) for p in parts])
+        except (ValueError, TypeError) as e:
+            raise DataError(f"CIFAR-10 batches {', '.join(names)} in {where} hold no 32x32 RGB images "
+                            f"({type(e).__name__}: {e})") from None
         return np.ascontiguousarray(x.transpose(0, 2, 3, 1)), y
 
     train_x, train_y = stack([f"data_batch_{i}" for i in range(1, 6)])
     test_x, test_y = stack(["test_batch"])
-    classes = tuple(unpickle("batches.meta")["label_names"])
+    classes = tuple(unpickle("batches.meta", ("label_names",))["label_names"])
     return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}, classes
 
 

@@ -7,7 +7,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -17,7 +16,9 @@ from pathlib import Path
 from contract.results import LAUNCH_FILE, METRICS_FILE, read_metrics, read_result, write_json_atomic
 from contract.spec import RunFiles, write_spec
 from harness.env import PACKAGE_ROOT, code_version, machine_info
+from harness.lifeline import clean_stale, die_with_parent, scratch_folder, wait_for_release
 from harness.plan import PlannedRun
+from harness.verify import finished
 
 ENTRY = {"own": "own_impl.train", "torchssl": "third_party.torchssl.entry"}
 PROCESS_LOG = "process.log"  # the subprocess's stdout and stderr; each implementation keeps its own log.txt
@@ -50,8 +51,7 @@ class RunContext:
 
 
 def is_done(run: PlannedRun) -> bool:
-    result = read_result(run.run_dir)
-    return result is not None and result.get("spec_hash") == run.spec.hash()
+    return finished(run.run_dir, run.spec.hash())  # a damaged result.json or spec.json is named and set aside
 
 
 def command(run: PlannedRun) -> list[str]:
@@ -84,7 +84,7 @@ def launch(run: PlannedRun, **popen) -> subprocess.Popen:
     log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
     log.flush()
     return subprocess.Popen(cmd, cwd=run.run_dir, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True, **popen)
+                            start_new_session=True, **{"preexec_fn": die_with_parent(), **popen})
 
 
 def log_tail(run: PlannedRun, lines: int = 15) -> str:
@@ -149,7 +149,7 @@ def warmup_estimate(runs: list[PlannedRun], ctx: RunContext, n_test: int, device
         probe_steps = 8
         spec = dataclasses.replace(mine[0].spec, steps=probe_steps, eval_every=probe_steps,
                                    checkpoint_every=probe_steps, log_every=1)
-        with tempfile.TemporaryDirectory(prefix=f"warmup-{impl}-") as tmp:
+        with scratch_folder(warmup_root(runs), f"{impl}-") as tmp:  # removed on every exit, or by the next call
             probe = PlannedRun(spec, Path(tmp) / "run", mine[0].split_file)
             prepare(probe, ctx, device)
             t0 = time.perf_counter()
@@ -182,6 +182,11 @@ def warmup_estimate(runs: list[PlannedRun], ctx: RunContext, n_test: int, device
     return total
 
 
+def warmup_root(runs: list[PlannedRun]) -> Path:
+    """OUT/.warmup: the warm-up probes' scratch folders (plan_runs puts runs in OUT/runs/<name>)."""
+    return runs[0].run_dir.parent.parent / ".warmup"
+
+
 def run_context(data, options: RunOptions, need_torchssl: bool, data_source: str = "") -> RunContext:
     """What spec.json files carry; the TorchSSL checkout is made (or found, verified) here if a run needs it."""
     checkout = None
@@ -203,6 +208,8 @@ def execute(runs: list[PlannedRun], *, data, options: RunOptions, data_source: s
     ctx = run_context(data, options, any(r.spec.impl == "torchssl" for r in todo), data_source)
     for r in done:
         print(f"done already: {r.spec.name}")
+    if runs:
+        clean_stale(warmup_root(runs))  # what a killed call's warm-up left
     if not todo:
         return []
     if options.slurm is not None:  # jobs on a cluster: nothing is timed on this machine
@@ -252,6 +259,7 @@ class LocalScheduler:
                 if not self.queue or self.stopping.is_set():
                     return
                 run = self.queue.popleft()
+            wait_for_release(run.run_dir)  # a killed call's child may still be checkpointing there
             prepare(run, self.ctx, device)
             write_json_atomic(run.run_dir / LAUNCH_FILE, {"launcher": "local"})
             with self.lock:

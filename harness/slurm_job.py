@@ -17,23 +17,22 @@ carries it.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import submitit
 
+from harness.lifeline import die_with_parent
 from harness.runner import PROCESS_LOG, launch, prepare
 from harness.slurm import update_launch
 
 STOPPED = (128 + signal.SIGTERM, -signal.SIGTERM)  # the entry's exit status after SIGTERM (checkpoint written), or
 # its death by SIGTERM before it could install its handler (it resumes from its previous checkpoint)
 CHECKPOINT_WAIT_S = 75  # seconds checkpoint() waits for the entry point: within the 90 s before the time limit
-PR_SET_PDEATHSIG = 1  # prctl option: a signal the child gets when its parent dies
 
 
 def restart_count() -> int:
@@ -41,12 +40,17 @@ def restart_count() -> int:
     return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
 
 
-def _child_setup() -> None:
-    """In the entry point's process, before exec. Slurm signals every process of the job step, and SIGUSR2's
-    default action would kill it: an ignored signal stays ignored across exec. And it gets SIGTERM (and so
-    checkpoints) if this wrapper dies: without cgroups Slurm would lose track of an orphan."""
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def _child_setup(parent_death) -> Callable[[], None]:
+    """The entry point's preexec_fn. Slurm signals every process of the job step, and SIGUSR2's default action
+    would kill it: an ignored signal stays ignored across exec. And it gets SIGTERM (and so checkpoints) if this
+    wrapper dies (`parent_death`: harness.lifeline.die_with_parent()): without cgroups Slurm would lose track of an
+    orphan."""
+    def setup() -> None:
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        if parent_death is not None:
+            parent_death()
+
+    return setup
 
 
 class RunJob(submitit.helpers.Checkpointable):
@@ -63,7 +67,7 @@ class RunJob(submitit.helpers.Checkpointable):
         update_launch(self.run.run_dir, lambda r: _note_start(r, job_id, restarts))
         prepare(self.run, self.ctx, self.device)  # spec.json again, naming the machine the job runs on
         signal.signal(signal.SIGTERM, self._note_term)  # the entry point handles it; remember it came
-        self._proc = launch(self.run, preexec_fn=_child_setup)
+        self._proc = launch(self.run, preexec_fn=_child_setup(die_with_parent()))
         code = self._proc.wait()
         if code == 0:
             return

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import numpy as np
 from contract.arrays import indices_sha256
 from contract.results import write_json_atomic
 from contract.spec import budget_problem
+from harness.verify import set_aside
 
 
 class SplitError(ValueError):
@@ -51,7 +53,12 @@ def ensure_split(out_dir: Path, dataset: str, train_y: np.ndarray, n_labels: int
             old = json.loads(path.read_text())
             old_sha = indices_sha256(old["labeled_indices"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise SplitError(f"split file {path} is unreadable ({e}); move it away to regenerate it") from None
+            # Damaged (cut short, not a split): the split is a function of (data, budget, seed) and every run
+            # spec carries its sha256, so drawing it again loses nothing; the damaged file is kept beside it.
+            kept = set_aside(path)
+            print(f"warning: split file {path} is unreadable ({type(e).__name__}: {e}); kept as {kept.name} and "
+                  f"drawn again", file=sys.stderr)
+            return ensure_split(out_dir, dataset, train_y, n_labels, seed, data_sha256)
         if old_sha != sha or old.get("sha256") != sha:
             raise SplitError(f"split file {path} holds split {old_sha[:12]} but (budget {n_labels}, seed {seed}) on "
                              f"this data gives {sha[:12]}; it is never overwritten: use another --out, or move the "

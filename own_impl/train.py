@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from contract.checkpoints import previous_path, read_with_fallback, save_rotating
 from contract.recorder import RunRecorder, check_belongs, check_finite_weights, check_impl
-from contract.results import finished_result, replace_durably, truncate_metrics, write_result
+from contract.results import finished_result, truncate_metrics, write_result
 from contract.runtime import StopFlag, StoppedAfter, entry_main, make_log, resolve_device
 from contract.spec import RunFiles, RunSpec
 from own_impl.compile import compile_step
@@ -24,7 +25,8 @@ from own_impl.model import WideResNet
 from own_impl.optim import EMA, cosine_lr, param_groups
 from own_impl.recipes import RECIPES
 
-CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FILE = "checkpoint.pt"  # and checkpoint.prev.pt, the one before it
+CHECKPOINT_KEYS = ("spec_hash", "step", "model", "ema", "optimizer", "rng", "train_seconds", "wall_seconds")
 FUSED_SGD_DEVICES = ("cpu", "cuda")  # where torch.optim.SGD(fused=True) exists (CPU since torch 2.4)
 # How this implementation realises the spec whatever the recipe, for the report's side-by-side settings (TorchSSL's
 # entry writes the same keys; third_party/torchssl/README.md explains each difference). The recipe's own rows are
@@ -156,8 +158,8 @@ def start(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device, l
     state = RunState(data, Samplers.seeded(spec.seed, data, RECIPES[spec.recipe].with_replacement),
                      *build(spec, device))
     path = run_dir / CHECKPOINT_FILE
-    if path.exists():
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if path.exists() or previous_path(path).exists():
+        ckpt, path = read_with_fallback(path, read_checkpoint, log)  # the previous one if the latest is damaged
         check_belongs(ckpt["spec_hash"], spec, path)
         state.restore(ckpt)
         log(f"resuming {spec.name} from {path} at step {state.step} of {spec.steps}")
@@ -169,10 +171,18 @@ def start(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device, l
     return state
 
 
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint file's content; raises if the file is not a whole checkpoint of this implementation."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise KeyError(f"no {missing} in it")
+    return ckpt
+
+
 def save_checkpoint(path: Path, ckpt: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    replace_durably(tmp, path)
+    """Atomically and durably; the checkpoint it replaces is kept as checkpoint.prev.pt (contract.checkpoints)."""
+    save_rotating(path, lambda tmp: torch.save(ckpt, tmp))
 
 
 # ---------------------------------------------------------------------------------------------------------------

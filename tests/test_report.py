@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from contract.results import append_metrics, write_json_atomic
+from contract.arrays import indices_sha256
+from contract.results import append_metrics, summarize_evals, write_json_atomic
 from contract.spec import RunFiles, RunSpec, write_spec
 from harness.report import write_report
 from harness.stats import paired, t975
@@ -16,24 +17,31 @@ from conftest import REPO
 ARM = {"own": ("own", "paper"), "own-tssl": ("own", "torchssl"), "torchssl": ("torchssl", "torchssl")}
 
 
-def fake_run(out, who, n, seed, final, best, evals_top1, *, median=None, steps=100, split="s", data="d", sps=2.0,
-             wall=50.0, optimizer_steps=None):
+def fake_run(out, who, n, seed, evals_top1, *, steps=100, split="s", data="d", sps=2.0, wall=50.0,
+             optimizer_steps=None):
+    """A finished run whose files agree (harness/verify.py checks them): evaluations spread evenly over `steps`,
+    ending at the last step; a split file per letter `split`; final, median and best as the evaluations give them
+    (with two evaluations [a, b]: final b, median (a + b) / 2, best max(a, b))."""
     impl, recipe = ARM[who]
+    indices = [ord(split) * 100 + i for i in range(n)]
+    split_file = out / "splits" / f"cifar10-{n}-seed{seed}-{split}.json"
+    split_file.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(split_file, {"labeled_indices": indices, "sha256": indices_sha256(indices)})
     spec = RunSpec(impl=impl, recipe=recipe, n_labels=n, seed=seed, data_kind="image-folder-tar",
-                   data_sha256=data * 64, split_sha256=split * 64, steps=steps, eval_every=10)
+                   data_sha256=data * 64, split_sha256=indices_sha256(indices), steps=steps,
+                   eval_every=steps // len(evals_top1))
     run_dir = out / "runs" / spec.name
-    write_spec(run_dir, spec, RunFiles(data_dir="/d", split_file="/s"))
-    evals = [{"kind": "eval", "step": 10 * (i + 1), "top1": a, "top5": 99.0, "loss": 0.5}
+    write_spec(run_dir, spec, RunFiles(data_dir="/d", split_file=str(split_file)))
+    evals = [{"kind": "eval", "step": spec.eval_every * (i + 1), "top1": a, "top5": 99.0, "loss": 0.5}
              for i, a in enumerate(evals_top1)]
     for e in evals:
-        append_metrics(run_dir, e)
         append_metrics(run_dir, {"kind": "train", "step": e["step"], "mask_rate": 0.5, "pseudo_acc": 0.9})
+        append_metrics(run_dir, e)
     write_json_atomic(run_dir / "result.json", {
         "algorithm": "fixmatch", "impl": impl, "recipe": recipe, "n_labels": n, "seed": seed, "steps": steps,
         "optimizer_steps": steps if optimizer_steps is None else optimizer_steps, "resumed_at": [],
-        "spec_hash": spec.hash(), "final_top1": final, "best_top1": best,
-        "median20_top1": final if median is None else median, "median_window": len(evals), "final_top5": 99.0,
-        "final_loss": 0.5, "split_sha256": split * 64, "data_sha256": data * 64, "data_kind": "image-folder-tar",
+        "spec_hash": spec.hash(), **summarize_evals(evals),
+        "split_sha256": spec.split_sha256, "data_sha256": data * 64, "data_kind": "image-folder-tar",
         "param_count": 1, "wall_seconds": wall, "steps_per_second": sps, "device": "cpu", "torch_version": "x",
         "code_version": "c", "evals": evals})
     return run_dir
@@ -45,10 +53,10 @@ def row(text, n, name):
 
 def test_table_mean_std_over_seeds_worked_by_hand(tmp_path):
     # ours, 40 labels: final 50 and 60 -> mean 55, sample std sqrt(((5)^2 + (5)^2) / 1) = 7.07
-    fake_run(tmp_path, "own", 40, 0, 50.0, 52.0, [40.0, 50.0], split="a")
-    fake_run(tmp_path, "own", 40, 1, 60.0, 61.0, [45.0, 60.0], split="b")
-    fake_run(tmp_path, "torchssl", 40, 0, 40.0, 41.0, [30.0, 40.0], split="a", sps=1.0, wall=100.0)
-    fake_run(tmp_path, "torchssl", 40, 1, 44.0, 47.0, [30.0, 44.0], split="b", sps=1.0, wall=100.0)
+    fake_run(tmp_path, "own", 40, 0, [52.0, 50.0], split="a")
+    fake_run(tmp_path, "own", 40, 1, [61.0, 60.0], split="b")
+    fake_run(tmp_path, "torchssl", 40, 0, [41.0, 40.0], split="a", sps=1.0, wall=100.0)
+    fake_run(tmp_path, "torchssl", 40, 1, [47.0, 44.0], split="b", sps=1.0, wall=100.0)
     text = write_report(tmp_path).read_text()
     ours = row(text, 40, "ours (paper recipe)")
     assert "| 0, 1 | 55.00 ± 7.07 (n=2) |" in ours and "| 56.50 ± 6.36 (n=2) |" in ours  # best: 52, 61
@@ -58,16 +66,16 @@ def test_table_mean_std_over_seeds_worked_by_hand(tmp_path):
     assert "MISMATCH" not in text and "Unpaired" not in text
     assert "chosen on the test set" in text and "median of the last 20 evaluations" in text
     # fewer than 20 evaluations: the heading says how many the median really covers, and how often
-    assert "| median of last 2 evaluations (every 10 steps) (%) |" in text
+    assert "| median of last 2 evaluations (every 50 steps) (%) |" in text
     assert (tmp_path / "figures" / "curves-40.png").stat().st_size > 10_000
     assert (tmp_path / "figures" / "throughput.png").exists()
     assert "![40 labels" in text
 
 
 def test_only_common_seeds_are_compared_and_the_rest_is_listed_as_unpaired(tmp_path):
-    fake_run(tmp_path, "own", 40, 0, 50.0, 50.0, [50.0], split="a")
-    fake_run(tmp_path, "own", 40, 1, 90.0, 90.0, [90.0], split="b")  # TorchSSL lacks seed 1
-    fake_run(tmp_path, "torchssl", 40, 0, 40.0, 40.0, [40.0], split="a")
+    fake_run(tmp_path, "own", 40, 0, [50.0], split="a")
+    fake_run(tmp_path, "own", 40, 1, [90.0], split="b")  # TorchSSL lacks seed 1
+    fake_run(tmp_path, "torchssl", 40, 0, [40.0], split="a")
     text = write_report(tmp_path).read_text()
     assert "| 0 | 50.00 (n=1) |" in row(text, 40, "ours (paper recipe)")  # not the mean of 50 and 90
     assert "| 0 | 40.00 (n=1) |" in row(text, 40, "TorchSSL")
@@ -80,10 +88,11 @@ def test_paired_differences_and_intervals_worked_by_hand(tmp_path):
     # implementation check, final: diffs 1, 2, 3 -> mean 2, std 1, half-width t(0.975, 2) * 1 / sqrt(3)
     # = 4.3027 / 1.7321 = 2.4842 -> [-0.48, +4.48]: contains 0
     # median: diffs 2, 2.5, 3 -> mean 2.5, std 0.5, half-width 1.2421 -> [+1.26, +3.74]: excludes 0
-    for seed, (ours, theirs, m_ours, m_theirs) in enumerate([(51, 50, 52, 50), (62, 60, 62.5, 60), (73, 70, 73, 70)]):
-        split = "abc"[seed]
-        fake_run(tmp_path, "own-tssl", 250, seed, ours, ours, [ours], median=m_ours, split=split)
-        fake_run(tmp_path, "torchssl", 250, seed, theirs, theirs, [theirs], median=m_theirs, split=split)
+    # two evaluations [a, final] each: median (a + final) / 2, so a = 2 median - final
+    for seed, (ours, theirs) in enumerate([([53.0, 51.0], [50.0, 50.0]), ([63.0, 62.0], [60.0, 60.0]),
+                                           ([73.0, 73.0], [70.0, 70.0])]):
+        fake_run(tmp_path, "own-tssl", 250, seed, ours, split="abc"[seed])
+        fake_run(tmp_path, "torchssl", 250, seed, theirs, split="abc"[seed])
     text = write_report(tmp_path).read_text()
     section = text.split("### Implementation check")[1].split("###")[0]
     final = row(section, 250, "final")
@@ -103,24 +112,32 @@ def test_student_t_quantiles():
 
 
 def test_mismatched_split_is_loud_and_excluded(tmp_path):
-    fake_run(tmp_path, "own", 250, 0, 80.0, 81.0, [80.0], split="a")
-    fake_run(tmp_path, "torchssl", 250, 0, 70.0, 71.0, [70.0], split="z")  # another split: not comparable
-    fake_run(tmp_path, "own", 250, 1, 90.0, 91.0, [90.0], split="b")
-    fake_run(tmp_path, "torchssl", 250, 1, 85.0, 86.0, [85.0], split="b")
+    fake_run(tmp_path, "own", 250, 0, [81.0], split="a")
+    fake_run(tmp_path, "torchssl", 250, 0, [71.0], split="z")  # another split: not comparable
+    fake_run(tmp_path, "own", 250, 1, [90.0], split="b")
+    fake_run(tmp_path, "torchssl", 250, 1, [85.0], split="b")
     text = write_report(tmp_path).read_text()
     assert "MISMATCHED RUNS" in text and "250 labels, seed 0: the runs differ in split_sha256" in text
     assert "| 1 | 90.00 (n=1) |" in row(text, 250, "ours (paper recipe)")  # seed 0 left out
 
 
-@pytest.mark.parametrize("field, value", [("steps", 101), ("optimizer_steps", 99)])
-def test_step_mismatch_is_detected(tmp_path, field, value):
-    fake_run(tmp_path, "own", 40, 0, 50.0, 50.0, [50.0], steps=100)
-    run = fake_run(tmp_path, "torchssl", 40, 0, 50.0, 50.0, [50.0], steps=100)
+def test_a_result_that_disagrees_with_its_spec_is_flagged_and_left_out(tmp_path):
+    fake_run(tmp_path, "own", 40, 0, [50.0], steps=100)
+    run = fake_run(tmp_path, "torchssl", 40, 0, [50.0], steps=100)
     res = json.loads((run / "result.json").read_text())
-    res[field] = value  # e.g. one more loop step, or a gradient scaler that skipped an update
+    res["steps"] = 101  # TorchSSL's loop runs one step too many unless stopped
     write_json_atomic(run / "result.json", res)
     text = write_report(tmp_path).read_text()
-    assert f"differ in {field}" in text
+    assert "RUN(S) WHOSE FILES DO NOT CHECK OUT" in text
+    assert f"{run / 'result.json'}: steps 101 is not spec.json's 100" in text
+    assert "| 40 | TorchSSL |" not in text  # excluded from the table
+
+
+def test_applied_optimizer_steps_that_differ_exclude_the_seed(tmp_path):
+    fake_run(tmp_path, "own", 40, 0, [50.0], steps=100)
+    fake_run(tmp_path, "torchssl", 40, 0, [50.0], steps=100, optimizer_steps=99)  # a scaler skipped an update
+    text = write_report(tmp_path).read_text()
+    assert "40 labels, seed 0: the runs differ in optimizer_steps" in text
 
 
 def test_empty_results_folder(tmp_path):
@@ -130,7 +147,7 @@ def test_empty_results_folder(tmp_path):
 @pytest.mark.parametrize("who", [("own",), ("own", "torchssl")])
 def test_report_only_cli(tmp_path, who):
     for w in who:
-        fake_run(tmp_path, w, 4000, 0, 93.0, 94.0, [90.0, 93.0])
+        fake_run(tmp_path, w, 4000, 0, [94.0, 93.0])
     r = subprocess.run([sys.executable, "run_all.py", "--report-only", "--out", str(tmp_path)], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -26,6 +26,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from contract.arrays import load_run_inputs
+from contract.checkpoints import previous_path, restore_readable
 from contract.recorder import RunRecorder, check_belongs, check_impl
 from contract.results import finished_result, read_evals, read_json, truncate_metrics, write_json_atomic, write_result
 from contract.runtime import StopFlag, StoppedAfter, entry_main, make_log, resolve_device
@@ -34,7 +35,7 @@ from third_party.torchssl import patches
 from third_party.torchssl.checkout import COMMIT, URL, CheckoutError, problems, verify_checkout
 
 SAVE_NAME = "torchssl"  # TorchSSL's save folder: RUN/torchssl
-CHECKPOINT = "latest_model.pth"  # TorchSSL's name; its load_model resumes from it
+CHECKPOINT = patches.RESUME_FILE  # TorchSSL's latest_model.pth; its load_model resumes from it
 PROGRESS = "progress.json"  # beside the checkpoint: the step it holds and the seconds spent so far
 TORCHSSL_NUM_WORKERS = 1  # fixmatch.py's default: 1 worker for labelled and eval batches, 4 for unlabelled ones
 
@@ -259,7 +260,7 @@ def main_worker(tssl, args, spec: RunSpec, device, inputs, save_path: Path, log,
 
     arrays, split, eval_idx = inputs
     ckpt_path = save_path / CHECKPOINT
-    if ckpt_path.exists():
+    if ckpt_path.exists() or previous_path(ckpt_path).exists():
         args.resume, args.load_path = True, str(ckpt_path)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -300,6 +301,7 @@ def main_worker(tssl, args, spec: RunSpec, device, inputs, save_path: Path, log,
     model.set_data_loader(loaders)
     start_step, prior = 0, {}
     if args.resume:
+        restore_readable(ckpt_path, read_checkpoint, log)  # a damaged latest: the previous one put in its place
         model.load_model(args.load_path)
         start_step = model.it
         prior = _read_progress(save_path, spec, start_step, log)
@@ -348,6 +350,17 @@ def observe_and_bound(tssl, w: SimpleNamespace, hooks: Hooks, remaining: int, ap
     patches.observe_losses(tssl.fixmatch, hooks.sup_loss, hooks.unsup_loss)
     if "amp_bf16" in applied:
         patches.amp_bf16(tssl.fixmatch, device.type)
+
+
+def read_checkpoint(path: Path) -> dict:
+    """TorchSSL's checkpoint file, as its load_model will read it; raises if it is not a whole one."""
+    import torch
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    missing = [k for k in ("model", "ema_model", "optimizer", "scheduler", "it") if k not in ckpt]
+    if missing:
+        raise KeyError(f"no {missing} in it")
+    return ckpt
 
 
 def _read_progress(save_path: Path, spec: RunSpec, step: int, log) -> dict:

@@ -15,8 +15,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from contract.checkpoints import rotate_in
 from contract.results import replace_durably
 from contract.runtime import NonFiniteLoss
+
+RESUME_FILE = "latest_model.pth"  # the save TorchSSL's load_model resumes from: its previous version is kept too
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,9 @@ PATCHES: tuple[Patch, ...] = (
           "here) and the mean loss into metrics.jsonl, at the spec's evaluation steps only."),
     Patch("atomic_checkpoint", "FixMatch.save_model (subclass)", "always",
           "TorchSSL's save_model writes to a temporary name that is then renamed, so a kill during a save leaves "
-          "the previous latest_model.pth intact. Its content is TorchSSL's own; progress.json beside it keeps "
+          "the previous latest_model.pth intact; the one it replaces is kept as latest_model.prev.pth, which "
+          "entry.py puts in its place before TorchSSL's load_model reads it if the latest cannot be read. Its "
+          "content is TorchSSL's own; progress.json beside it keeps "
           "the step and seconds so far for resumes. main_worker's final save after train() (which stores "
           "it = steps + 1) is replaced by the end-of-step save at the last step. A save of non-finite weights "
           "(TorchSSL's own save every 10,000 steps runs before our loss check) is refused, keeping the last good "
@@ -292,7 +297,9 @@ def bench_fixmatch_class(FixMatch):
                 t0 = time.perf_counter()
                 tmp = save_name + ".tmp"
                 super().save_model(tmp, save_path)
-                replace_durably(Path(save_path) / tmp, Path(save_path) / save_name)
+                # latest_model.pth: the one it replaces stays as latest_model.prev.pth, read if the latest is damaged
+                keep = rotate_in if save_name == RESUME_FILE else replace_durably
+                keep(Path(save_path) / tmp, Path(save_path) / save_name)
                 # save_model stores it = self.it + 1: the steps done when called inside the loop, as it is here
                 self.hooks.saved(save_name, self.it + 1, time.perf_counter() - t0)
 
