@@ -151,11 +151,13 @@ def make_plan(*, budgets, seeds, impls, preset: str, overrides: dict, out_dir: P
     devices: where runs execute when that is decided elsewhere (a Slurm job's, resolved on its node); None: here,
     from device and gpus."""
     from harness.data import describe_pixels, load_cifar10
+    from harness.env import user_path
     from harness.splits import ensure_split
 
     values = preset_values(preset, overrides)
     check_request(budgets, seeds, impls, values, recipes)
     devices = devices or resolve_devices(device, gpus)
+    data = str(user_path(data)) if data else None  # ~ expanded and absolute, once
     dataset = load_cifar10(data, cache_dir=cache_dir)
     plan = Plan(preset, devices, dataset, cache_dir,
                 f"{dataset.identity.describe()}: {describe_pixels(dataset.identity.kind, data)}")

@@ -319,7 +319,7 @@ def test_a_corrupt_result_and_spec_are_named_and_the_other_runs_go_on(shared_arc
             str(out)]
     r = run_all(*args, "--seeds", "0", "1")
     assert r.returncode == 0, r.stderr[-3000:]
-    run0, run1 = (next((out / "runs").glob(f"cifar10-40-seed{s}-own-*")) for s in (0, 1))
+    run0, run1 = (next((out / "runs").glob(f"cifar10-*-40-seed{s}-own-*")) for s in (0, 1))
     before = json.loads((run0 / "result.json").read_text())
     (run0 / "result.json").write_text('{"impl": "own", "final_top1": 1')  # cut short
     (run1 / "spec.json").write_text("not json")
@@ -339,7 +339,7 @@ def test_a_corrupt_result_and_spec_are_named_and_the_other_runs_go_on(shared_arc
     assert after["evals"] == before["evals"] and after["steps"] == 2
     assert (run0 / "result.json.damaged").read_text().startswith('{"impl"') and (run1 / "spec.json.damaged").exists()
     assert json.loads((run1 / "spec.json").read_text())["spec"]["seed"] == 1
-    assert json.loads(next((out / "runs").glob("cifar10-40-seed2-own-*/result.json")).read_text())["steps"] == 2
+    assert json.loads(next((out / "runs").glob("cifar10-*-40-seed2-own-*/result.json")).read_text())["steps"] == 2
     assert "DO NOT CHECK OUT" not in (out / "RESULTS.md").read_text()
 
 
@@ -355,7 +355,7 @@ def test_an_edited_result_is_flagged_and_excluded(make_run_dir, tmp_path):
     spec, files = read_spec(run_dir / "spec.json")
     train(spec, files, run_dir, torch.device("cpu"))
     assert load_run(run_dir)["problems"] == []
-    assert f"| `{run_dir.name}` | own |" in write_report(tmp_path).read_text()
+    assert f"| `{run_dir.name}` | 40 | 0 |" in write_report(tmp_path).read_text()
 
     honest = (run_dir / "result.json").read_text()
     result = json.loads(honest)

@@ -295,7 +295,7 @@ def test_bad_options_are_one_line_before_any_job(slurm_cluster, shared_archive, 
         "--allow-local-out" in line
     assert not under_tmp.exists()
     line = one_line_error(run_all(*base, *out, "--sbatch", "constraint=nosuchfeature"))  # refused by sbatch itself
-    assert line.startswith("error: sbatch refused the job of cifar10-40-seed0-own-") and "feature" in line.lower()
+    assert line.startswith("error: sbatch refused the job of cifar10-fixmatch-40-seed0-own-") and "feature" in line.lower()
     line = one_line_error(run_all(*base, *out, "--time", "2"))
     assert line.startswith("error: --time 2 is too short")
 
