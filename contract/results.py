@@ -16,6 +16,7 @@ RESULT_KEYS = (
     "final_top1", "best_top1", "median20_top1", "final_top5", "final_loss",
     "split_sha256", "data_sha256", "data_kind", "param_count",
     "wall_seconds", "steps_per_second", "device", "torch_version", "code_version", "evals",
+    "tf32_conv", "tf32_matmul",  # TF32 allowed for float32 convolutions, matmuls on CUDA (contract/precision.py)
 )
 
 
@@ -129,6 +130,8 @@ def write_result(run_dir: Path, spec, files, log, *, steps: int, data_sha256: st
     plus its own `impl_keys`); validate it, write it atomically, log the closing line. Returns the result."""
     import torch
 
+    from contract.precision import precision_record
+
     evals = read_evals(run_dir)
     result = {
         "impl": spec.impl, "n_labels": spec.n_labels, "seed": spec.seed, "steps": steps, "spec_hash": spec.hash(),
@@ -141,7 +144,7 @@ def write_result(run_dir: Path, spec, files, log, *, steps: int, data_sha256: st
         "device": device, "device_name": files.machine,
         "torch_version": torch.__version__, "code_version": files.code_version,
         "precision": spec.precision, "channels_last": spec.channels_last, "eval_images": eval_images,
-        "evals": evals, **impl_keys,
+        "evals": evals, **precision_record(), **impl_keys,
     }
     validate_result(result)
     write_json_atomic(Path(run_dir) / RESULT_FILE, result)

@@ -12,7 +12,7 @@ from typing import Any
 from contract.results import read_json, write_json_atomic
 
 IMPLS = ("own", "torchssl")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "tf32", "bf16")  # what each means on CUDA: contract/precision.py
 SPEC_FILE = "spec.json"
 # The fields that place a run in a study (what it is run on); every other field is a setting a preset gives.
 IDENTITY_FIELDS = ("impl", "n_labels", "seed", "data_kind", "data_sha256", "split_sha256", "dataset",
@@ -45,7 +45,7 @@ class RunSpec:
     ema_decay: float = 0.999
     depth: int = 28  # WideResNet depth
     widen_factor: int = 2
-    precision: str = "fp32"  # "fp32" | "bf16" (autocast)
+    precision: str = "fp32"  # "fp32" (full fp32) | "tf32" (TF32 on CUDA) | "bf16" (autocast)
     channels_last: bool = False
     eval_subset: int = 0  # 0: the whole test set; n: a fixed class-balanced subset of n test images
     eval_batch_size: int = 256

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from contract.precision import apply_precision
 from contract.recorder import RunRecorder, check_belongs, check_finite_weights, check_impl
 from contract.results import finished_result, replace_durably, truncate_metrics, write_result
 from contract.runtime import StopFlag, StoppedAfter, entry_main, make_log, resolve_device
@@ -38,7 +39,8 @@ IMPL_SETTINGS = {
     "evaluated_model": "EMA parameters with the live model's BatchNorm statistics",
     "wrn_first_block_of_groups_2_3": "conv1 sees leaky_relu(bn1(x)), as the official code",
     "conv_bias_init": "zero, as the official code",
-    "resume": "bit-exact: every RNG state and the sampler positions are restored",
+    "resume": "every RNG state and the sampler positions are restored: bit-exact on the CPU; on CUDA equal "
+              "within float tolerance (cuDNN's autotuned algorithms and atomic adds may differ between processes)",
     "headline_statistic_upstream": "median of the last 20 evaluations (the paper's)",
     "data_pipeline": "uint8 data set on the device, batched tensor augmentation, no DataLoader",
 }
@@ -138,20 +140,39 @@ class RunState:
         self.ema.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])
-        device = self.data.train_x.device
-        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        restore_cuda_rng(ckpt["rng"]["cuda"], self.data.train_x.device)
         self.samplers.load_state_dict(ckpt["rng"])
         self.step = ckpt["step"]
         self.prior_train_s, self.prior_wall_s = ckpt["train_seconds"], ckpt["wall_seconds"]
         self.prior_compile_s = ckpt.get("compile_seconds", 0.0)
 
 
-def start(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device, log) -> RunState:
-    """The run's state: freshly seeded and initialized, or restored from the run folder's checkpoint."""
+def restore_cuda_rng(saved, device: torch.device) -> None:
+    """Put back the global generator of the run's GPU from a checkpoint's rng["cuda"]: one state (the run's own
+    GPU), or a list of every visible GPU's (checkpoints of earlier versions: the entry at the run's GPU index, none
+    if the list is shorter), so that a checkpoint resumes with any number of GPUs visible. Nothing in a step draws
+    from this generator (the augmentation has its own, in the samplers); it is kept for completeness."""
+    if device.type != "cuda" or saved is None:
+        return
+    if isinstance(saved, (list, tuple)):
+        if device.index >= len(saved):
+            return
+        saved = saved[device.index]
+    torch.cuda.set_rng_state(saved, device)
+
+
+def use_device(spec: RunSpec, device: torch.device) -> None:
+    """This process's settings for the run's device: TF32 or full fp32 as the spec's precision says; on CUDA, the
+    current device (an indexed one: set_device refuses a bare "cuda") and cuDNN's autotuning."""
+    apply_precision(spec.precision)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # events, pinned memory and the default stream belong to this run's GPU
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest conv algorithms
+
+
+def start(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device, log) -> RunState:
+    """The run's state: freshly seeded and initialized, or restored from the run folder's checkpoint."""
+    use_device(spec, device)
     torch.manual_seed(spec.seed)  # the one global seeding: model initialization
     data = load_device_data(spec, files, device)
     state = RunState(data, Samplers.seeded(spec.seed, data), *build(spec, device))
