@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from contract.precision import apply_precision
 from contract.recorder import RunRecorder, check_belongs, check_finite_weights, check_impl
 from contract.results import finished_result, replace_durably, truncate_metrics, write_result
 from contract.runtime import StopFlag, StoppedAfter, entry_main, make_log, resolve_device
 from contract.spec import RunFiles, RunSpec
 from own_impl.compile import compile_step
 from own_impl.data import DeviceData, Samplers, load_device_data, make_batch, normalize
+from own_impl.device import restore_cuda_rng, use_device
 from own_impl.loss import fixmatch_loss
 from own_impl.model import WideResNet
 from own_impl.optim import EMA, cosine_lr, param_groups
@@ -145,29 +145,6 @@ class RunState:
         self.step = ckpt["step"]
         self.prior_train_s, self.prior_wall_s = ckpt["train_seconds"], ckpt["wall_seconds"]
         self.prior_compile_s = ckpt.get("compile_seconds", 0.0)
-
-
-def restore_cuda_rng(saved, device: torch.device) -> None:
-    """Put back the global generator of the run's GPU from a checkpoint's rng["cuda"]: one state (the run's own
-    GPU), or a list of every visible GPU's (checkpoints of earlier versions: the entry at the run's GPU index, none
-    if the list is shorter), so that a checkpoint resumes with any number of GPUs visible. Nothing in a step draws
-    from this generator (the augmentation has its own, in the samplers); it is kept for completeness."""
-    if device.type != "cuda" or saved is None:
-        return
-    if isinstance(saved, (list, tuple)):
-        if device.index >= len(saved):
-            return
-        saved = saved[device.index]
-    torch.cuda.set_rng_state(saved, device)
-
-
-def use_device(spec: RunSpec, device: torch.device) -> None:
-    """This process's settings for the run's device: TF32 or full fp32 as the spec's precision says; on CUDA, the
-    current device (an indexed one: set_device refuses a bare "cuda") and cuDNN's autotuning."""
-    apply_precision(spec.precision)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # events, pinned memory and the default stream belong to this run's GPU
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest conv algorithms
 
 
 def start(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device, log) -> RunState:

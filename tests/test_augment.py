@@ -5,7 +5,8 @@ Tolerance: every op is held to EXACT equality with PIL, geometric ones included.
 (grid_sample, or any float formula for source coordinates) could not promise that: a nearest-neighbour source is the
 floor of a coordinate, and coordinates of pixel centres land on integers for many angles and shears, where the last
 bit of float arithmetic decides the pixel. augment.py instead reproduces PIL's own arithmetic (16.16 fixed point for
-rotations and shears, a float64 floor for translations, integer histograms and float32 blends), so the only source
+rotations and shears, a float64 floor for translations, integer histograms, and the float64 AutoContrast table and
+float32 blends emulated in integers, so that no compiler's fused multiply-add changes them), so the only source
 of disagreement left is a coordinate within ~1e-11 of a rounding tie in the fixed-point coefficients, which no
 magnitude used here comes near. Equality was measured on 6,000 real images x 14 ops before being required here.
 """

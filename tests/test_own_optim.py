@@ -101,7 +101,7 @@ def test_ema_buffer_copy_launches_few_kernels_on_cuda():
     """On CUDA the grouped copy is a few multi-tensor kernels; the mixed list would be one kernel per buffer."""
     from torch.profiler import ProfilerActivity, profile
 
-    live = WideResNet(num_classes=10).cuda()
+    live = WideResNet(num_classes=10).to("cuda")
     ema = EMA(live, decay=0.999)
 
     def kernels(copy) -> int:

@@ -13,6 +13,7 @@ import torch
 from contract.results import RESULT_KEYS, read_metrics
 from contract.runtime import NonFiniteLoss
 from contract.spec import read_spec
+from own_impl import device as device_mod
 from own_impl import train as train_mod
 
 from conftest import REPO, copy_run, run_module
@@ -164,7 +165,7 @@ class StopBeforeData(Exception):
     """Raised in place of loading the data, once the device has been set up."""
 
 
-@pytest.mark.parametrize("asked", ["cuda", torch.device("cuda"), "cuda:1"])
+@pytest.mark.parametrize("asked", ["cuda", torch.device("cuda"), "cuda:1"], ids=["name", "device", "indexed"])
 def test_a_bare_cuda_device_reaches_set_device_with_its_index(make_run_dir, monkeypatch, asked):
     """`cuda` without an index (as the CUDA tests pass it) becomes the current device's index before
     torch.cuda.set_device, which refuses an index-less device. CUDA itself is stood in for, so this runs anywhere."""
@@ -198,11 +199,11 @@ def test_cuda_rng_state_of_one_or_every_gpu_is_restored_for_the_runs_gpu(monkeyp
     restored = []
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((int(state[0]), device)))
     cuda = lambda i: torch.device("cuda", i)  # noqa: E731
-    train_mod.restore_cuda_rng(states, cuda(1))     # the list: the entry of the run's GPU
-    train_mod.restore_cuda_rng(states, cuda(5))     # a GPU the list has no entry for: nothing to restore
-    train_mod.restore_cuda_rng(states[2], cuda(0))  # one state: the run's own, whatever its index was
-    train_mod.restore_cuda_rng(None, cuda(0))       # a CPU run's checkpoint
-    train_mod.restore_cuda_rng(states, CPU)         # resumed on the CPU
+    device_mod.restore_cuda_rng(states, cuda(1))     # the list: the entry of the run's GPU
+    device_mod.restore_cuda_rng(states, cuda(5))     # a GPU the list has no entry for: nothing to restore
+    device_mod.restore_cuda_rng(states[2], cuda(0))  # one state: the run's own, whatever its index was
+    device_mod.restore_cuda_rng(None, cuda(0))       # a CPU run's checkpoint
+    device_mod.restore_cuda_rng(states, CPU)         # resumed on the CPU
     assert restored == [(1, cuda(1)), (2, cuda(0))]
 
 

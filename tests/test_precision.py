@@ -35,8 +35,8 @@ def test_fp32_is_full_fp32_on_cuda_and_tf32_is_not(tf32_switches):
     errors = {}
     for precision in ("fp32", "tf32"):
         apply_precision(precision)
-        conv = torch.nn.functional.conv2d(x.cuda(), w.cuda(), padding=1).cpu().double()
-        mm = (a.cuda() @ b.cuda()).cpu().double()
+        conv = torch.nn.functional.conv2d(x.to("cuda"), w.to("cuda"), padding=1).cpu().double()
+        mm = (a.to("cuda") @ b.to("cuda")).cpu().double()
         # norm-wise: TF32 rounds each factor to 11 bits, about 7e-4 relative over such sums; fp32, about 1e-7
         errors[precision] = [float((got - ref).norm() / ref.norm()) for got, ref in ((conv, conv_ref), (mm, mm_ref))]
     print(f"max relative error against float64 (conv, matmul): fp32 {errors['fp32']}, tf32 {errors['tf32']}")
