@@ -247,7 +247,8 @@ def summary(device: str, out: Path, lines: list[str], stages: list[str], results
     rows = [(i + 1, ln.strip()) for i, ln in enumerate(lines) if re.match(r"(own|torchssl-w\d+) +\d", ln)]
     md.append("- TorchSSL's loader as shipped and with as many loader processes as cores, beside ours (steps/s, "
               "data wait, loader processes): " + ("; ".join(cite(r) for r in rows) if rows else cite(None)))
-    md.append("- compile time of our step and augmentation, cold in the configurations stage: "
+    md.append("- compile time of our step and augmentation, first in the configurations stage (cold unless the "
+              "inductor cache already held them): "
               + cite(find_line(lines, r"-compile .* compile \d")) + "; again in the throughput stage (from the "
               "inductor cache if the configurations stage finished): " + cite(find_line(lines, r"^own .* compiled in"))
               + "; the slowest compiling test: "
