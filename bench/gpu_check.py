@@ -1,26 +1,34 @@
-"""What only a GPU can confirm, checked in one prepared run: the environment, the CUDA-only tests, our step eager
-against compiled, both implementations' throughput side by side, and a short side-by-side accuracy run; everything
-it learns goes to --out.
+"""What only a GPU can confirm, checked in one prepared run, most valuable first: the environment; the CUDA-only tests
+(TF32 as the precision says, float32 logits under bf16, the EMA's grouped buffer copy, the augmentation's pixels
+eager and compiled, compiled steps, a compiled run resumed); our step eager against compiled, with its compile time;
+both implementations' throughput side by side, TorchSSL's loader as shipped and with as many loader processes as
+cores; a short side-by-side accuracy run. Everything it learns goes to --out, and summary.md says which line of
+session.log confirms each point.
 
     python bench/gpu_check.py --device cuda --out OUT --data PATH/cifar10-jpeg.tar.gz
     python bench/gpu_check.py --device cpu --out /tmp/gpu-check --data PATH/cifar10-jpeg.tar.gz   # the same, tiny
 
-It needs a verified TorchSSL checkout in the cache folder ($FIXMATCH_BENCH_CACHE) or a source to clone it from
-(--torchssl-source); without one it measures ours alone. Each stage has its own time limit and process group; a
-stage that fails or runs out of time is recorded and the next one still runs. --device cpu shrinks every stage to
-a few steps of tiny batches, so that the whole script can be checked on any machine before a GPU is spent on it.
-It writes at most 8 files: env.txt, own-configs.json, throughput.json, accuracy.json, RESULTS.md, curves-4000.png,
-session.log, summary.md.
+Each stage runs in its own process group with its own time limit, never past --time-limit; a stage that fails or
+runs out of time is recorded, the next one still runs, and each prints the seconds it used. All stages share one
+inductor cache folder (--inductor-cache), so a graph compiled once (the tests compile theirs again after
+torch.compiler.reset(); our step is compiled by the configurations stage, then by the throughput and accuracy runs)
+is loaded from disk afterwards. TorchSSL needs git, gitpython and a verified checkout in the cache folder
+($FIXMATCH_BENCH_CACHE) or a source to clone it from (--torchssl-source); without them the script measures ours
+alone. --device cpu shrinks every stage to a few steps of tiny batches through WRN-10-1 (the CUDA tests skip), so
+that the whole script can be checked on any machine before a GPU is spent on it. It writes at most 8 files: env.txt,
+own-configs.json, throughput.json, accuracy.json, RESULTS.md, curves-4000.png, session.log, summary.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,40 +36,95 @@ import common
 from harness.runner import child_env  # contract and harness only: no torch in this process
 
 REPO = common.REPO
+PYTEST = [sys.executable, "-m", "pytest", "-v", "-rA", "-p", "no:cacheprovider", "--durations=0"]
+# The CUDA-only tests, by what they confirm; without compiling first (seconds), then those that compile (minutes).
+QUICK_TESTS = (
+    "tests/test_precision.py::test_fp32_is_full_fp32_on_cuda_and_tf32_is_not",
+    "tests/test_own_model.py::test_logits_are_float32_under_bf16_autocast[cuda]",
+    "tests/test_own_optim.py::test_ema_buffer_copy_launches_few_kernels_on_cuda",
+    "tests/test_own_optim.py::test_ema_copies_buffers_in_groups_of_one_dtype[cuda]",
+    "tests/test_augment.py::test_cuda_matches_cpu",
+)
+COMPILE_TESTS = (
+    "tests/test_augment.py::test_compiled_augmentation_changes_no_pixel[cuda]",
+    "tests/test_own_compile.py::test_compiled_batches_are_the_eager_batches[False-cuda]",
+    "tests/test_own_compile.py::test_compiled_batches_are_the_eager_batches[True-cuda]",
+    "tests/test_own_compile.py::test_compiled_run_resumes_like_a_straight_run[cuda]",
+    "tests/test_own_compile.py::test_compiled_steps_match_a_float64_reference[False-cuda]",
+    "tests/test_own_compile.py::test_compiled_steps_match_a_float64_reference[True-cuda]",
+)
+# What only a GPU can confirm, and the tests whose outcome lines in session.log confirm it.
+TEST_CLAIMS = (
+    ("compiled augmentation: the eager pixels on CUDA, no fused multiply-add drift (and eager CUDA = CPU)",
+     COMPILE_TESTS[:3] + ("tests/test_augment.py::test_cuda_matches_cpu",)),
+    ("bf16: float32 logits from the float32 classifier", QUICK_TESTS[1:2]),
+    ("TF32: fp32 is full fp32 on CUDA, tf32 is TF32 (errors against float64 printed)", QUICK_TESTS[:1]),
+    ("resume on CUDA: equal to a straight run within 1e-4 (largest difference printed); a bare `cuda` device "
+     "accepted", COMPILE_TESTS[3:4]),
+    ("EMA: buffers copied in dtype groups, a few multi-tensor kernels (kernel counts printed)", QUICK_TESTS[2:4]),
+    ("compiled steps on CUDA: float64's results within 1e-5, TF32 off", COMPILE_TESTS[4:]),
+)
+ENV_SCRIPT = """
+import importlib.util, os, platform, sys, torch
+print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', torch.version.cuda,
+      '| cuDNN', torch.backends.cudnn.version() if torch.cuda.is_available() else None)
+if torch.cuda.is_available():
+    print('gpu', torch.cuda.get_device_name(0), 'capability', torch.cuda.get_device_capability(0),
+          'count', torch.cuda.device_count())
+else:
+    print('gpu none')
+print('cores', os.cpu_count(), '|', platform.platform())
+print('defaults: cudnn.allow_tf32', torch.backends.cudnn.allow_tf32, 'matmul.allow_tf32',
+      torch.backends.cuda.matmul.allow_tf32)
+print('modules:', {m: importlib.util.find_spec(m) is not None
+                   for m in ('triton', 'pytest', 'git', 'matplotlib', 'sklearn', 'yaml', 'tensorboard')})
+print('inductor cache', os.environ.get('TORCHINDUCTOR_CACHE_DIR'))
+"""
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument("--out", required=True, help="folder for everything the session learns")
+    p.add_argument("--out", required=True, help="folder for everything the run learns")
     p.add_argument("--device", default="cuda", help="cuda | cuda:N | cpu (dry mode: tiny settings)")
     p.add_argument("--data", default=os.environ.get("FIXMATCH_BENCH_DATA"))
     p.add_argument("--torchssl-source", default=os.environ.get("TORCHSSL_SOURCE"))
     p.add_argument("--accuracy-steps", type=int, default=None, help="steps of the accuracy run (default 1000 on "
                    "a GPU, 8 on the CPU)")
-    p.add_argument("--time-limit", type=float, default=510.0, help="seconds for the whole session")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds for the whole run (default: 510 on a GPU, 900 on the CPU, whose compiles are slow)")
+    p.add_argument("--inductor-cache", default=os.environ.get("TORCHINDUCTOR_CACHE_DIR") or
+                   str(Path(tempfile.gettempdir()) / "fixmatch-bench-inductor"),
+                   help="inductor's cache folder for every stage (default: $TORCHINDUCTOR_CACHE_DIR, else one in "
+                        "the temporary folder, kept between runs)")
     args = p.parse_args()
 
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cpu = args.device == "cpu"
+    time_limit = args.time_limit or (900.0 if cpu else 510.0)
+    slow = 2.0 if cpu else 1.0  # stage limits: a CPU compiles and steps more slowly than the GPU machine's host
     t_start = time.monotonic()
-    log = open(out / "session.log", "a")
-    summary = [f"# GPU session on {args.device}", ""]
+    log_path = out / "session.log"
+    log = open(log_path, "a")
+    stages: list[str] = []
+    extra_env = {"TORCHINDUCTOR_CACHE_DIR": str(Path(args.inductor_cache).resolve())}
+    if args.data:
+        extra_env["FIXMATCH_BENCH_DATA"] = str(Path(args.data).resolve())
 
     def left() -> float:
-        return args.time_limit - (time.monotonic() - t_start)
+        return time_limit - (time.monotonic() - t_start)
 
-    def stage(name: str, cmd: list[str], limit: float) -> bool:
-        """Run one stage for at most `limit` seconds (and never past the session's end); log its output.
+    def stage(name: str, cmd: list[str], limit: float, stdout=None) -> bool:
+        """Run one stage for at most `limit` seconds (and never past the run's end); its output goes to the log.
 
         A stage runs in its own process group: at its limit the whole group (training subprocesses included) gets
         SIGTERM, so runs checkpoint and stop, then SIGKILL a minute later; nothing holds the GPU afterwards."""
-        limit = max(10.0, min(limit, left() - 5))
+        limit = max(10.0, min(limit * slow, left() - 5))
         log.write(f"\n=== {name}: {' '.join(cmd)} (limit {limit:.0f} s)\n")
         log.flush()
         t = time.monotonic()
-        env = child_env(**({"FIXMATCH_BENCH_DATA": str(Path(args.data).resolve())} if args.data else {}))
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=stdout or log, stderr=subprocess.STDOUT,
+                                env=child_env(**extra_env), start_new_session=True)
         try:
             proc.wait(timeout=limit)
             ok = proc.returncode == 0
@@ -74,19 +137,22 @@ def main() -> int:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             ok, status = False, f"stopped at its {limit:.0f} s limit"
-        summary.append(f"- {name}: {status}, {time.monotonic() - t:.0f} s")
+        line = f"{name}: {status}, {time.monotonic() - t:.0f} s"
+        stages.append(line)
+        log.write(f"=== {line}\n")
         log.flush()
-        print(f"{name}: {status}", flush=True)
+        print(line, flush=True)
         return ok
 
-    env_cmd = ("import torch, platform, sys; print('python', sys.version); print('torch', torch.__version__, "
-               "'cuda', torch.version.cuda); print('gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() "
-               "else 'none'); print(platform.platform())")
     with open(out / "env.txt", "w") as f:
-        subprocess.run([sys.executable, "-c", env_cmd], stdout=f, stderr=subprocess.STDOUT)
+        stage("environment", [sys.executable, "-c", ENV_SCRIPT], 60, stdout=f)
+    shutil.copyfileobj(open(out / "env.txt"), log)
+    with open(out / "env.txt", "a") as f:
         if shutil.which("nvidia-smi"):
-            subprocess.run(["nvidia-smi"], stdout=f, stderr=subprocess.STDOUT)
-        subprocess.run([sys.executable, "-m", "pip", "list", "--format=freeze"], stdout=f, stderr=subprocess.DEVNULL)
+            subprocess.run(["nvidia-smi"], stdout=f, stderr=subprocess.STDOUT, timeout=30)
+        subprocess.run([sys.executable, "-m", "pip", "list", "--format=freeze"], stdout=f,
+                       stderr=subprocess.DEVNULL, timeout=60)
+    stage("CUDA checks", [*PYTEST, *QUICK_TESTS], 120)
 
     shared = ["--device", args.device]
     if args.data:
@@ -100,35 +166,35 @@ def main() -> int:
              "print(ensure_checkout(sys.argv[1] if len(sys.argv) > 1 else None, default_cache_dir()))"]
     if not stage("TorchSSL checkout", probe + ([args.torchssl_source] if args.torchssl_source else []), 60):
         impls = ["own"]
-        summary.append("- TorchSSL unavailable (see session.log): ours alone")
+        stages.append("TorchSSL unavailable (see session.log): ours alone")
     if args.data:  # decoded once into the cache here, so that no later stage spends its time limit on it
         stage("data", [sys.executable, "-c", "import sys; from harness.data import load_cifar10; "
-                       "print(load_cifar10(sys.argv[1]).data_dir)", args.data], 90)
-    # Our step eager against compiled (augmentation + forward/backward), without the harness around it.
-    own = ["--batch-size", "4", "--uratio", "2", "--configs", "fp32", "fp32-compile", "--warmup", "1", "--repeats", "2",
-           "--window", "1"] if cpu else \
-        ["--batch-size", "64", "--uratio", "7", "--configs", "bf16-cl", "bf16-cl-compile", "--warmup", "20",
-         "--repeats", "5", "--window", "20"]
-    stage("own configurations", [sys.executable, "bench/own_steps.py", "--device", args.device, *own,
-                                 "--json", str(out / "own-configs.json")], 100)
-    batch = ["--batch-size", "4", "--uratio", "2", "--warmup", "2", "--window", "2", "--repeats", "2"] if cpu else \
-        ["--batch-size", "64", "--uratio", "7", "--warmup", "40", "--window", "20", "--repeats", "5"]
+                       "print(load_cifar10(sys.argv[1]).data_dir)", args.data], 120)
+    stage("CUDA compile checks", [*PYTEST, *COMPILE_TESTS], 240)
+
+    # Our step eager against compiled, without the harness around it; it compiles the graphs that the throughput
+    # stage's run of ours then loads from the inductor cache (same shapes, precision and layout).
     precision = "fp32" if cpu else "bf16"
-    stage(f"throughput {precision}", [sys.executable, "bench/throughput.py", *shared, *batch, "--precision",
+    tiny = ["--batch-size", "4", "--uratio", "2", "--depth", "10", "--widen-factor", "1"] if cpu else []
+    own = ["--warmup", "1", "--repeats", "2", "--window", "1"] if cpu else \
+        ["--batch-size", "64", "--uratio", "7", "--warmup", "20", "--repeats", "5", "--window", "20"]
+    stage("own configurations", [sys.executable, "bench/own_steps.py", "--device", args.device, *tiny, *own,
+                                 "--configs", f"{precision}-cl", f"{precision}-cl-compile", "--json",
+                                 str(out / "own-configs.json")], 180)
+    batch = ["--warmup", "2", "--window", "2", "--repeats", "2"] if cpu else \
+        ["--batch-size", "64", "--uratio", "7", "--warmup", "40", "--window", "20", "--repeats", "5"]
+    stage(f"throughput {precision}", [sys.executable, "bench/throughput.py", *shared, *tiny, *batch, "--precision",
                                       precision, "--channels-last", "--impls", *impls,
-                                      "--json", str(out / "throughput.json")], 130)
-    # The GPU-only tests: augmentation on the GPU (eager and compiled) = the CPU's pixels; compiled steps = float64.
-    stage("CUDA tests", [sys.executable, "-m", "pytest", "-q", "-rs", "--durations=5", "-k", "cuda",
-                         "tests/test_augment.py", "tests/test_own_compile.py"], 120)
+                                      "--json", str(out / "throughput.json")], 300)
 
     steps = args.accuracy_steps or (8 if cpu else 1000)
     acc_out = out / "acc"
-    size = ["--batch-size", "4", "--uratio", "2", "--eval-subset", "1000"] if cpu else []
-    ok = stage("accuracy 4000 labels", [
+    size = [*tiny, "--eval-subset", "100"] if cpu else []
+    stage("accuracy 4000 labels", [
         sys.executable, "run_all.py", "--budgets", "4000", "--preset", "short", "--steps", str(steps),
-        "--eval-every", str(max(steps // 6, 1)), "--checkpoint-every", str(max(steps // 4, 1)), "--log-every",
+        "--eval-every", str(max(steps // (2 if cpu else 6), 1)), "--checkpoint-every", str(max(steps // 4, 1)), "--log-every",
         str(max(steps // 30, 1)), "--precision", precision, "--out", str(acc_out), "--no-warmup",
-        "--impls", *impls, *shared, *size], left() - 20)
+        "--impls", *impls, *shared, *size], (left() - 20) / slow)
     if not (acc_out / "RESULTS.md").exists():  # cut off: report whatever runs finished
         stage("report", [sys.executable, "run_all.py", "--report-only", "--out", str(acc_out)], 15)
     if (acc_out / "RESULTS.md").exists():
@@ -136,28 +202,79 @@ def main() -> int:
         fig = acc_out / "figures" / "curves-4000.png"
         if fig.exists():
             shutil.copy(fig, out / "curves-4000.png")
-        results = [json.loads(r.read_text()) for r in sorted(acc_out.glob("runs/*/result.json"))]
+    results = [json.loads(r.read_text()) for r in sorted(acc_out.glob("runs/*/result.json"))]
+    if results:
         (out / "accuracy.json").write_text(json.dumps(results, indent=1) + "\n")
     shutil.rmtree(acc_out, ignore_errors=True)  # checkpoints stay behind: only the 8 files travel back
+    log.close()
 
+    text = summary(args.device, out, log_path.read_text().splitlines(), stages, results,
+                   time.monotonic() - t_start)
+    (out / "summary.md").write_text(text)
+    print(text)
+    return 0
+
+
+def find_line(lines: list[str], pattern: str) -> tuple[int, str] | None:
+    """(1-based number, text) of the first line of session.log matching the regular expression, else None."""
+    rx = re.compile(pattern)
+    return next(((i + 1, ln.strip()) for i, ln in enumerate(lines) if rx.search(ln)), None)
+
+
+def cite(found: tuple[int, str] | None) -> str:
+    return "not reached (see session.log)" if found is None else f"session.log line {found[0]}: `{found[1][:150]}`"
+
+
+def test_outcome(lines: list[str], node: str) -> tuple[str, tuple[int, str] | None]:
+    """What pytest -v said of the test `node` in session.log: PASSED, FAILED, SKIPPED, ERROR, or "not run"."""
+    found = find_line(lines, "^" + re.escape(node) + r" (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b")
+    return ("not run" if found is None else found[1].split()[1]), found
+
+
+def summary(device: str, out: Path, lines: list[str], stages: list[str], results: list[dict],
+            seconds: float) -> str:
+    """summary.md: each stage's outcome and time; for each point only a GPU can confirm, the lines that confirm it;
+    then the numbers."""
+    md = [f"# GPU check on {device}", "", f"Total {seconds:.0f} s. Environment: " +
+          "; ".join(ln.strip() for ln in lines if ln.startswith(("python ", "gpu "))), "", "## Stages", ""]
+    md += [f"- {s}" for s in stages]
+    md += ["", "## What confirms each point (outcome: the test's line in session.log)", ""]
+    for claim, nodes in TEST_CLAIMS:
+        md.append(f"- {claim}:")
+        for node in nodes:
+            outcome, found = test_outcome(lines, node)
+            md.append(f"  - **{outcome}** `{node}`" + ("" if found is None else f" (session.log line {found[0]})"))
+    rows = [(i + 1, ln.strip()) for i, ln in enumerate(lines) if re.match(r"(own|torchssl-w\d+) +\d", ln)]
+    md.append("- TorchSSL's loader as shipped and with as many loader processes as cores, beside ours (steps/s, "
+              "data wait, loader processes): " + ("; ".join(cite(r) for r in rows) if rows else cite(None)))
+    md.append("- compile time of our step and augmentation, first in the configurations stage (cold unless the "
+              "inductor cache already held them): "
+              + cite(find_line(lines, r"-compile .* compile \d")) + "; again in the throughput stage (from the "
+              "inductor cache if the configurations stage finished): " + cite(find_line(lines, r"^own .* compiled in"))
+              + "; the slowest compiling test: "
+              + cite(find_line(lines, r"^\d+\.\d+s call +tests/test_(augment|own_compile)\.py::test_compiled")))
+    md += ["", "## Numbers", ""]
     path = out / "own-configs.json"
     if path.exists():
         for r in json.loads(path.read_text())["rows"]:
-            summary.append(f"- own {r['config']}: {r['steps_per_s']:.2f} steps/s, host per step: data "
-                           f"{1e3 * r['data_host_s']:.1f} ms, step {1e3 * r['step_host_s']:.1f} ms")
+            md.append(f"- own {r['config']}: {r['steps_per_s']:.2f} steps/s, host per step: data "
+                      f"{1e3 * r['data_host_s']:.1f} ms, step {1e3 * r['step_host_s']:.1f} ms"
+                      + (f", compiled in {r['compile_s']:.0f} s" if r["compile_s"] else ""))
     path = out / "throughput.json"
     if path.exists():
         t = json.loads(path.read_text())
-        for impl, r in t["impls"].items():
-            summary.append(f"- {t['precision']} {impl}: {r['steps_per_second']:.2f} steps/s, "
-                           f"{r['achieved_tflops']:.1f} TFLOP/s, data wait "
-                           f"{'n/a' if r['data_frac'] is None else format(r['data_frac'], '.1%')}")
-        if "speedup_own_over_torchssl" in t:
-            summary.append(f"- {t['precision']} speedup own/torchssl: {t['speedup_own_over_torchssl']:.2f}")
-    summary.append(f"- accuracy run: {'ok' if ok else 'see session.log'}; total {time.monotonic() - t_start:.0f} s")
-    (out / "summary.md").write_text("\n".join(summary) + "\n")
-    print("\n".join(summary))
-    return 0
+        for label, r in t["impls"].items():
+            loaders = "" if r.get("num_workers") is None else f", {r['loader_processes']} loader processes"
+            md.append(f"- {t['precision']} {label}: {r['steps_per_second']:.2f} steps/s, "
+                      f"{r['achieved_tflops']:.1f} TFLOP/s, data wait "
+                      f"{'n/a' if r['data_frac'] is None else format(r['data_frac'], '.1%')}{loaders}")
+        for label, ratio in t.get("speedups_own_over", {}).items():
+            md.append(f"- {t['precision']} speedup own/{label}: {ratio:.2f}")
+    for r in results:
+        md.append(f"- accuracy run {r['impl']}: final top-1 {r['final_top1']:.2f} after {r['steps']} steps, "
+                  f"{r['steps_per_second'] or 0:.2f} steps/s, TF32 conv/matmul {r.get('tf32_conv')}/"
+                  f"{r.get('tf32_matmul')}")
+    return "\n".join(md) + "\n"
 
 
 if __name__ == "__main__":

@@ -4,11 +4,11 @@
                               [--configs fp32 fp32-cl bf16-cl fp32-cl-compile] [--compile-mode MODE]
     python bench/own_steps.py --device cuda --batch-size 64 --configs bf16-cl bf16-cl-compile --window 20
 
-A configuration is precision (fp32 | bf16 autocast) plus optional `-cl` (channels_last) and `-compile`
-(torch.compile of the augmentation and of forward + loss + backward, as own_impl.compile does it). All configurations
-are built first (compilation timed apart, as `compile_s`), then each gets `warmup` untimed steps, then `repeats`
-rounds run `window` timed steps of every configuration in turn, so that load from other processes on a shared
-machine falls on all of them alike. The device is synchronized only at the ends of a window (a GPU runs ahead of the
+A configuration is precision (fp32 | tf32 | bf16 autocast, as contract/precision.py) plus optional `-cl`
+(channels_last) and `-compile` (torch.compile of the augmentation and of forward + loss + backward, as
+own_impl.compile does it). All configurations are built first (compilation timed apart, as `compile_s`), then each
+gets `warmup` untimed steps, then `repeats` rounds run `window` timed steps of every configuration in turn, so that
+load from other processes on a shared machine falls on all of them alike. The device is synchronized only at the ends of a window (a GPU runs ahead of the
 host as in training). Prints per configuration the median wall time per step (steps/s), the fastest window, the
 process's CPU seconds per step (all threads), the host seconds per step spent issuing the data preparation and the
 step (on a GPU: launch overhead, unless the queue is full), and one JSON line. Images are random uint8 (the step's
@@ -26,8 +26,9 @@ import common
 import numpy as np
 import torch
 
+from contract.precision import apply_precision
 from contract.runtime import resolve_device
-from contract.spec import RunSpec
+from contract.spec import PRECISIONS, RunSpec
 from harness.env import machine_info
 from own_impl.compile import make_augment_fn, make_loss_fn, warm_up_augment, warm_up_loss
 from own_impl.data import DeviceData, EpochSampler, Samplers, make_batch
@@ -39,8 +40,8 @@ N_TRAIN = 50_000
 
 def parse_config(name: str) -> dict:
     parts = name.split("-")
-    if parts[0] not in ("fp32", "bf16") or not set(parts[1:]) <= {"cl", "compile"}:
-        raise ValueError(f"bad configuration {name!r}: fp32|bf16, then optional -cl and -compile")
+    if parts[0] not in PRECISIONS or not set(parts[1:]) <= {"cl", "compile"}:
+        raise ValueError(f"bad configuration {name!r}: {'|'.join(PRECISIONS)}, then optional -cl and -compile")
     return {"precision": parts[0], "channels_last": "cl" in parts, "compile": "compile" in parts}
 
 
@@ -48,13 +49,15 @@ class Runner:
     """One configuration's model, optimizer, EMA, samplers and generator, stepping on shared data."""
 
     def __init__(self, name: str, data: DeviceData, device: torch.device, batch: int, uratio: int, steps: int,
-                 compile_mode: str | None):
+                 compile_mode: str | None, network: dict | None = None):
         cfg = parse_config(name)
         self.name, self.data, self.device = name, data, device
         self.spec = RunSpec(impl="own", n_labels=len(data.labelled), seed=0, data_kind="synthetic",
                             data_sha256="-", split_sha256="-", batch_size=batch, uratio=uratio,
-                            precision=cfg["precision"], channels_last=cfg["channels_last"], steps=steps)
+                            precision=cfg["precision"], channels_last=cfg["channels_last"], steps=steps,
+                            **(network or {}))
         torch.manual_seed(0)
+        apply_precision(self.spec.precision)  # before compiling: inductor may read the TF32 switches
         self.model, self.ema, self.optimizer = build(self.spec, device)
         self.loss_fn = make_loss_fn(forward_loss, self.model, self.spec, cfg["compile"], compile_mode)
         self.augment_fn = make_augment_fn(cfg["compile"], compile_mode)
@@ -75,6 +78,7 @@ class Runner:
 
     def window(self, steps: int, timed: bool) -> None:
         """`steps` training steps between two synchronizations."""
+        apply_precision(self.spec.precision)  # process-wide: each configuration's own, while it steps
         self.sync()
         t0, c0 = time.perf_counter(), time.process_time()
         data_s = step_s = 0.0
@@ -123,6 +127,8 @@ def main() -> int:
                    "20 on a GPU)")
     p.add_argument("--batch-size", type=int, nargs="+", default=[16], help="B, labelled images per step")
     p.add_argument("--uratio", type=int, default=7, help="mu")
+    p.add_argument("--depth", type=int, default=28, help="WideResNet depth (28: the paper's)")
+    p.add_argument("--widen-factor", type=int, default=2, help="WideResNet width (2: the paper's)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args()
@@ -141,7 +147,7 @@ def main() -> int:
         runners = []
         for name in args.configs:
             runners.append(Runner(name, data, device, batch, args.uratio, args.warmup + args.repeats * window,
-                                  args.compile_mode))
+                                  args.compile_mode, {"depth": args.depth, "widen_factor": args.widen_factor}))
             runners[-1].window(args.warmup, timed=False)
         for _ in range(args.repeats):
             for r in runners:

@@ -17,6 +17,7 @@ RESULT_KEYS = (
     "final_top1", "best_top1", "median20_top1", "median_window", "final_top5", "final_loss",
     "split_sha256", "data_sha256", "data_kind", "param_count",
     "wall_seconds", "steps_per_second", "device", "torch_version", "code_version", "evals",
+    "tf32_conv", "tf32_matmul",  # TF32 allowed for float32 convolutions, matmuls on CUDA (contract/precision.py)
 )
 MEDIAN_WINDOW = 20  # the paper's statistic: the median of the last 20 evaluations
 
@@ -141,6 +142,8 @@ def write_result(run_dir: Path, spec, files, log, *, steps: int, data_sha256: st
     plus its own `impl_keys`); validate it, write it atomically, log the closing line. Returns the result."""
     import torch
 
+    from contract.precision import precision_record
+
     metrics = read_metrics(run_dir)
     evals = [r for r in metrics if r.get("kind") == "eval"]
     train = [r for r in metrics if r.get("kind") == "train"]
@@ -164,7 +167,7 @@ def write_result(run_dir: Path, spec, files, log, *, steps: int, data_sha256: st
         "device": device, "device_name": files.machine,
         "torch_version": torch.__version__, "code_version": files.code_version,
         "precision": spec.precision, "channels_last": spec.channels_last, "eval_images": eval_images,
-        "evals": evals, **impl_keys,
+        "evals": evals, **precision_record(), **impl_keys,
     }
     validate_result(result)
     write_json_atomic(Path(run_dir) / RESULT_FILE, result)

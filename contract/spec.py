@@ -16,7 +16,7 @@ ALGORITHMS = ("fixmatch",)
 # Which augmentation, sampling and network wiring a run follows: the paper's (our implementation's default) or
 # TorchSSL's, which our implementation reproduces and TorchSSL always runs (own_impl/recipes.py has the table).
 RECIPES = ("paper", "torchssl")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "tf32", "bf16")  # what each means on CUDA: contract/precision.py
 SPEC_FILE = "spec.json"
 # The fields that place a run in a study (what it is run on); every other field is a setting a preset gives.
 IDENTITY_FIELDS = ("algorithm", "impl", "recipe", "n_labels", "seed", "data_kind", "data_sha256", "split_sha256",
@@ -52,7 +52,7 @@ class RunSpec:
     bn_momentum: float = 0.001  # every BatchNorm's, PyTorch convention (the paper's and TorchSSL's 0.001)
     depth: int = 28  # WideResNet depth
     widen_factor: int = 2
-    precision: str = "fp32"  # "fp32" | "bf16" (autocast)
+    precision: str = "fp32"  # "fp32" (full fp32) | "tf32" (TF32 on CUDA) | "bf16" (autocast)
     channels_last: bool = False
     eval_subset: int = 0  # 0: the whole test set; n: a fixed class-balanced subset of n test images
     eval_batch_size: int = 256

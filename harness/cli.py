@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("overrides of the preset's values")
     for name, typ, hint in OVERRIDES:
         g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=hint)
-    g.add_argument("--precision", choices=list(PRECISIONS), default=None, help="fp32 or bf16 autocast")
+    g.add_argument("--precision", choices=list(PRECISIONS), default=None,
+                   help="fp32 (full fp32), tf32 (TF32 on CUDA) or bf16 autocast")
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum")
     g.add_argument("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format")

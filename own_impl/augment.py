@@ -41,6 +41,13 @@ Other choices, and why:
   which no FixMatch reference uses. (TorchSSL fills the CIFAR mean (125, 123, 114) and draws the size in [0, 16].)
 - Weak shift: offsets uniform over -4..4 (9 values), as torchvision RandomCrop(32, padding=4) and tf.random_crop.
 
+Exactness under compilers: PIL rounds after every float multiply and add. A compiler may fuse a multiply and the add
+after it into one FMA (Triton does by default on CUDA; C++ with -ffp-contract=fast), which skips the product's
+rounding and moves a truncated value across an integer now and then. So no float multiply here feeds a float add:
+AutoContrast and the blends emulate PIL's float64 and float32 arithmetic in exact integers, letting conversions do
+the rounding (see _autocontrast_lut, _pil_blend); Sharpness's smoothing is integer; the geometric coefficients
+multiply only by powers of two (for 32x32 images), whose products are exact, fused or not.
+
 Random numbers come from `generator` (which must live on x's device), drawn in a fixed order, so a run is
 reproducible from its generator. Every op family runs on the whole batch and is picked per image with torch.where,
 so nothing is read back to the host (no GPU sync, no data loader): each RA op slot costs one LUT gather, one blend
@@ -240,15 +247,28 @@ def _histogram(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def _autocontrast_lut(hist: torch.Tensor) -> torch.Tensor:
-    """PIL ImageOps.autocontrast(cutoff=0): map [lo, hi] linearly onto [0, 255], in float64 as Python does."""
-    lo, hi = _lowest_highest_level(hist)                                   # (N, C, 1) each
-    span = (hi - lo).clamp(min=1).double()
-    # not `255.0 / span`: torch computes scalar / tensor as a reciprocal times 255, one rounding more than Python.
-    scale = torch.full_like(span, 255.0) / span
-    offset = -lo.double() * scale
-    levels = torch.arange(256, device=hist.device, dtype=torch.float64)
-    lut = (levels * scale + offset).trunc().clamp(0, 255).long()           # int() truncates, then clip
-    return torch.where(hi <= lo, torch.arange(256, device=hist.device), lut)
+    """PIL ImageOps.autocontrast(cutoff=0): lut[i] = int(i * scale + offset), clipped to 0..255, with
+    scale = 255.0 / (hi - lo) and offset = -lo * scale in Python floats (float64, each operation rounded).
+
+    Emulated exactly in int64, so that no compiler can fuse i * scale + offset into one FMA (which skips the
+    product's rounding and turns some 255s into 254s): scale = S * 2^-q with S the 53-bit integer of the correctly
+    rounded quotient; i * S is exact in int64 (below 2^61) and its conversion to float64 rounds it as the float
+    multiplication does; the float64 difference of two such products is the sum i * scale + offset, rounded once
+    as Python rounds it, and an integer, so the shift by q truncates it exactly. Equal to Python's result for every
+    (lo, hi, i) (tests/test_augment.py checks all of them)."""
+    lo, hi = _lowest_highest_level(hist)                                   # (N, C, 1) int64 each
+    span = (hi - lo).clamp(min=1)
+    # exponent of 255 / span: the largest e with span * 2^e <= 255, so that S = 255 * 2^q / span lies in [2^52, 2^53)
+    e = sum(((span << k) <= 255).long() for k in range(1, 8))
+    q = 52 - e
+    numerator = torch.full_like(span, 255) << q                            # below 2^60
+    s, r = numerator // span, numerator % span
+    s = s + ((2 * r > span) | ((2 * r == span) & (s % 2 == 1))).long()     # round half to even, as IEEE division
+    levels = torch.arange(256, device=hist.device)
+    products = (levels * s).double()                                       # fl(i * scale) * 2^q, (N, C, 256)
+    total = (products - (lo * s).double()).long()                          # fl(fl(i * scale) + offset) * 2^q
+    lut = (total >> q).clamp(0, 255)                                       # floor = int() for total >= 0
+    return torch.where(hi <= lo, levels, lut)
 
 
 def _equalize_lut(hist: torch.Tensor, n_pixels: int) -> torch.Tensor:
@@ -271,8 +291,7 @@ def _lowest_highest_level(hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _blend_stage(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Color, Contrast, Brightness, Sharpness: PIL ImageEnhance, i.e. Image.blend(degenerate, x, factor).
-    Degenerate images are built in float32, exact here since they hold integers below 2^24."""
+    """Color, Contrast, Brightness, Sharpness: PIL ImageEnhance, i.e. Image.blend(degenerate, x, factor)."""
     gray = _grayscale(x)                                                   # (N, 1, H, W) int32
     # ImageEnhance.Contrast: int(mean + 0.5) of the L image, done in integers: (2 sum + P) // (2 P) is the same
     # rounding (a float division by a scalar is a reciprocal multiply on CUDA).
@@ -281,8 +300,8 @@ def _blend_stage(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor) -> torch.Te
     select = lambda name: _is(op, name)[:, None, None, None]               # noqa: E731
     # Brightness: black; Color: L in every channel; Contrast: mean L everywhere; Sharpness: smoothed image.
     one_channel = torch.where(select("Color"), gray, torch.where(select("Contrast"), mean_gray, 0))  # (N, 1, H, W)
-    degenerate = torch.where(select("Sharpness"), _smooth(x), one_channel.float())                  # (N, C, H, W)
-    out = _pil_blend(degenerate, x.float(), m.float()[:, None, None, None])
+    degenerate = torch.where(select("Sharpness"), _smooth(x), one_channel)                          # (N, C, H, W)
+    out = _pil_blend(degenerate, x, m.float()[:, None, None, None])
     return torch.where(select(_BLEND_OPS), out, x)
 
 
@@ -295,25 +314,44 @@ def _grayscale(x: torch.Tensor) -> torch.Tensor:
 
 
 def _smooth(x: torch.Tensor) -> torch.Tensor:
-    """PIL ImageFilter.SMOOTH as float32: kernel [[1,1,1],[1,5,1],[1,1,1]] / 13, rounded; border pixels unchanged.
-    The 3x3 sum s is an exact integer in float32 (below 2^24). PIL adds 0.5 and truncates; s/13 is never within
-    1/26 of a k + 1/2, so floor(s * (1/13) + 0.5), off by under 1e-3 before the floor, gives PIL's value."""
+    """PIL ImageFilter.SMOOTH: kernel [[1,1,1],[1,5,1],[1,1,1]] / 13, rounded; border pixels unchanged. (N, C, H, W)
+    int32. PIL adds 0.5 and truncates s / 13 for the 3x3 sum s; s / 13 is never k + 1/2 (13 is odd), so
+    floor(s / 13 + 1/2) = (2 s + 13) // 26, in integers."""
     h, w = x.shape[2:]
-    v = x.float()
+    v = x.int()
     if h < 3 or w < 3:
         return v  # every pixel is a border pixel
     rows = v[..., :-2] + v[..., 1:-1] + v[..., 2:]                         # (N, C, H, W-2): 1x3 sums
     s = rows[..., :-2, :] + rows[..., 1:-1, :] + rows[..., 2:, :] + 4 * v[..., 1:-1, 1:-1]  # 3x3, centre weight 5
     out = v.clone()
-    out[..., 1:-1, 1:-1] = (s * (1.0 / 13.0) + 0.5).floor()
+    out[..., 1:-1, 1:-1] = (2 * s + 13) // 26
     return out
 
 
+# alpha * 2^BLEND_FRACTION_BITS is an integer for every float32 alpha = 0 or 2^-17 <= |alpha| < 32 (its last bit is
+# worth at least 2^-40), and alpha * 2^40 * 255 stays below 2^53, so float64 holds every intermediate exactly.
+BLEND_FRACTION_BITS = 40
+
+
 def _pil_blend(im1: torch.Tensor, im2: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """PIL Image.blend: in1 + alpha * (in2 - in1), alpha and arithmetic in float32, truncated, clipped to 0..255.
-    im1, im2: float32 holding integers; alpha: float32, broadcastable. Separate ops keep each rounding PIL's."""
-    t = im1 + alpha * (im2 - im1)
-    return t.clamp(0, 255).trunc().to(torch.uint8)
+    """PIL Image.blend: (float)(in1 + alpha * (in2 - in1)) in float32, the product rounded, truncated, clipped to
+    0..255. im1, im2: integer tensors (levels); alpha: float32, broadcastable, 0 or 2^-17 <= |alpha| < 32 (every
+    ImageEnhance factor RandAugment draws).
+
+    Emulated exactly in int64 fixed point with 40 fraction bits, so that no compiler can fuse the product and the
+    sum into one FMA: the product alpha * (in2 - in1) is exact there, and float32 rounding comes only from the
+    conversion of an exact float64 value to float32, which rounds as float32 arithmetic does."""
+    one = 1 << BLEND_FRACTION_BITS
+    a = (alpha.double() * one).long()                                      # exact: a power-of-two scaling
+    product = _float32_round((im2.long() - im1.long()) * a)                # fl32(alpha * (in2 - in1)) * 2^40
+    total = _float32_round(im1.long() * one + product)                     # fl32(in1 + that) * 2^40
+    return (total >> BLEND_FRACTION_BITS).clamp(0, 255).to(torch.uint8)    # floor = trunc for total >= 0
+
+
+def _float32_round(v: torch.Tensor) -> torch.Tensor:
+    """An int64 tensor (|v| < 2^53, so float64 holds it exactly) rounded to float32's 24 significant bits, as int64
+    (the float32 value is an integer, so converting it back is exact)."""
+    return v.double().float().long()
 
 
 def _geometric_stage(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -328,6 +366,7 @@ def _geometric_stage(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor) -> torc
     cos, sin = torch.cos(angle), torch.sin(angle)
     cx, cy = w / 2, h / 2
     rot = _is(op, "Rotate")
+    # cx and cy are 16 for 32x32 images: the products below are exact, so a fused multiply-add rounds as PIL does.
     a0, a1, a3, a4 = (torch.where(rot, v, u) for v, u in ((cos, a0), (sin, a1), (-sin, a3), (cos, a4)))
     a2 = torch.where(rot, cos * -cx + sin * -cy + 0.0 + cx, a2)
     a5 = torch.where(rot, -sin * -cx + cos * -cy + 0.0 + cy, a5)

@@ -115,8 +115,16 @@ class WideResNet(nn.Module):
                 nn.init.xavier_normal_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, 32, 32) -> (N, 64w): the pooled activations the classifier reads."""
         x = self.conv(x)  # (N, 16, 32, 32)
         x = self.groups(x)  # (N, 64w, 8, 8)
-        x = _act(self.bn(x)).mean(dim=(2, 3))  # (N, 64w)
-        return self.fc(x)  # (N, num_classes)
+        return _act(self.bn(x)).mean(dim=(2, 3))  # (N, 64w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N, num_classes), float32 under any autocast: the classifier runs outside it, in its parameters'
+        dtype (float32), as mixed-precision practice recommends. bf16 logits would keep 8 significant bits, a rounding that can move a
+        softmax confidence across the pseudo-label threshold; the speed of autocast lies in the convolutions."""
+        features = self.features(x)  # (N, 64w), bf16 under bf16 autocast
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.fc(features.to(self.fc.weight.dtype))  # the classifier's own dtype: float32 in training

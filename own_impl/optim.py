@@ -38,15 +38,28 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.buffer_groups = buffer_groups(list(self.model.buffers()))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         ema_params, live_params = list(self.model.parameters()), [p.detach() for p in model.parameters()]
         torch._foreach_lerp_(ema_params, live_params, 1.0 - self.decay)  # ema += (1 - decay) * (live - ema)
-        torch._foreach_copy_(list(self.model.buffers()), list(model.buffers()))  # multi-tensor: few kernels on a GPU
+        ema_buffers, live_buffers = list(self.model.buffers()), list(model.buffers())
+        for group in self.buffer_groups:  # one multi-tensor copy per group: a few kernels on a GPU
+            torch._foreach_copy_([ema_buffers[i] for i in group], [live_buffers[i] for i in group])
 
     def state_dict(self) -> dict:
         return self.model.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state)
+
+
+def buffer_groups(buffers: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of `buffers` grouped by (dtype, device), in order of first appearance. A _foreach op on CUDA takes its
+    multi-tensor path only for a list of one dtype and device; BatchNorm's float32 statistics and int64
+    num_batches_tracked in one list would fall back to one copy kernel per tensor."""
+    groups: dict[tuple, list[int]] = {}
+    for i, b in enumerate(buffers):
+        groups.setdefault((b.dtype, b.device), []).append(i)
+    return list(groups.values())

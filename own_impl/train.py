@@ -20,6 +20,7 @@ from contract.runtime import StopFlag, StoppedAfter, entry_main, make_log, resol
 from contract.spec import RunFiles, RunSpec
 from own_impl.compile import compile_step
 from own_impl.data import DeviceData, Samplers, load_device_data, make_batch, normalize
+from own_impl.device import restore_cuda_rng, use_device
 from own_impl.loss import fixmatch_loss
 from own_impl.model import WideResNet
 from own_impl.optim import EMA, cosine_lr, param_groups
@@ -36,7 +37,8 @@ IMPL_SETTINGS = {
     "weight_decay_applies_to": "conv and linear weights (chosen by module type)",
     "ema": "parameters, decay as spec; BatchNorm buffers copied from the live model",
     "evaluated_model": "EMA parameters with the live model's BatchNorm statistics",
-    "resume": "bit-exact: every RNG state and the sampler positions are restored",
+    "resume": "every RNG state and the sampler positions are restored: bit-exact on the CPU; on CUDA equal "
+              "within float tolerance (cuDNN's autotuned algorithms and atomic adds may differ between processes)",
     "headline_statistic_upstream": "median of the last 20 evaluations (the paper's)",
     "data_pipeline": "uint8 data set on the device, batched tensor augmentation, no DataLoader",
 }
@@ -139,9 +141,7 @@ class RunState:
         self.ema.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])
-        device = self.data.train_x.device
-        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        restore_cuda_rng(ckpt["rng"]["cuda"], self.data.train_x.device)
         self.samplers.load_state_dict(ckpt["rng"])
         self.step = ckpt["step"]
         self.prior_train_s, self.prior_wall_s = ckpt["train_seconds"], ckpt["wall_seconds"]
@@ -150,9 +150,7 @@ class RunState:
 
 def start(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device, log) -> RunState:
     """The run's state: freshly seeded and initialized, or restored from the run folder's checkpoint."""
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # events, pinned memory and the default stream belong to this run's GPU
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest conv algorithms
+    use_device(spec, device)
     torch.manual_seed(spec.seed)  # the one global seeding: model initialization
     data = load_device_data(spec, files, device)
     state = RunState(data, Samplers.seeded(spec.seed, data, RECIPES[spec.recipe].with_replacement),

@@ -5,19 +5,21 @@ Tolerance: every op is held to EXACT equality with PIL, geometric ones included.
 (grid_sample, or any float formula for source coordinates) could not promise that: a nearest-neighbour source is the
 floor of a coordinate, and coordinates of pixel centres land on integers for many angles and shears, where the last
 bit of float arithmetic decides the pixel. augment.py instead reproduces PIL's own arithmetic (16.16 fixed point for
-rotations and shears, a float64 floor for translations, integer histograms and float32 blends), so the only source
+rotations and shears, a float64 floor for translations, integer histograms, and the float64 AutoContrast table and
+float32 blends emulated in integers, so that no compiler's fused multiply-add changes them), so the only source
 of disagreement left is a coordinate within ~1e-11 of a rounding tie in the fixed-point coefficients, which no
 magnitude used here comes near. Equality was measured on 6,000 real images x 14 ops before being required here.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import tarfile
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from own_impl import augment as A
 
@@ -244,6 +246,79 @@ def test_cutout_by_hand():
     assert torch.equal(out, want)
 
 
+# ---------------------------------------------------------------- PIL's rounding, exactly, whatever the compiler
+
+def test_autocontrast_table_is_pils_for_every_lowest_and_highest_level():
+    """Every (lo, hi) pair: the integer emulation gives Python's float64 int(i * scale + offset) at all 256 levels,
+    and PIL's own autocontrast at the levels an image with that range holds. Python's rounding turns the top
+    level into 254 for thousands of pairs: an exact formula such as (i - lo) * 255 // (hi - lo) would not do."""
+    pairs = [(lo, hi) for lo in range(256) for hi in range(lo, 256)]
+    lo, hi = (torch.tensor(v) for v in zip(*pairs))
+    hist = torch.zeros(len(pairs), 1, 256, dtype=torch.int64)
+    hist[torch.arange(len(pairs)), 0, lo] = 1
+    hist[torch.arange(len(pairs)), 0, hi] += 1
+    got = A._autocontrast_lut(hist)[:, 0].numpy()                          # (P, 256)
+
+    levels = np.arange(256, dtype=np.float64)
+    span = (hi - lo).numpy()[:, None].astype(np.float64)
+    scale = 255.0 / np.maximum(span, 1)                                     # numpy rounds each op as Python does
+    offset = -lo.numpy()[:, None] * scale
+    python = np.clip(np.trunc(levels * scale + offset), 0, 255)
+    python = np.where(span == 0, levels, python).astype(np.int64)           # hi <= lo: PIL leaves the image
+    assert np.array_equal(got, python)
+    exact = np.clip((levels - lo.numpy()[:, None]) * 255 // np.maximum(span, 1), 0, 255)
+    assert (python != np.where(span == 0, levels, exact)).sum() > 10_000   # the rounding the emulation keeps
+
+    for k in range(0, len(pairs), 7):                                       # PIL itself, a seventh of the pairs
+        a, b = pairs[k]
+        ramp = np.arange(a, b + 1, dtype=np.uint8)[None]                    # every level from lo to hi
+        pil = np.asarray(ImageOps.autocontrast(Image.fromarray(ramp, "L")))[0]
+        assert np.array_equal(pil, got[k, a:b + 1]), (a, b)
+
+
+def _blend_alphas() -> np.ndarray:
+    """float32 factors in the RandAugment range: a grid, random ones, and those next to k / d for small d, where
+    the rounding of the product decides the truncated result."""
+    near = np.array([k / d for d in range(2, 41) for k in range(1, d) if 0.05 <= k / d <= 0.95], np.float32)
+    near = np.concatenate([near, np.nextafter(near, np.float32(0)), np.nextafter(near, np.float32(1))])
+    rng = np.random.default_rng(0)
+    picked = rng.choice(near, 150, replace=False)
+    return np.concatenate([np.linspace(0.05, 0.95, 7), rng.uniform(0.05, 0.95, 40), picked]).astype(np.float32)
+
+
+def test_blend_is_pils_for_every_pair_of_levels():
+    """Image.blend(im1, im2, alpha) for all 65,536 (im1, im2) pairs at each factor, against PIL itself; a fused
+    multiply-add (the exact in1 + alpha * (in2 - in1), rounded once) differs from PIL for some of them."""
+    im1 = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 256, 1)       # (256, 256): row i holds level i
+    im2 = im1.T.copy()                                                      # column j holds level j
+    t1, t2 = torch.from_numpy(im1), torch.from_numpy(im2)
+    fused_differs = 0
+    for alpha in _blend_alphas():
+        pil = np.asarray(Image.blend(Image.fromarray(im1, "L"), Image.fromarray(im2, "L"), float(alpha)))
+        got = A._pil_blend(t1, t2, torch.tensor(alpha)).numpy()
+        assert np.array_equal(got, pil), float(alpha)
+        d = im2.astype(np.float64) - im1
+        fused = np.trunc((im1 + np.float64(alpha) * d).astype(np.float32))  # exact in float64, one rounding
+        fused_differs += int((np.clip(fused, 0, 255) != pil).sum())
+    assert fused_differs > 0
+
+
+def _compilers_contract() -> bool:
+    """Whether inductor's C++ code, built with -ffp-contract=fast, fuses a * b + c into one FMA on this machine
+    (it does where the CPU has FMA): a * b loses 2^-60 when rounded; the fused form keeps it."""
+    a = torch.full((64,), 1.0 + 2.0**-30, dtype=torch.float64)
+    c = torch.full((64,), -1.0, dtype=torch.float64)
+    torch.compiler.reset()
+    try:
+        with torch._inductor.config.patch({"cpp.enable_floating_point_contract_flag": "fast"}):
+            fused = torch.compile(lambda a, b, c: a * b + c, dynamic=False)(a, a, c)
+    except AttributeError:  # a torch without the setting
+        return False
+    finally:
+        torch.compiler.reset()
+    return not torch.equal(fused, a * a + c)
+
+
 # ---------------------------------------------------------------- weak augment and cutout on real images
 
 def test_weak_augment_is_a_reflect_padded_crop_of_a_flip(real_images):
@@ -334,11 +409,18 @@ def test_same_seed_same_output(real_images):
     assert torch.equal(x, to_tensor(real_images))   # input not modified in place
 
 
-@pytest.mark.parametrize("device", ["cpu", cuda_param()])
+@pytest.mark.parametrize("device", ["cpu", "cpu-fma", cuda_param()])
 def test_compiled_augmentation_changes_no_pixel(images, device):
     """torch.compile, as own_impl.train compiles the augmentation (one graph, static shapes), gives the eager CPU
     ops' pixels exactly: every op at 7 grid magnitudes and a random one per image, all ops in one batch, then the
-    whole strong augmentation with drawn parameters."""
+    whole strong augmentation with drawn parameters. cpu-fma: the C++ code built to fuse every multiply-add it can
+    into an FMA, as Triton does on CUDA, so that what CUDA would see is checked here too."""
+    contract = device == "cpu-fma"
+    if contract:
+        if not _compilers_contract():
+            pytest.skip("inductor's C++ code does not fuse multiply-adds on this machine (no FMA, or no such "
+                        "setting in this torch)")
+        device = "cpu"
     torch.compiler.reset()
     n = len(images)
     ops, magnitudes = [], []
@@ -349,15 +431,19 @@ def test_compiled_augmentation_changes_no_pixel(images, device):
         ops.append(torch.full((8 * n,), k))
     x = to_tensor(np.tile(images, (8 * len(A.OPS), 1, 1, 1)))
     op_index, magnitude = torch.cat(ops), torch.cat(magnitudes)
-    compiled = torch.compile(A.apply_op, dynamic=False, fullgraph=True)
-    got = compiled(x.to(device), op_index.to(device), magnitude.to(device)).cpu()
-    assert torch.equal(got, A.apply_op(x, op_index, magnitude))
-
     strong = x[:4 * n]
     params = A.sample_strong_params(len(strong), 32, 32, torch.Generator().manual_seed(8))
     on_device = type(params)(*(type(p)(*(t.to(device) for t in p)) for p in params))
-    got = torch.compile(A.apply_strong, dynamic=False, fullgraph=True)(strong.to(device), on_device).cpu()
-    assert torch.equal(got, A.apply_strong(strong, params))
+    fma = torch._inductor.config.patch({"cpp.enable_floating_point_contract_flag": "fast"}) if contract else \
+        contextlib.nullcontext()
+    with fma:
+        compiled = torch.compile(A.apply_op, dynamic=False, fullgraph=True)
+        got = compiled(x.to(device), op_index.to(device), magnitude.to(device)).cpu()
+        got_strong = torch.compile(A.apply_strong, dynamic=False, fullgraph=True)(strong.to(device), on_device).cpu()
+    for compiled_pixels, eager_pixels in ((got, A.apply_op(x, op_index, magnitude)),
+                                          (got_strong, A.apply_strong(strong, params))):
+        differ = compiled_pixels != eager_pixels
+        assert not differ.any(), f"{int(differ.sum())} values differ in {int(differ.any(3).any(2).any(1).sum())} images"
     torch.compiler.reset()
 
 

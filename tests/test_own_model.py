@@ -12,7 +12,7 @@ from contract.arrays import load_arrays
 from own_impl.model import WideResNet, _act
 from own_impl.optim import param_groups
 
-from conftest import torchssl_modules, wrn_count_by_hand
+from conftest import cuda_param, torchssl_modules, wrn_count_by_hand
 
 
 def test_param_count_matches_hand_count():
@@ -204,3 +204,20 @@ def test_bn_momentum_is_honoured_by_every_batchnorm(real_batch, wiring):
         mean, var = inputs[name].mean((0, 2, 3)), inputs[name].var((0, 2, 3), unbiased=True)
         torch.testing.assert_close(bn.running_mean, m * mean, rtol=1e-5, atol=1e-6, msg=name)
         torch.testing.assert_close(bn.running_var, (1 - m) + m * var, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("device", ["cpu", cuda_param()])
+def test_logits_are_float32_under_bf16_autocast(device):
+    """Under bf16 autocast the network runs in bf16 up to its pooled features, and the classifier in float32 on
+    them: the logits equal the float32 linear layer applied to the bf16 features, not autocast's bf16 product."""
+    torch.manual_seed(0)
+    model = WideResNet(num_classes=10, depth=10, widen_factor=1).to(device).eval()
+    x = torch.randn(8, 3, 32, 32, device=device)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        features, logits = model.features(x), model(x)
+        bf16_logits = model.fc(features)  # what the classifier under autocast would give
+    assert bf16_logits.dtype == torch.bfloat16 and (features.dtype == torch.bfloat16 or device != "cpu")
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, nn.functional.linear(features.float(), model.fc.weight, model.fc.bias))
+    assert not torch.equal(bf16_logits.float(), logits)
+    assert torch.equal(model(x), model.fc(model.features(x)))  # without autocast: float32 throughout, as before

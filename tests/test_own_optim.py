@@ -8,6 +8,8 @@ import torch.nn as nn
 from own_impl.model import WideResNet
 from own_impl.optim import EMA, cosine_lr, param_groups
 
+from conftest import cuda_param
+
 
 def test_schedule_values():
     K = 1000
@@ -75,3 +77,44 @@ def test_training_optimizer_is_fused_and_matches_the_plain_loop():
         fused.step(), plain.step()
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("device", ["cpu", cuda_param()])
+def test_ema_copies_buffers_in_groups_of_one_dtype(device):
+    """The buffer copy runs per (dtype, device) group: each group homogeneous, every buffer in exactly one, and the
+    copied values those of a per-tensor copy (float32 statistics and int64 counters alike)."""
+    live = WideResNet(num_classes=10, depth=10, widen_factor=1).to(device)
+    ema = EMA(live, decay=0.999)
+    buffers = list(ema.model.buffers())
+    assert sorted(i for g in ema.buffer_groups for i in g) == list(range(len(buffers)))
+    assert len(ema.buffer_groups) == 2  # float32 running statistics, int64 num_batches_tracked
+    for group in ema.buffer_groups:
+        assert len({(buffers[i].dtype, buffers[i].device) for i in group}) == 1
+    live.train()(torch.randn(4, 3, 32, 32, device=device))  # moves every BatchNorm's statistics and counter
+    ema.update(live)
+    for got, want in zip(ema.model.buffers(), live.buffers(), strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_ema_buffer_copy_launches_few_kernels_on_cuda():
+    """On CUDA the grouped copy is a few multi-tensor kernels; the mixed list would be one kernel per buffer."""
+    from torch.profiler import ProfilerActivity, profile
+
+    live = WideResNet(num_classes=10).to("cuda")
+    ema = EMA(live, decay=0.999)
+
+    def kernels(copy) -> int:
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            copy()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+
+    ema_b, live_b = list(ema.model.buffers()), list(live.buffers())
+    mixed = kernels(lambda: torch._foreach_copy_(ema_b, live_b))
+    grouped = kernels(lambda: [torch._foreach_copy_([ema_b[i] for i in g], [live_b[i] for i in g])
+                               for g in ema.buffer_groups])
+    print(f"EMA buffer copy on CUDA: {grouped} kernels grouped by dtype, {mixed} for the mixed list "
+          f"({len(ema_b)} buffers)")
+    assert grouped < mixed and grouped <= 8

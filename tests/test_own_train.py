@@ -13,6 +13,7 @@ import torch
 from contract.results import RESULT_KEYS, read_metrics
 from contract.runtime import NonFiniteLoss
 from contract.spec import read_spec
+from own_impl import device as device_mod
 from own_impl import train as train_mod
 
 from conftest import REPO, copy_run, run_module
@@ -164,3 +165,106 @@ def test_a_busy_run_folder_is_refused(make_run_dir):
     assert r.stderr.strip().splitlines() == [f"own_impl.train: error: run folder {run} is in use by another process; "
                                              "wait for it or stop it"]
     assert not (run / "result.json").exists()
+
+
+class StopBeforeData(Exception):
+    """Raised in place of loading the data, once the device has been set up."""
+
+
+@pytest.mark.parametrize("asked", ["cuda", torch.device("cuda"), "cuda:1"], ids=["name", "device", "indexed"])
+def test_a_bare_cuda_device_reaches_set_device_with_its_index(make_run_dir, monkeypatch, asked):
+    """`cuda` without an index (as the CUDA tests pass it) becomes the current device's index before
+    torch.cuda.set_device, which refuses an index-less device. CUDA itself is stood in for, so this runs anywhere."""
+    from torch.cuda._utils import _get_device_index
+
+    with pytest.raises(ValueError, match="specified index"):  # what set_device would say to a bare device
+        _get_device_index(torch.device("cuda"))
+    run = make_run_dir("own")
+    spec, files = read_spec(run / "spec.json")
+    set_to = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: set_to.append(_get_device_index(d)))
+    for flag in ("benchmark", "allow_tf32"):  # use_device sets them: put them back afterwards
+        monkeypatch.setattr(torch.backends.cudnn, flag, getattr(torch.backends.cudnn, flag))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
+
+    def stop(*args):
+        raise StopBeforeData
+
+    monkeypatch.setattr(train_mod, "load_device_data", stop)
+    with pytest.raises(StopBeforeData):
+        train_mod.train(spec, files, run, asked)
+    assert set_to == [1 if str(asked) == "cuda:1" else 3]
+
+
+def test_cuda_rng_state_of_one_or_every_gpu_is_restored_for_the_runs_gpu(monkeypatch):
+    """A checkpoint's rng["cuda"] holds the run's GPU state, or (earlier versions) a list with one per visible GPU:
+    either resumes, with as many GPUs visible as there are now."""
+    states = [torch.full((8,), i, dtype=torch.uint8) for i in range(3)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((int(state[0]), device)))
+    cuda = lambda i: torch.device("cuda", i)  # noqa: E731
+    device_mod.restore_cuda_rng(states, cuda(1))     # the list: the entry of the run's GPU
+    device_mod.restore_cuda_rng(states, cuda(5))     # a GPU the list has no entry for: nothing to restore
+    device_mod.restore_cuda_rng(states[2], cuda(0))  # one state: the run's own, whatever its index was
+    device_mod.restore_cuda_rng(None, cuda(0))       # a CPU run's checkpoint
+    device_mod.restore_cuda_rng(states, CPU)         # resumed on the CPU
+    assert restored == [(1, cuda(1)), (2, cuda(0))]
+
+
+def test_a_checkpoint_with_every_gpus_rng_state_resumes(make_run_dir, tmp_path):
+    """A checkpoint holding a list of CUDA generator states (as earlier versions wrote them) resumes to the run an
+    uninterrupted one gives."""
+    straight = make_run_dir("own", steps=2, eval_every=2, checkpoint_every=1, log_every=1)
+    spec, files = read_spec(straight / "spec.json")
+    resumed = copy_run(straight, tmp_path / "resumed")
+    train_mod.train(spec, files, straight, CPU)
+    assert train_mod.train(spec, files, resumed, CPU, stop_after=1) is None
+    ckpt = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    assert ckpt["rng"]["cuda"] is None  # a CPU run saves no CUDA state
+    ckpt["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8) for _ in range(2)]
+    torch.save(ckpt, resumed / "checkpoint.pt")
+    train_mod.train(spec, files, resumed, CPU)
+    a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (straight, resumed))
+    assert a["step"] == b["step"] == 2
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_result_records_the_tf32_switches_the_precision_set(make_run_dir, monkeypatch):
+    """fp32 means full fp32: the run turns TF32 off (cuDNN's default is on) and result.json says so; tf32 turns it on.
+    (The switches are CUDA's; the CPU computes in fp32 either way, so the run itself is the same.)"""
+    for flag in (torch.backends.cudnn, torch.backends.cuda.matmul):
+        monkeypatch.setattr(flag, "allow_tf32", True)
+    run = make_run_dir("own", steps=1, eval_every=1, checkpoint_every=1)
+    spec, files = read_spec(run / "spec.json")
+    result = train_mod.train(spec, files, run, CPU)
+    assert (result["tf32_conv"], result["tf32_matmul"]) == (False, False)
+    assert json.loads((run / "result.json").read_text())["tf32_conv"] is False
+    run = make_run_dir("own", steps=1, eval_every=1, checkpoint_every=1, precision="tf32")
+    spec, files = read_spec(run / "spec.json")
+    result = train_mod.train(spec, files, run, CPU)
+    assert (result["tf32_conv"], result["tf32_matmul"], result["precision"]) == (True, True, "tf32")
+
+
+def test_an_unasked_compile_from_spec_json_falls_back(make_run_dir, monkeypatch):
+    """spec.json with compile: true, compile_binding: false (what benchmarks write when the user asked nothing): a
+    compile that fails runs eager and the run finishes; with compile_binding: true the failure is the run's."""
+    from own_impl import compile as compile_mod
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(compile_mod, "warm_up_loss", fail)
+    monkeypatch.setattr(compile_mod, "warm_up_augment", fail)
+    run = make_run_dir("own", steps=1, eval_every=1, checkpoint_every=1, depth=10, widen_factor=1,
+                       files={"compile": True, "compile_binding": False})
+    assert train_mod.main(["--spec", str(run / "spec.json"), "--run-dir", str(run)]) == 0
+    result = json.loads((run / "result.json").read_text())
+    assert (result["compiled"], result["augmentation_compiled"], result["steps"]) == (False, False, 1)
+    assert "torch.compile of forward + loss + backward failed (RuntimeError: no C++ compiler)" in \
+        (run / "log.txt").read_text()
+    binding = make_run_dir("own", seed=1, steps=1, eval_every=1, checkpoint_every=1, depth=10, widen_factor=1,
+                           files={"compile": True, "compile_binding": True})
+    assert train_mod.main(["--spec", str(binding / "spec.json"), "--run-dir", str(binding)]) == 1
+    assert not (binding / "result.json").exists()

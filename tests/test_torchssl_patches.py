@@ -1,4 +1,5 @@
-"""The patch table, the spec -> TorchSSL argument mapping, and the patch pieces that need no TorchSSL checkout."""
+"""The patch table, the spec -> TorchSSL argument mapping, the patch pieces that need no TorchSSL checkout, and
+TorchSSL's load_model under checkpoint_to_run_device."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -9,6 +10,8 @@ import pytest
 from contract.spec import RunSpec
 from third_party.torchssl import patches
 from third_party.torchssl.entry import torchssl_args, verify_data
+
+from conftest import torchssl_modules
 
 
 def test_every_patch_is_named_explained_and_applied_only_where_it_belongs():
@@ -107,3 +110,39 @@ def test_cpu_device_shim_redirects_cuda_calls_and_restores_them():
         assert x.device.type == "cpu" and m.weight.device.type == "cpu"
         assert 0.0 <= start.elapsed_time(end) < 1000.0  # milliseconds, as torch.cuda.Event
     assert (torch.Tensor.cuda, torch.nn.Module.cuda, torch.cuda.Event, torch.cuda.synchronize) == original
+
+
+def test_a_checkpoint_written_on_another_gpu_loads_onto_the_models_device(torchssl_checkout, tmp_path, monkeypatch):
+    """TorchSSL's load_model reads a checkpoint whose tensors are tagged cuda:1 (written under --gpus 0 1) onto the
+    device its model is on, here the CPU; TorchSSL's own load_model sends them back to cuda:1, which fails where
+    that GPU is not visible."""
+    torch = pytest.importorskip("torch")
+    with torchssl_modules(torchssl_checkout, "models.fixmatch.fixmatch") as (fixmatch,):
+        def build(cls):
+            torch.manual_seed(0)
+            m = cls(lambda num_classes: torch.nn.Linear(3, num_classes), 10, 0.999, 1.0, 0.95, 1.0)
+            opt = torch.optim.SGD(m.model.parameters(), lr=0.1, momentum=0.9)
+            m.set_optimizer(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0))
+            return m
+
+        saved = build(fixmatch.FixMatch)
+        saved.model(torch.ones(2, 3)).sum().backward()
+        saved.optimizer.step()  # a momentum buffer in the optimizer state
+        path = tmp_path / "latest_model.pth"
+        with monkeypatch.context() as m:
+            m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:1")  # every tensor from cuda:1
+            torch.save({"model": saved.model.state_dict(), "optimizer": saved.optimizer.state_dict(),
+                        "scheduler": saved.scheduler.state_dict(), "it": 7,
+                        "ema_model": saved.model.state_dict()}, path)
+        if torch.cuda.device_count() < 2:
+            with pytest.raises(RuntimeError, match="CUDA device"):
+                build(fixmatch.FixMatch).load_model(str(path))
+        loaded = build(patches.bench_fixmatch_class(fixmatch.FixMatch))
+        torch.nn.init.zeros_(loaded.model.weight)
+        loaded.load_model(str(path))
+        assert loaded.it == 7 and loaded.model.weight.device.type == "cpu"
+        assert torch.equal(loaded.model.weight, saved.model.weight)
+        assert torch.equal(loaded.ema_model.weight, saved.model.weight)
+        momentum = next(iter(loaded.optimizer.state_dict()["state"].values()))["momentum_buffer"]
+        assert momentum.device.type == "cpu" and momentum.abs().sum() > 0
+        assert torch.load is torch.serialization.load  # the mapping ends with load_model

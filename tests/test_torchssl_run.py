@@ -41,6 +41,8 @@ def test_three_step_run_writes_our_schema(make_run_dir, torchssl_checkout):
     assert result["torchssl_commit"] == co.COMMIT and result["torchssl_checkout_clean"] is True
     names = [p["name"] for p in result["patches"]]
     assert "cpu_device_shim" in names and "amp_bf16" not in names and all(p["why"] for p in result["patches"])
+    # fp32 is full fp32: the entry turned off the TF32 that cuDNN allows by default (patch precision_as_spec)
+    assert "precision_as_spec" in names and (result["tf32_conv"], result["tf32_matmul"]) == (False, False)
     assert result["steps_per_second"] > 0 and result["wall_seconds"] >= result["train_seconds"] > 0
 
     metrics = read_metrics(run_dir)

@@ -27,6 +27,7 @@ import numpy as np
 
 from contract.arrays import load_run_inputs
 from contract.checkpoints import previous_path, restore_readable
+from contract.precision import apply_precision
 from contract.recorder import RunRecorder, check_belongs, check_impl
 from contract.results import finished_result, read_evals, read_json, truncate_metrics, write_json_atomic, write_result
 from contract.runtime import StopFlag, StoppedAfter, entry_main, make_log, resolve_device
@@ -220,6 +221,7 @@ def run(spec: RunSpec, files: RunFiles, run_dir: Path, device_name: str, num_wor
     os.chdir(save_path)  # TorchSSL writes ./data_statistics/ relative to the working directory
     args = torchssl_args(spec, run_dir, device.index if device.type == "cuda" else None, num_workers)
     applied = patches.applied(device.type, spec.precision, spec.bn_momentum)
+    apply_precision(spec.precision)  # patch precision_as_spec
 
     shim = patches.cpu_device_shim(device) if "cpu_device_shim" in applied else contextlib.nullcontext()
     with shim, StopFlag() as stop:

@@ -75,6 +75,16 @@ PATCHES: tuple[Patch, ...] = (
           "it = steps + 1) is replaced by the end-of-step save at the last step. A save of non-finite weights "
           "(TorchSSL's own save every 10,000 steps runs before our loss check) is refused, keeping the last good "
           "checkpoint."),
+    Patch("checkpoint_to_run_device", "FixMatch.load_model (subclass)", "always",
+          "load_model calls torch.load(load_path) without map_location, so every tensor would go back to the "
+          "device it was saved from: a checkpoint written on cuda:1 (run_all.py --gpus 0 1) could not be resumed "
+          "where fewer GPUs are visible. The subclass runs TorchSSL's load_model with torch.load mapping the "
+          "checkpoint to the device its model is on; what it loads is unchanged."),
+    Patch("precision_as_spec", "torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32", "always",
+          "TorchSSL leaves cuDNN's default, which lets float32 convolutions use TF32 on CUDA, so its fp32 would not "
+          "be full fp32. The entry sets both TF32 switches from spec.precision before TorchSSL's loop, as our "
+          "entry does (contract/precision.py: off for fp32 and bf16, on for tf32); result.json records them as the "
+          "run left them. A CPU computes in full fp32 either way."),
     Patch("cpu_device_shim", "Tensor.cuda, Module.cuda, torch.cuda.Event, torch.cuda.synchronize", "cpu",
           "TorchSSL calls .cuda() and CUDA events throughout and refuses to run without a GPU. For tests and CPU "
           "comparisons, .cuda(...) moves to the chosen device, the event is a wall-clock stand-in and "
@@ -259,8 +269,26 @@ class LimitedBatches:
 # spec_schedule, observe_evaluate, atomic_checkpoint
 
 
+@contextlib.contextmanager
+def torch_load_to(device):
+    """While active, torch.load maps every tensor to `device` where the caller names no map_location."""
+    import torch
+
+    load = torch.load
+
+    def load_to_device(f, map_location=None, *args, **kwargs):
+        return load(f, device if map_location is None else map_location, *args, **kwargs)
+
+    torch.load = load_to_device
+    try:
+        yield
+    finally:
+        torch.load = load
+
+
 def bench_fixmatch_class(FixMatch):
-    """TorchSSL's FixMatch with the spec's schedule, evaluations observed and atomic saves; train() is its own.
+    """TorchSSL's FixMatch with the spec's schedule, evaluations observed, atomic saves and its checkpoint loaded
+    onto the model's device; train() is its own.
 
     Needs `hooks` set before train(): an object with end_of_step(model) -> bool (evaluate now?),
     evaluated(result_dict, seconds), saved(save_name, step, seconds) and paused() (a context manager for time that
@@ -285,6 +313,10 @@ def bench_fixmatch_class(FixMatch):
                 out = super().evaluate(eval_loader=eval_loader, args=args)
                 self.hooks.evaluated(out, time.perf_counter() - t0)
             return out
+
+        def load_model(self, load_path):
+            with torch_load_to(next(self.model.parameters()).device):  # checkpoint_to_run_device
+                return super().load_model(load_path)
 
         def save_model(self, save_name, save_path):
             import torch
