@@ -83,7 +83,7 @@ class Runner:
             t1 = time.perf_counter()
             x, y_x, y_u = make_batch(self.data, self.samplers, self.spec, self.augment_fn)
             t2 = time.perf_counter()
-            stats = train_step(self.model, self.ema, self.optimizer, self.loss_fn, x, y_x, y_u,
+            stats = train_step(self.model, self.ema, self.optimizer, self.loss_fn, (x, y_x, y_u),
                                cosine_lr(self.spec.lr, self.k, self.spec.steps))
             loss_sum += stats["loss"]
             data_s, step_s = data_s + t2 - t1, step_s + time.perf_counter() - t2
