@@ -51,7 +51,7 @@ class Algorithm:
     make_batch: Callable[..., tuple]
     forward_loss: Callable[..., tuple]  # (model, *inputs, spec) -> (loss, statistics: named detached 0-d tensors)
     augmenter: Callable[[str], Callable]  # recipe -> augment_and_normalize, pure, compiled as one graph
-    stand_ins: Callable[..., tuple]  # (spec, image_shape, device) -> (augment_fn's arguments, inputs) of a step's shapes
+    stand_ins: Callable[..., tuple]  # (spec, image_shape, device) -> (augment_fn's arguments, inputs): a step's shapes
     statistics: tuple[str, ...]  # the names forward_loss returns, in metrics.jsonl's training records
     settings: dict[str, str]  # how the algorithm is realised, for the report's side-by-side settings
 

@@ -57,7 +57,8 @@ every row is then normalised by statistics of the whole mix, which is what inter
 instead of B, with one running-statistics update from all of them. Either way the label-guessing forward runs in
 training mode (batch statistics: official classifier(training=True), TorchSSL model.train()) without gradient and
 must NOT update the running statistics (official: its update ops are skipped; TorchSSL: buffers saved and
-restored); both references guess with one forward per view (muB rows each).
+restored); both references guess with one forward per view (muB rows each). Our step (own_impl/algorithms.py) does
+(a), with one forward per view for the guesses.
 """
 from __future__ import annotations
 

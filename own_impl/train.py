@@ -1,7 +1,8 @@
 """Training entry point: python -m own_impl.train --spec RUN/spec.json --run-dir RUN [--device D] [--[no-]compile].
 
 Reads the run folder's spec.json and the arrays it names, trains the spec's algorithm (FixMatch or MixMatch, as
-own_impl/algorithms.py defines them) for exactly spec.steps optimizer steps, and writes metrics.jsonl, result.json, log.txt and checkpoint.pt into the run folder (see contract/).
+own_impl/algorithms.py defines them) for exactly spec.steps optimizer steps, and writes metrics.jsonl, result.json,
+log.txt and checkpoint.pt into the run folder (see contract/).
 """
 from __future__ import annotations
 

@@ -6,8 +6,9 @@ Builds TorchSSL's algorithm as its fixmatch.py or mixmatch.py main_worker does (
 FixMatch or MixMatch class and train() loop, get_optimizer's weight-decay grouping, get_cosine_schedule_with_warmup,
 SSL_Dataset / BasicDataset (FixMatch: weak and RandAugment(3, 5) views; MixMatch: two weak views), get_data_loader
 with RandomSampler(num_samples = steps * batch)) on our arrays and our split, with the run-time patches listed in
-patches.PATCHES. What differs between the two algorithms is one entry of TORCHSSL_ALGORITHMS. Writes RUN/metrics.jsonl, RUN/result.json and RUN/log.txt
-in our schema (contract/); TorchSSL's own log.txt, tensorboard files, args.json and checkpoints go to RUN/torchssl/.
+patches.PATCHES. What differs between the two algorithms is one entry of TORCHSSL_ALGORITHMS. Writes
+RUN/metrics.jsonl, RUN/result.json and RUN/log.txt in our schema (contract/); TorchSSL's own log.txt, tensorboard
+files, args.json and checkpoints go to RUN/torchssl/.
 
 The checkout is the one spec.json names (torchssl_checkout, made by the harness with checkout.py); it is verified
 before the run and checked again after it. Bytecode is not written, so the checkout stays clean.
