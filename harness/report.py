@@ -449,12 +449,19 @@ def algorithms_section(runs: list[dict]) -> list[str]:
     names = [algorithm_name(a) for a in algorithms]
     s = runs[0]["spec"]
     evaluated = "the whole test set" if s["eval_subset"] == 0 else f"a fixed subset of {s['eval_subset']} test images"
+    heading = f"## {' against '.join(names)}: {s['steps']} steps, B={s['batch_size']}, {s['precision']}, evaluated on "
+    several = [algorithm_name(a) for a in algorithms
+               if len({study_key(r["spec"]) for r in runs if algorithm_of(r) == a}) > 1]
+    if several:  # which of an algorithm's studies would stand for it is not the report's to choose
+        verb = "has" if len(several) == 1 else "each have"
+        return [heading + evaluated, "", f"Not set side by side: {' and '.join(several)} {verb} several studies here "
+                f"(runs that differ in the algorithm's own settings); the table across algorithms takes one per "
+                f"algorithm.", ""]
     by_n = defaultdict(list)
     for r in runs:
         by_n[r["spec"]["n_labels"]].append(r)
     budgets = [Budget(n, by_n[n], key=cell) for n in sorted(by_n)]
-    lines = [f"## {' against '.join(names)}: {s['steps']} steps, B={s['batch_size']}, {s['precision']}, evaluated on "
-             f"{evaluated}", "",
+    lines = [heading + evaluated, "",
              f"Each algorithm with its own settings (its section below), on the same splits, pixels and step budget; "
              f"top-1 (%) as mean ± std on the seeds every run of the budget finished with matching split, data and "
              f"steps. The algorithm gap ({names[-1]} − {names[0]}, per seed, then mean [95% CI] (n)) of each "

@@ -24,11 +24,11 @@ TRAIN_STATS = {"fixmatch": {"mask_rate": 0.5, "pseudo_acc": 0.9},
 
 
 def fake_run(out, who, n, seed, final, best, evals_top1, *, median=None, steps=100, split="s", data="d", sps=2.0,
-             wall=50.0, optimizer_steps=None, algorithm="fixmatch"):
+             wall=50.0, optimizer_steps=None, algorithm="fixmatch", **settings):
     impl, recipe = ARM[who]
     spec = RunSpec(impl=impl, recipe=recipe, n_labels=n, seed=seed, data_kind="image-folder-tar",
                    data_sha256=data * 64, split_sha256=split * 64, steps=steps, eval_every=10,
-                   **(MIXMATCH if algorithm == "mixmatch" else {}))
+                   **{**(MIXMATCH if algorithm == "mixmatch" else {}), **settings})
     run_dir = out / "runs" / spec.name
     write_spec(run_dir, spec, RunFiles(data_dir="/d", split_file="/s"))
     evals = [{"kind": "eval", "step": 10 * (i + 1), "top1": a, "top5": 99.0, "loss": 0.5}
@@ -200,3 +200,10 @@ def test_algorithms_on_different_protocols_are_not_set_side_by_side(tmp_path):
     text = write_report(tmp_path).read_text()
     assert " against MixMatch" not in text
     assert "## FixMatch: 100 steps" in text and "## MixMatch: 200 steps" in text
+    # one protocol, but two FixMatch studies (another threshold): which one stands for FixMatch is not chosen
+    fake_run(tmp_path, "own", 40, 0, 47.0, 47.0, [47.0], steps=200, algorithm="mixmatch", temperature=0.25)
+    fake_run(tmp_path, "own", 40, 0, 52.0, 52.0, [52.0], steps=200)
+    fake_run(tmp_path, "own", 40, 0, 53.0, 53.0, [53.0], steps=200, threshold=0.9)
+    text = write_report(tmp_path).read_text()
+    assert "## FixMatch against MixMatch: 200 steps" in text
+    assert "Not set side by side: FixMatch and MixMatch each have several studies here" in text

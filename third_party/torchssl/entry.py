@@ -140,7 +140,7 @@ def torchssl_args(spec: RunSpec, run_dir: Path, gpu: int | None, num_workers: in
     (TORCHSSL_ALGORITHMS args): FixMatch threshold -> p_cutoff; MixMatch mixup_alpha -> alpha, temperature -> T,
     ramp_up -> ramp_up;
     nesterov -> get_optimizer(nesterov=...) (main_worker leaves it at its default True); precision "bf16" -> amp
-    (with patch amp_bf16). Fixed, as TorchSSL's cifar10 configs: hard_label True (so T is unused; set to 1),
+    (with patch amp_bf16). Fixed, as TorchSSL's cifar10 configs: FixMatch's hard_label True (T unused; set to 1),
     net WideResNet built by net_builder (not torchvision), leaky_slope 0.1, dropout 0, bn_momentum 1 - 0.999
     (set by main_worker; its WRN hard-codes BatchNorm momentum 0.001 anyway), optim SGD, clip 0,
     train_sampler RandomSampler, use_tensorboard True. One process on one device: gpu from the device string,
