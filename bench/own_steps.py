@@ -60,7 +60,7 @@ class Runner:
         apply_precision(self.spec.precision)  # before compiling: inductor may read the TF32 switches
         self.model, self.ema, self.optimizer = build(self.spec, device)
         self.loss_fn = make_loss_fn(forward_loss, self.model, self.spec, cfg["compile"], compile_mode)
-        self.augment_fn = make_augment_fn(cfg["compile"], compile_mode)
+        self.augment_fn = make_augment_fn(self.spec.recipe, cfg["compile"], compile_mode)
         t = time.perf_counter()
         if cfg["compile"]:
             warm_up_augment(self.augment_fn, self.spec, data.train_x.shape[1:], device)
@@ -87,7 +87,7 @@ class Runner:
             t1 = time.perf_counter()
             x, y_x, y_u = make_batch(self.data, self.samplers, self.spec, self.augment_fn)
             t2 = time.perf_counter()
-            stats = train_step(self.model, self.ema, self.optimizer, self.loss_fn, x, y_x, y_u,
+            stats = train_step(self.model, self.ema, self.optimizer, self.loss_fn, (x, y_x, y_u),
                                cosine_lr(self.spec.lr, self.k, self.spec.steps))
             loss_sum += stats["loss"]
             data_s, step_s = data_s + t2 - t1, step_s + time.perf_counter() - t2

@@ -242,5 +242,7 @@ def train_log_line(record: dict[str, Any], total_steps: int) -> str:
         parts.append(f"({' '.join(details)})")
     if record.get("mask_rate") is not None:
         parts.append(f"mask_rate {record['mask_rate']:.3f}")
+    if record.get("lambda_u") is not None:  # MixMatch's ramped weight of its unlabelled loss
+        parts.append(f"lambda_u {record['lambda_u']:.2f}")
     parts.append(f"{record['images_per_s'] or 0:.1f} img/s data_frac {record['data_frac'] or 0:.2f}")
     return " ".join(parts)

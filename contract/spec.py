@@ -12,7 +12,11 @@ from typing import Any
 from contract.results import read_json, write_json_atomic
 
 IMPLS = ("own", "torchssl")
-ALGORITHMS = ("fixmatch",)
+ALGORITHMS = ("fixmatch", "mixmatch")
+# The settings only one algorithm uses: set (not None) for its runs, None for every other algorithm's, so that they
+# are left out of the other runs' hashes (RunSpec.hash) and adding an algorithm renames no run of another.
+ALGORITHM_SETTINGS = {"fixmatch": ("threshold",), "mixmatch": ("mixup_alpha", "temperature", "ramp_up")}
+MIXMATCH_VIEWS = 2  # K, weak views of each unlabelled image (the paper's, the official code's and TorchSSL's)
 # Which augmentation, sampling and network wiring a run follows: the paper's (our implementation's default) or
 # TorchSSL's, which our implementation reproduces and TorchSSL always runs (own_impl/recipes.py has the table).
 RECIPES = ("paper", "torchssl")
@@ -46,8 +50,8 @@ class RunSpec:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
-    threshold: float = 0.95  # tau, confidence threshold for pseudo-labels
-    lambda_u: float = 1.0
+    threshold: float | None = 0.95  # FixMatch: tau, confidence threshold for pseudo-labels (None for MixMatch)
+    lambda_u: float = 1.0  # weight of the unlabelled loss (MixMatch: its value after the ramp-up)
     ema_decay: float = 0.999
     bn_momentum: float = 0.001  # every BatchNorm's, PyTorch convention (the paper's and TorchSSL's 0.001)
     depth: int = 28  # WideResNet depth
@@ -58,6 +62,9 @@ class RunSpec:
     eval_batch_size: int = 256
     checkpoint_every: int = 5000  # steps between checkpoints (also written on interruption and at the end)
     log_every: int = 50  # steps between training-statistics lines in metrics.jsonl
+    mixup_alpha: float | None = None  # MixMatch: alpha of MixUp's Beta(alpha, alpha)
+    temperature: float | None = None  # MixMatch: T, the sharpening temperature of the guessed labels
+    ramp_up: float | None = None  # MixMatch: fraction of the steps over which lambda_u rises linearly from 0
 
     def __post_init__(self) -> None:
         problems = spec_problems(self.to_dict())
@@ -90,7 +97,10 @@ class RunSpec:
 
     @property
     def images_per_step(self) -> int:
-        """Images through the forward pass of one step: B labelled, muB weak and muB strong unlabelled."""
+        """Images through the model's forward passes in one step. FixMatch: B labelled, muB weak and muB strong
+        unlabelled. MixMatch: K muB through the label-guessing passes (no gradient), then the B + K muB mixed ones."""
+        if self.algorithm == "mixmatch":
+            return self.batch_size * (1 + 2 * MIXMATCH_VIEWS * self.uratio)
         return self.batch_size * (1 + 2 * self.uratio)
 
 
@@ -106,14 +116,15 @@ def budget_problem(n_labels: int, num_classes: int = 10) -> str | None:
     return None
 
 
-def settings_problems(values: dict[str, Any], num_classes: int = 10) -> list[str]:
-    """What is wrong with a preset's setting values (a subset of SETTING_FIELDS; missing ones take the defaults).
-    The one place every setting is checked: RunSpec runs it on construction, planning before any work."""
+def settings_problems(values: dict[str, Any], num_classes: int = 10, algorithm: str = "fixmatch") -> list[str]:
+    """What is wrong with a preset's setting values for `algorithm`'s runs (a subset of SETTING_FIELDS; missing ones
+    take the defaults). The one place every setting is checked: RunSpec runs it on construction, planning before
+    any work."""
     unknown = sorted(set(values) - set(SETTING_FIELDS))
     if unknown:
         return [f"unknown settings {unknown}; known: {', '.join(SETTING_FIELDS)}"]
     v = {**{k: _DEFAULTS[k] for k in SETTING_FIELDS}, **values}
-    problems = []
+    problems = algorithm_settings_problems(v, algorithm)
     if v["precision"] not in PRECISIONS:
         problems.append(f"precision {v['precision']!r} is not one of {PRECISIONS}")
     for name in ("steps", "eval_every", "batch_size", "uratio", "depth", "widen_factor", "eval_batch_size",
@@ -122,7 +133,7 @@ def settings_problems(values: dict[str, Any], num_classes: int = 10) -> list[str
             problems.append(f"{name} must be a positive integer, got {v[name]!r}")
     # finite first: inf passes "> 0" and then fails deep inside a run
     finite = {k: v[k] for k in ("lr", "momentum", "weight_decay", "threshold", "lambda_u", "ema_decay",
-                                "bn_momentum")}
+                                "bn_momentum", "mixup_alpha", "temperature", "ramp_up") if v[k] is not None}
     for name, x in finite.items():
         if not isinstance(x, (int, float)) or not math.isfinite(x):
             problems.append(f"{name} must be a finite number, got {x!r}")
@@ -136,8 +147,14 @@ def settings_problems(values: dict[str, Any], num_classes: int = 10) -> list[str
         problems.append(f"weight_decay must be >= 0, got {v['weight_decay']}")
     if not v["lambda_u"] >= 0:
         problems.append(f"lambda_u must be >= 0, got {v['lambda_u']}")
-    if not 0.0 <= v["threshold"] <= 1.0:
+    if v["threshold"] is not None and not 0.0 <= v["threshold"] <= 1.0:
         problems.append(f"threshold must lie in [0, 1], got {v['threshold']}")
+    if v["mixup_alpha"] is not None and not v["mixup_alpha"] > 0:
+        problems.append(f"mixup_alpha must be positive (Beta(alpha, alpha)), got {v['mixup_alpha']}")
+    if v["temperature"] is not None and not v["temperature"] > 0:
+        problems.append(f"temperature must be positive, got {v['temperature']}")
+    if v["ramp_up"] is not None and not 0.0 <= v["ramp_up"] <= 1.0:
+        problems.append(f"ramp_up must lie in [0, 1] (a fraction of the steps), got {v['ramp_up']}")
     if not 0.0 <= v["ema_decay"] < 1.0:
         problems.append(f"ema_decay must lie in [0, 1), got {v['ema_decay']}")
     if not 0.0 < v["bn_momentum"] <= 1.0:
@@ -149,15 +166,27 @@ def settings_problems(values: dict[str, Any], num_classes: int = 10) -> list[str
     return problems
 
 
+def algorithm_settings_problems(v: dict[str, Any], algorithm: str) -> list[str]:
+    """Each algorithm-only setting (ALGORITHM_SETTINGS) is set for its algorithm's runs and None for the others'."""
+    if algorithm not in ALGORITHMS:
+        return [f"algorithm {algorithm!r} is not one of {ALGORITHMS}"]
+    problems = []
+    for owner, names in ALGORITHM_SETTINGS.items():
+        for name in names:
+            if owner == algorithm and v[name] is None:
+                problems.append(f"{name} must be set for {algorithm} runs")
+            elif owner != algorithm and v[name] is not None:
+                problems.append(f"{name} is a {owner} setting; it must be None for {algorithm} runs, got {v[name]!r}")
+    return problems
+
+
 def spec_problems(d: dict[str, Any]) -> list[str]:
     """settings_problems plus the identity fields' rules."""
     if d["num_classes"] < 1:
         return [f"num_classes must be a positive integer, got {d['num_classes']!r}"]
-    problems = settings_problems({k: d[k] for k in SETTING_FIELDS if k in d}, d["num_classes"])
+    problems = settings_problems({k: d[k] for k in SETTING_FIELDS if k in d}, d["num_classes"], d["algorithm"])
     if d["impl"] not in IMPLS:
         problems.append(f"impl {d['impl']!r} is not one of {IMPLS}")
-    if d["algorithm"] not in ALGORITHMS:
-        problems.append(f"algorithm {d['algorithm']!r} is not one of {ALGORITHMS}")
     if d["recipe"] not in RECIPES:
         problems.append(f"recipe {d['recipe']!r} is not one of {RECIPES}")
     elif d["impl"] == "torchssl" and d["recipe"] != "torchssl":

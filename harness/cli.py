@@ -7,7 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
-from contract.spec import IMPLS, MAX_SEED, PRECISIONS, RECIPES, SETTING_FIELDS
+from contract.spec import ALGORITHMS, IMPLS, MAX_SEED, PRECISIONS, RECIPES, SETTING_FIELDS
 from harness.plan import PRESETS, Plan, make_plan
 from harness.slurm import add_flags as add_launcher_flags
 
@@ -16,8 +16,12 @@ OVERRIDES = [
     ("steps", int, "optimizer steps per run"), ("eval_every", int, "steps between evaluations"),
     ("batch_size", int, "B, labelled images per step"), ("uratio", int, "mu, unlabelled per labelled"),
     ("lr", float, "initial learning rate"), ("momentum", float, "SGD momentum"),
-    ("weight_decay", float, "weight decay"), ("threshold", float, "tau, confidence threshold"),
-    ("lambda_u", float, "unlabelled loss weight"), ("ema_decay", float, "EMA decay"),
+    ("weight_decay", float, "weight decay"), ("threshold", float, "FixMatch's tau, confidence threshold"),
+    ("lambda_u", float, "unlabelled loss weight, for every algorithm's runs (MixMatch: after its ramp-up)"),
+    ("ema_decay", float, "EMA decay"),
+    ("mixup_alpha", float, "MixMatch's alpha of Beta(alpha, alpha)"),
+    ("temperature", float, "MixMatch's T, sharpening temperature"),
+    ("ramp_up", float, "MixMatch's ramp-up of lambda_u: the fraction of the steps it takes"),
     ("bn_momentum", float, "BatchNorm momentum (PyTorch convention)"),
     ("depth", int, "WideResNet depth"), ("widen_factor", int, "WideResNet width"),
     ("eval_subset", int, "0: whole test set; n: fixed class-balanced subset"),
@@ -43,11 +47,13 @@ def non_negative_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="fixmatch-bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                      description="Run our FixMatch and TorchSSL's side by side on CIFAR-10 and write the report.",
-                      allow_abbrev=False)
+                      description="Run our FixMatch and MixMatch and TorchSSL's side by side on CIFAR-10 and write "
+                                  "the report.", allow_abbrev=False)
     p.add_argument("--budgets", type=int, nargs="+", default=[40, 250, 4000],
                    help="label budgets: labelled images in total, positive multiples of 10")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help=f"seeds (0..{MAX_SEED}); each draws its split")
+    p.add_argument("--algorithms", nargs="+", default=["fixmatch"], choices=list(ALGORITHMS),
+                   help="algorithms to run, each with its own defaults (harness/plan.py ALGORITHM_DEFAULTS)")
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS), help="implementations to run")
     p.add_argument("--recipes", nargs="+", default=["paper"], choices=list(RECIPES),
                    help="recipes our implementation runs, once each (TorchSSL always runs its own): paper, and "
@@ -75,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torchssl-workers", type=non_negative_int, default=None,
                    help="TorchSSL's DataLoader workers (its unlabelled loader gets 4x; default: its config's 1)")
     add_launcher_flags(p)
-    g = p.add_argument_group("overrides of the preset's values")
+    g = p.add_argument_group("overrides of the preset's values",
+                             "each applies to every algorithm's runs, except an algorithm's own setting (--threshold; "
+                             "--mixup-alpha, --temperature, --ramp-up), which applies to that algorithm's runs only")
     for name, typ, hint in OVERRIDES:
         g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=hint)
     g.add_argument("--precision", choices=list(PRECISIONS), default=None,
@@ -139,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     # Slurm: every option and the cluster checked before any work; each job's device is resolved on its node
     slurm = slurm_options(args, out, user_path(args.cache_dir) if args.cache_dir else default_cache_dir())
     plan = make_plan(budgets=args.budgets, seeds=args.seeds, impls=args.impls, recipes=args.recipes,
-                     preset=args.preset,
+                     algorithms=args.algorithms, preset=args.preset,
                      overrides=overrides(args), out_dir=out, device=args.device, gpus=args.gpus,
                      data=args.data or os.environ.get("FIXMATCH_BENCH_DATA"),
                      cache_dir=user_path(args.cache_dir) if args.cache_dir else None,

@@ -1,9 +1,11 @@
 """RESULTS.md and figures/, rebuilt at any time from the result files under a results folder, and nothing else.
 
 A run belongs to an arm (implementation and recipe: ours with the paper's recipe, ours with TorchSSL's, TorchSSL)
-and a study (every other spec setting but the budget and seed). Within a study and budget, the arms are compared
-on the seeds that all of them finished, and only where their split, data, step budget and applied optimizer steps
-agree; everything else is listed apart, by name.
+and a study (every other spec setting but the budget and seed, so each algorithm has its own). Within a study and
+budget, the arms are compared on the seeds that all of them finished, and only where their split, data, step budget
+and applied optimizer steps agree; everything else is listed apart, by name. Studies of different algorithms that
+share everything but the algorithm and its own defaults (a protocol) are also set side by side, arm by arm, on the
+seeds every one of their runs finished.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from contract.spec import ALGORITHM_SETTINGS, ALGORITHMS
+from harness.plan import ALGORITHM_DEFAULTS
 from harness.stats import Paired, paired
 from harness.verify import flagged_section, load_run
 
@@ -30,13 +34,29 @@ COMPARISONS = (
 PER_RUN_FIELDS = ("impl", "recipe", "n_labels", "seed", "split_sha256")  # the algorithm defines a study
 CHECKED = ("split_sha256", "data_sha256", "steps", "optimizer_steps")  # what compared runs must share
 STATISTICS = (("final_top1", "final"), ("median20_top1", "median"))
+ALGORITHM_NAMES = {"fixmatch": "FixMatch", "mixmatch": "MixMatch"}
+# The settings an algorithm brings with it (its own, and the defaults it sets, such as mu and lambda_u): runs of
+# different algorithms that differ only in these (and in the algorithm) follow one protocol and are set side by side.
+ALGORITHM_FIELDS = ("algorithm", *sorted({k for d in ALGORITHM_DEFAULTS.values() for k in d}
+                                         | {k for names in ALGORITHM_SETTINGS.values() for k in names}))
+# The training statistics each algorithm's figure shows beside the accuracy: (name, scale, title, y label).
+FIGURE_PANELS = {
+    "fixmatch": (("mask_rate", 100, "mask rate (pseudo-labels accepted)", "accepted unlabelled images (%)"),
+                 ("pseudo_acc", 100, "accuracy of accepted pseudo-labels", "correct among accepted (%)")),
+    "mixmatch": (("lambda_u", 1, "λu(t), the ramped weight of L_U", "λu"),
+                 ("loss_u", 1, "L_U, squared error on the mixed unlabelled rows", "L_U"),
+                 ("guess_acc", 100, "accuracy of the guessed labels", "argmax of the guess correct (%)")),
+}
 
 
 def arm(run: dict) -> tuple[str, str]:
     return run["spec"]["impl"], run["spec"].get("recipe", "paper")
 
 
-def arm_name(a: tuple[str, str]) -> str:
+def arm_name(a: tuple) -> str:
+    """An arm's name; a cell's (algorithm, implementation, recipe) is its algorithm's name and its arm's."""
+    if len(a) == 3:
+        return f"{ALGORITHM_NAMES.get(a[0], a[0])}, {arm_name(a[1:])}"
     return ARMS.get(a, f"{a[0]} ({a[1]} recipe)")
 
 
@@ -53,6 +73,31 @@ def load_runs(out_dir: Path) -> list[dict]:
 
 def study_key(spec: dict) -> tuple:
     return tuple(sorted((k, v) for k, v in spec.items() if k not in PER_RUN_FIELDS))
+
+
+def protocol_key(spec: dict) -> tuple:
+    """A study's key without its algorithm and the settings that come with an algorithm."""
+    return tuple(sorted((k, v) for k, v in spec.items() if k not in PER_RUN_FIELDS + ALGORITHM_FIELDS))
+
+
+def algorithm_of(run: dict) -> str:
+    return run["spec"].get("algorithm", "fixmatch")
+
+
+def algorithm_name(algorithm: str) -> str:
+    return ALGORITHM_NAMES.get(algorithm, algorithm)
+
+
+def cell(run: dict) -> tuple[str, str, str]:
+    """(algorithm, implementation, recipe): a run's place in the table across algorithms."""
+    return (algorithm_of(run), *arm(run))
+
+
+def arm_order(a: tuple) -> tuple:
+    """Arms in ARMS order; cells by algorithm (ALGORITHMS order), then arm."""
+    alg, a = (a[0], a[1:]) if len(a) == 3 else ("", a)
+    return (list(ALGORITHMS).index(alg) if alg in ALGORITHMS else -1,
+            list(ARMS).index(a) if a in ARMS else len(ARMS), a)
 
 
 def fmt_seconds(s: float) -> str:
@@ -83,14 +128,15 @@ def short_version(version) -> str:
 
 class Budget:
     """The runs of one study at one budget: per arm, per seed; the seeds every arm finished with matching
-    split, data and steps (`paired`), those it did not (`unpaired`), and the mismatches."""
+    split, data and steps (`paired`), those it did not (`unpaired`), and the mismatches. key: a run's arm (or, across
+    algorithms, its cell)."""
 
-    def __init__(self, n: int, runs: list[dict]):
-        self.n = n
+    def __init__(self, n: int, runs: list[dict], key=arm):
+        self.n, self.key = n, key
         self.by_arm: dict[tuple, dict[int, dict]] = defaultdict(dict)
         for r in runs:
-            self.by_arm[arm(r)][r["spec"]["seed"]] = r
-        self.arms = sorted(self.by_arm, key=lambda a: list(ARMS).index(a) if a in ARMS else len(ARMS))
+            self.by_arm[key(r)][r["spec"]["seed"]] = r
+        self.arms = sorted(self.by_arm, key=arm_order)
         common = set.intersection(*(set(s) for s in self.by_arm.values()))
         self.mismatches: dict[int, list[str]] = {}
         for seed in sorted(common):
@@ -189,7 +235,7 @@ def excluded_sections(budgets: list[Budget]) -> list[str]:
     if unpaired:
         lines += ["", "### Unpaired runs (not in the table: the other runs of their budget lack their seed)", ""]
         for b, r in unpaired:
-            lines.append(f"- {b.n} labels, seed {r['spec']['seed']}, {arm_name(arm(r))}: final top-1 "
+            lines.append(f"- {b.n} labels, seed {r['spec']['seed']}, {arm_name(b.key(r))}: final top-1 "
                          f"{r['result']['final_top1']:.2f} (`{r['dir'].name}`)")
     return lines
 
@@ -197,7 +243,7 @@ def excluded_sections(budgets: list[Budget]) -> list[str]:
 def settings_section(runs: list[dict]) -> list[str]:
     spec = runs[0]["spec"]
     lines = ["| setting | value (every run of this study, from the run spec) |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in spec.items() if k not in PER_RUN_FIELDS]
+    lines += [f"| {k} | {v} |" for k, v in spec.items() if k not in PER_RUN_FIELDS and v is not None]
     first = {}
     for r in sorted(runs, key=lambda r: r["spec"]["seed"]):
         first.setdefault(arm(r), r["result"])
@@ -249,27 +295,31 @@ def _series(metrics: list[dict], kind: str, key: str) -> tuple[list[int], list[f
 
 
 def make_figures(budgets: list[Budget], runs: list[dict], fig_dir: Path, tag: str) -> list[tuple[str, Path]]:
-    """One figure per budget (accuracy, mask rate, pseudo-label accuracy over steps) and one of throughput."""
+    """One figure per budget (accuracy, and the algorithm's FIGURE_PANELS over steps) and one of throughput."""
     import matplotlib
 
     matplotlib.use("Agg")
     fig_dir.mkdir(parents=True, exist_ok=True)
+    algorithm = algorithm_of(runs[0])
+    panels = FIGURE_PANELS.get(algorithm, ())
     made = []
     for b in budgets:
         path = fig_dir / f"{tag}curves-{b.n}.png"
-        _curves_figure(b, path)
-        made.append((f"{b.n} labels: accuracy, mask rate, pseudo-label accuracy", path))
+        _curves_figure(b, path, panels)
+        made.append((f"{b.n} labels, {algorithm_name(algorithm)}: accuracy, "
+                     + ", ".join(title for _, _, title, _ in panels), path))
     path = fig_dir / f"{tag}throughput.png"
     _throughput_figure(budgets, path)
     made.append(("throughput", path))
     return made
 
 
-def _curves_figure(b: Budget, path: Path) -> None:
+def _curves_figure(b: Budget, path: Path, panels: tuple) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(5 * (1 + len(panels)), 4), squeeze=False)
+    axes = axes[0]
     for a in b.arms:
         rs = list(b.by_arm[a].values())
         label, color = arm_name(a), COLORS.get(a)
@@ -283,16 +333,14 @@ def _curves_figure(b: Budget, path: Path) -> None:
             ys = np.array([[dict(zip(s, acc))[x] for x in xs] for s, acc in curves])
             axes[0].plot(xs, ys.mean(0), color=color, lw=2, label=f"{label}, mean of {len(rs)} seeds")
             axes[0].fill_between(xs, ys.min(0), ys.max(0), color=color, alpha=0.15)
-        for ax, key in ((axes[1], "mask_rate"), (axes[2], "pseudo_acc")):
+        for ax, (key, scale, _, _) in zip(axes[1:], panels):
             for i, r in enumerate(rs):
                 s, v = _series(r["metrics"], "train", key)
                 if s:
-                    ax.plot(s, [100 * x for x in v], color=color, alpha=0.8, lw=1, label=label if i == 0 else None)
+                    ax.plot(s, [scale * x for x in v], color=color, alpha=0.8, lw=1, label=label if i == 0 else None)
     axes[0].set(title=f"EMA-model test accuracy, {b.n} labels", xlabel="step", ylabel="top-1 accuracy (%)")
-    axes[1].set(title=f"mask rate (pseudo-labels accepted), {b.n} labels", xlabel="step",
-                ylabel="accepted unlabelled images (%)")
-    axes[2].set(title=f"accuracy of accepted pseudo-labels, {b.n} labels", xlabel="step",
-                ylabel="correct among accepted (%)")
+    for ax, (_, _, title, ylabel) in zip(axes[1:], panels):
+        ax.set(title=f"{title}, {b.n} labels", xlabel="step", ylabel=ylabel)
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -346,8 +394,9 @@ def study_section(runs: list[dict], fig_dir: Path, tag: str) -> list[str]:
     for r in runs:
         by_n[r["spec"]["n_labels"]].append(r)
     budgets = [Budget(n, by_n[n]) for n in sorted(by_n)]
-    lines = [f"## {s['steps']} steps, B={s['batch_size']}, μ={s['uratio']}, {s['precision']}, evaluated on "
-             f"{evaluated}", "", f"Data: {'; '.join(sources)} (pixels sha256 `{s['data_sha256'][:16]}…`).", ""]
+    lines = [f"## {algorithm_name(algorithm_of(runs[0]))}: {s['steps']} steps, B={s['batch_size']}, μ={s['uratio']}, "
+             f"{s['precision']}, evaluated on {evaluated}", "",
+             f"Data: {'; '.join(sources)} (pixels sha256 `{s['data_sha256'][:16]}…`).", ""]
     lines += results_table(budgets, median_heading(runs))
     lines += comparison_sections(budgets)
     lines += excluded_sections(budgets)
@@ -358,13 +407,75 @@ def study_section(runs: list[dict], fig_dir: Path, tag: str) -> list[str]:
     return lines
 
 
+def diff_text(p: Paired | None) -> str:
+    if p is None:
+        return "no paired seeds"
+    if p.low is None:
+        return f"{p.mean:+.2f} (n=1)"
+    return f"{p.mean:+.2f} [{p.low:+.2f}, {p.high:+.2f}] (n={p.n})"
+
+
+def algorithms_table(b: Budget, algorithms: list[str]) -> list[str]:
+    """One budget's rows of the table across algorithms: each arm under each algorithm, the algorithm gap
+    (last minus first algorithm) per arm, and each study comparison (the implementation gap) per algorithm."""
+    first, last = algorithms[0], algorithms[-1]
+    seeds = ", ".join(map(str, b.seeds)) or "–"
+    lines = []
+    for a in [a for a in ARMS if any((alg, *a) in b.by_arm for alg in algorithms)]:
+        for key, name in STATISTICS:
+            cells = [mean_std([r[key] for r in b.results((alg, *a))]) if (alg, *a) in b.by_arm and b.seeds
+                     else "–" for alg in algorithms]
+            gap = diff_text(b.compare((last, *a), (first, *a), key)) if b.seeds else "no paired seeds"
+            lines.append(f"| {b.n} | {arm_name(a)} | {seeds} | {name} | " + " | ".join(cells) + f" | {gap} |")
+    for title, x, y, _ in COMPARISONS:
+        if not all((alg, *x) in b.by_arm and (alg, *y) in b.by_arm for alg in algorithms):
+            continue
+        for key, name in STATISTICS:
+            cells = [diff_text(b.compare((alg, *x), (alg, *y), key)) for alg in algorithms]
+            lines.append(f"| {b.n} | *{title}*: {arm_name(x)} − {arm_name(y)} | {seeds} | {name} | "
+                         + " | ".join(cells) + " | |")
+    return lines
+
+
+def algorithms_section(runs: list[dict]) -> list[str]:
+    """The table across algorithms of one protocol (runs that differ only in the algorithm and its own settings)."""
+    algorithms = sorted({algorithm_of(r) for r in runs}, key=lambda a: arm_order((a, "", ""))[0])
+    names = [algorithm_name(a) for a in algorithms]
+    s = runs[0]["spec"]
+    evaluated = "the whole test set" if s["eval_subset"] == 0 else f"a fixed subset of {s['eval_subset']} test images"
+    heading = f"## {' against '.join(names)}: {s['steps']} steps, B={s['batch_size']}, {s['precision']}, evaluated on "
+    several = [algorithm_name(a) for a in algorithms
+               if len({study_key(r["spec"]) for r in runs if algorithm_of(r) == a}) > 1]
+    if several:  # which of an algorithm's studies would stand for it is not the report's to choose
+        verb = "has" if len(several) == 1 else "each have"
+        return [heading + evaluated, "", f"Not set side by side: {' and '.join(several)} {verb} several studies here "
+                f"(runs that differ in the algorithm's own settings); the table across algorithms takes one per "
+                f"algorithm.", ""]
+    by_n = defaultdict(list)
+    for r in runs:
+        by_n[r["spec"]["n_labels"]].append(r)
+    budgets = [Budget(n, by_n[n], key=cell) for n in sorted(by_n)]
+    lines = [heading + evaluated, "",
+             f"Each algorithm with its own settings (its section below), on the same splits, pixels and step budget; "
+             f"top-1 (%) as mean ± std on the seeds every run of the budget finished with matching split, data and "
+             f"steps. The algorithm gap ({names[-1]} − {names[0]}, per seed, then mean [95% CI] (n)) of each "
+             f"implementation stands beside its implementation gap (the rows in italics, per algorithm).", "",
+             "| labels | run | seeds | statistic | " + " | ".join(names) + f" | {names[-1]} − {names[0]} |",
+             "|---:|---|---|---|" + "---:|" * len(names) + "---|"]
+    for b in budgets:
+        lines += algorithms_table(b, algorithms)
+    lines += excluded_sections(budgets)
+    return lines + [""]
+
+
 def write_report(out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     runs = load_runs(out_dir)
     flagged = [r for r in runs if r["problems"]]  # damaged or disagreeing files: shown first, never compared
     runs = [r for r in runs if not r["problems"]]
     path = out_dir / "RESULTS.md"
-    lines = ["# FixMatch on CIFAR-10: ours against TorchSSL", "",
+    present = [a for a in ALGORITHMS if any(algorithm_of(r) == a for r in runs)] or list(ALGORITHMS)
+    lines = [f"# {' and '.join(algorithm_name(a) for a in present)} on CIFAR-10: ours against TorchSSL", "",
              "Generated by `python run_all.py --report-only` from the `result.json` and `metrics.jsonl` files "
              "under `runs/`; edit nothing here by hand.", "", *flagged_section(flagged)]
     if not runs:
@@ -373,11 +484,23 @@ def write_report(out_dir: Path) -> Path:
         path.write_text("\n".join(lines) + "\n")
         return path
     lines += [HOW_TO_READ, ""]
+    protocols = defaultdict(list)
+    for r in runs:
+        protocols[protocol_key(r["spec"])].append(r)
+    for group in protocols.values():
+        if len({algorithm_of(r) for r in group}) > 1:
+            lines += algorithms_section(group)
     studies = defaultdict(list)
     for r in runs:
         studies[study_key(r["spec"])].append(r)
-    ordered = sorted(studies.values(), key=lambda rs: -len(rs))
+    ordered = sorted(studies.values(), key=lambda rs: (arm_order((algorithm_of(rs[0]), "", ""))[0], -len(rs)))
+    per_algorithm = defaultdict(int)
+    for study in ordered:
+        per_algorithm[algorithm_of(study[0])] += 1
     for i, study in enumerate(ordered):
-        lines += study_section(study, out_dir / "figures", f"s{i}-" if len(ordered) > 1 else "")
+        algorithm = algorithm_of(study[0])
+        # figure names never collide: by algorithm, and by study where an algorithm has several
+        tag = "" if len(ordered) == 1 else f"{algorithm}-" + (f"s{i}-" if per_algorithm[algorithm] > 1 else "")
+        lines += study_section(study, out_dir / "figures", tag)
     path.write_text("\n".join(lines) + "\n")
     return path

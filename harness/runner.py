@@ -144,12 +144,12 @@ def warmup_estimate(runs: list[PlannedRun], ctx: RunContext, n_test: int, device
     """Time a few steps of each implementation at the planned batch sizes; return the estimated total seconds.
     `runs`: the runs still to do; `n_test`: the number of test images."""
     total = 0.0
-    for impl in sorted({r.spec.impl for r in runs}):
-        mine = [r for r in runs if r.spec.impl == impl]
+    for impl, algorithm in sorted({(r.spec.impl, r.spec.algorithm) for r in runs}):
+        mine = [r for r in runs if (r.spec.impl, r.spec.algorithm) == (impl, algorithm)]
         probe_steps = 8
         spec = dataclasses.replace(mine[0].spec, steps=probe_steps, eval_every=probe_steps,
                                    checkpoint_every=probe_steps, log_every=1)
-        with scratch_folder(warmup_root(runs), f"{impl}-") as tmp:  # removed on every exit, or by the next call
+        with scratch_folder(warmup_root(runs), f"{impl}-{algorithm}-") as tmp:  # removed on every exit, or by the next call
             probe = PlannedRun(spec, Path(tmp) / "run", mine[0].split_file)
             prepare(probe, ctx, device)
             t0 = time.perf_counter()
@@ -163,7 +163,7 @@ def warmup_estimate(runs: list[PlannedRun], ctx: RunContext, n_test: int, device
             wall = time.perf_counter() - t0
             result = read_result(probe.run_dir)
             if code != 0 or result is None:
-                print(f"warm-up of {impl} failed (exit {code}):\n{log_tail(probe)}", file=sys.stderr)
+                print(f"warm-up of {impl} {algorithm} failed (exit {code}):\n{log_tail(probe)}", file=sys.stderr)
                 return None
             # Steady-state speed: the median step time after the first two (cuDNN autotuning, loader start-up).
             marks = [r["train_seconds"] for r in read_metrics(probe.run_dir) if r.get("kind") == "train"]
@@ -172,13 +172,13 @@ def warmup_estimate(runs: list[PlannedRun], ctx: RunContext, n_test: int, device
 
         def eval_seconds(s) -> float:  # a forward pass costs about a third of a training step's per image
             images = s.eval_subset or n_test
-            return images / (3 * s.batch_size * (1 + 2 * s.uratio) * sps)
+            return images / (3 * s.images_per_step * sps)
 
         startup = max(wall - probe_steps / sps - eval_seconds(spec), 0.0)
         for r in mine:
             n_evals = -(-r.spec.steps // r.spec.eval_every)
             total += startup + (r.spec.steps - progress(r)[0]) / sps + n_evals * eval_seconds(r.spec)
-        print(f"warm-up {impl}: {sps:.2f} steps/s, {startup:.0f} s start-up per run")
+        print(f"warm-up {impl} {algorithm}: {sps:.2f} steps/s, {startup:.0f} s start-up per run")
     return total
 
 
@@ -274,7 +274,8 @@ class LocalScheduler:
 
     def _watch(self, run: PlannedRun, proc: subprocess.Popen, slot: int) -> None:
         """A progress bar of the run's steps and last top-1, from its metrics.jsonl, until its process ends."""
-        bar = self.tqdm(total=run.spec.steps, desc=f"{run.spec.impl}/{run.spec.n_labels}/s{run.spec.seed}",
+        bar = self.tqdm(total=run.spec.steps, desc=f"{run.spec.algorithm}/{run.spec.impl}/{run.spec.n_labels}/"
+                                                   f"s{run.spec.seed}",
                         position=slot + 1, leave=False, unit="step", dynamic_ncols=True)
         read = Progress(run)
         while proc.poll() is None:

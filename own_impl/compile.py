@@ -7,6 +7,8 @@ The policy, stated once:
 - When: as asked (`--compile` / `--no-compile`, carried to the run by spec.json); unasked, on CUDA always, and on
   the CPU for runs of CPU_COMPILE_MIN_STEPS steps or more, because compiling takes tens of seconds there, which
   tests and smoke runs never win back (bench/README.md has the measurements).
+- Every algorithm of own_impl/algorithms.py compiles the same way: its augmenter and its forward_loss, warmed up on
+  its stand-in inputs.
 - It is how a run executes, not what it computes: the augmented pixels are the same bit for bit and the step's
   results differ only within float tolerance (tests/test_own_compile.py), so it is not part of the run spec.
 - Each part is compiled on stand-in inputs before the first step (timed apart from training). An unasked compile
@@ -22,9 +24,7 @@ from typing import Callable
 import torch
 
 from contract.spec import RunSpec
-from own_impl.augment import sample_weak_params
-from own_impl.data import augmenter, normalization_table, normalize
-from own_impl.recipes import RECIPES
+from own_impl.algorithms import ALGORITHMS
 
 CPU_COMPILE_MIN_STEPS = 1000
 COMPILE_MODE = None  # torch.compile's default mode
@@ -38,32 +38,31 @@ def use_compile(device: torch.device, choice: bool | None, steps: int, binding: 
     return bool(choice), binding
 
 
-def make_augment_fn(recipe: str, compile: bool, mode: str | None = COMPILE_MODE):
-    """The recipe's augment_and_normalize (own_impl.data.augmenter), compiled as one graph if `compile`."""
+def make_augment_fn(recipe: str, compile: bool, mode: str | None = COMPILE_MODE, algorithm: str = "fixmatch"):
+    """The algorithm's augment_and_normalize for the recipe (FixMatch: own_impl.data.augmenter), compiled as one
+    graph if `compile`."""
+    augment = ALGORITHMS[algorithm].augmenter(recipe)
     if not compile:
-        return augmenter(recipe)
-    return torch.compile(augmenter(recipe), mode=mode, dynamic=False, fullgraph=True)
+        return augment
+    return torch.compile(augment, mode=mode, dynamic=False, fullgraph=True)
 
 
 def make_loss_fn(forward_loss: Callable, model: torch.nn.Module, spec: RunSpec, compile: bool,
                  mode: str | None = COMPILE_MODE):
-    """(x, y_x, y_u) -> forward_loss(model, x, y_x, y_u, spec), compiled (with its backward) if `compile`."""
-    def loss_fn(x: torch.Tensor, y_x: torch.Tensor, y_u: torch.Tensor):
-        return forward_loss(model, x, y_x, y_u, spec)
+    """inputs -> forward_loss(model, *inputs, spec), compiled (with its backward) if `compile`. inputs: the
+    algorithm's make_batch (FixMatch: x, y_x, y_u)."""
+    def loss_fn(*inputs: torch.Tensor):
+        return forward_loss(model, *inputs, spec)
 
     # dynamic=False: a run has one input shape; never trade the static kernels for shape-generic ones
     return torch.compile(loss_fn, mode=mode, dynamic=False) if compile else loss_fn
 
 
 def warm_up_augment(augment_fn, spec: RunSpec, image_shape: torch.Size, device: torch.device) -> None:
-    """Compile augment_fn on stand-in images and parameters of the run's shapes, from a throwaway generator: the
-    run's generators are not touched."""
-    n_x, n_u = spec.batch_size, spec.batch_size * spec.uratio
-    g = torch.Generator(device=device).manual_seed(0)
-    images = torch.zeros((n_x + n_u, *image_shape), dtype=torch.uint8, device=device)
-    p_strong = RECIPES[spec.recipe].sample_strong(n_u, *image_shape[1:], g, device)
-    augment_fn(images, sample_weak_params(n_x + n_u, g, device), images[n_x:], p_strong, normalization_table(device),
-               spec.channels_last)
+    """Compile augment_fn on stand-in images and parameters of the run's shapes (the algorithm's stand_ins), from a
+    throwaway generator: the run's generators are not touched."""
+    augment_args, _ = ALGORITHMS[spec.algorithm].stand_ins(spec, image_shape, device)
+    augment_fn(*augment_args)
 
 
 def warm_up_loss(model: torch.nn.Module, loss_fn, spec: RunSpec, image_shape: torch.Size) -> None:
@@ -71,11 +70,9 @@ def warm_up_loss(model: torch.nn.Module, loss_fn, spec: RunSpec, image_shape: to
     random number is drawn, no parameter changes, and the BatchNorm statistics the batch moved are put back."""
     device = next(model.parameters()).device
     saved = {k: v.clone() for k, v in model.state_dict().items()}
-    n_x, n_u = spec.batch_size, spec.batch_size * spec.uratio
-    x = normalize(torch.zeros((n_x + 2 * n_u, *image_shape), dtype=torch.uint8, device=device), spec.channels_last)
+    _, inputs = ALGORITHMS[spec.algorithm].stand_ins(spec, image_shape, device)
     try:
-        loss, _ = loss_fn(x, torch.zeros(n_x, dtype=torch.int64, device=device),
-                          torch.zeros(n_u, dtype=torch.int64, device=device))
+        loss, _ = loss_fn(*inputs)
         loss.backward()
     finally:
         model.zero_grad(set_to_none=True)
@@ -98,12 +95,12 @@ def compile_step(forward_loss: Callable, model: torch.nn.Module, spec: RunSpec, 
                  binding: bool = True) -> Compiled:
     """Both parts, compiled or eager by the policy above, each compiled before the first step; the fallback."""
     wanted, asked = use_compile(device, choice, spec.steps, binding)
-    eager = Compiled(make_augment_fn(spec.recipe, False), make_loss_fn(forward_loss, model, spec, False), False,
-                     False, 0.0)
+    eager = Compiled(make_augment_fn(spec.recipe, False, algorithm=spec.algorithm),
+                     make_loss_fn(forward_loss, model, spec, False), False, False, 0.0)
     if not wanted:
         return eager
-    out = Compiled(make_augment_fn(spec.recipe, True), make_loss_fn(forward_loss, model, spec, True), True, True,
-                   0.0)
+    out = Compiled(make_augment_fn(spec.recipe, True, algorithm=spec.algorithm),
+                   make_loss_fn(forward_loss, model, spec, True), True, True, 0.0)
     parts = (("the augmentation", lambda: warm_up_augment(out.augment_fn, spec, image_shape, device),
               "augment_fn", "augmentation_compiled"),
              ("forward + loss + backward", lambda: warm_up_loss(model, out.loss_fn, spec, image_shape),

@@ -57,7 +57,8 @@ every row is then normalised by statistics of the whole mix, which is what inter
 instead of B, with one running-statistics update from all of them. Either way the label-guessing forward runs in
 training mode (batch statistics: official classifier(training=True), TorchSSL model.train()) without gradient and
 must NOT update the running statistics (official: its update ops are skipped; TorchSSL: buffers saved and
-restored); both references guess with one forward per view (muB rows each).
+restored); both references guess with one forward per view (muB rows each). Our step (own_impl/algorithms.py) does
+(a), with one forward per view for the guesses.
 """
 from __future__ import annotations
 
@@ -91,8 +92,11 @@ def guess_labels(logits_u_views: torch.Tensor | Sequence[torch.Tensor], T: float
 
 
 def draw_mixup_params(n: int, alpha: float, generator: torch.Generator | None = None,
-                      device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """The random numbers of one MixUp over n rows: lam (n,) float32 ~ Beta(alpha, alpha) iid, and perm (n,) long.
+                      device: torch.device | str = "cpu", per: str = "example") -> tuple[torch.Tensor, torch.Tensor]:
+    """The random numbers of one MixUp over n rows: lam (n,) float32 ~ Beta(alpha, alpha), and perm (n,) long.
+
+    per "example": n iid draws (the paper's and the official code's); "batch": ONE draw repeated over the n rows
+    (TorchSSL's), drawn the same way, so both have one shape and a compiled step serves either.
 
     torch's Beta sampler takes no generator, so lam comes from Johnk's method, which needs only uniforms: with
     X = U^(1/alpha), Y = V^(1/alpha), X / (X + Y) given X + Y <= 1 is Beta(alpha, alpha). Enough rounds for
@@ -102,14 +106,17 @@ def draw_mixup_params(n: int, alpha: float, generator: torch.Generator | None = 
     """
     if alpha <= 0:
         raise ValueError(f"MixUp needs alpha > 0 for Beta(alpha, alpha); got {alpha}")
+    if per not in ("example", "batch"):
+        raise ValueError(f"one lambda per {per!r} is not accepted; accepted: 'example', 'batch'")
+    draws = n if per == "example" else 1
     accept = math.exp(2 * math.lgamma(alpha + 1) - math.lgamma(2 * alpha + 1))
     rounds = 1 if accept >= 1 else max(1, math.ceil(math.log(MAX_REJECT_PROB) / math.log1p(-accept)))
     # In logs (U^(1/alpha) underflows for small alpha); 1 - rand lies in (0, 1], so every log is finite.
-    log_x = torch.log1p(-torch.rand(rounds, n, generator=generator, device=device)) / alpha  # (rounds, n)
-    log_y = torch.log1p(-torch.rand(rounds, n, generator=generator, device=device)) / alpha
+    log_x = torch.log1p(-torch.rand(rounds, draws, generator=generator, device=device)) / alpha  # (rounds, draws)
+    log_y = torch.log1p(-torch.rand(rounds, draws, generator=generator, device=device)) / alpha
     accepted = torch.logaddexp(log_x, log_y) <= 0  # X + Y <= 1
-    first = accepted.to(torch.uint8).argmax(dim=0, keepdim=True)  # (1, n): first accepted round (0 if none)
-    lam = torch.sigmoid(log_x - log_y).gather(0, first).squeeze(0)  # X / (X + Y), (n,)
+    first = accepted.to(torch.uint8).argmax(dim=0, keepdim=True)  # (1, draws): first accepted round (0 if none)
+    lam = torch.sigmoid(log_x - log_y).gather(0, first).squeeze(0).expand(n).contiguous()  # X / (X + Y), (n,)
     perm = torch.randperm(n, generator=generator, device=device)
     return lam, perm
 

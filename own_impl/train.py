@@ -1,7 +1,8 @@
 """Training entry point: python -m own_impl.train --spec RUN/spec.json --run-dir RUN [--device D] [--[no-]compile].
 
-Reads the run folder's spec.json and the arrays it names, trains FixMatch for exactly spec.steps optimizer steps,
-and writes metrics.jsonl, result.json, log.txt and checkpoint.pt into the run folder (see contract/).
+Reads the run folder's spec.json and the arrays it names, trains the spec's algorithm (FixMatch or MixMatch, as
+own_impl/algorithms.py defines them) for exactly spec.steps optimizer steps, and writes metrics.jsonl, result.json,
+log.txt and checkpoint.pt into the run folder (see contract/).
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from contract.recorder import RunRecorder, check_belongs, check_finite_weights, 
 from contract.results import finished_result, truncate_metrics, write_result
 from contract.runtime import StopFlag, StoppedAfter, entry_main, make_log, resolve_device
 from contract.spec import RunFiles, RunSpec
+from own_impl.algorithms import ALGORITHMS
+from own_impl.algorithms import fixmatch_forward_loss as forward_loss  # noqa: F401 (FixMatch's, importable here)
 from own_impl.compile import compile_step
-from own_impl.data import DeviceData, Samplers, load_device_data, make_batch, normalize
+from own_impl.data import DeviceData, Samplers, load_device_data, normalize
 from own_impl.device import restore_cuda_rng, use_device
-from own_impl.loss import fixmatch_loss
 from own_impl.model import WideResNet
 from own_impl.optim import EMA, cosine_lr, param_groups
 from own_impl.recipes import RECIPES
@@ -48,10 +50,6 @@ IMPL_SETTINGS = {
 # The model, one step, one evaluation
 
 
-def autocast(spec: RunSpec, device: torch.device):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16")
-
-
 def build(spec: RunSpec, device: torch.device) -> tuple[torch.nn.Module, EMA, torch.optim.Optimizer]:
     """The live model (train mode, wired as the recipe says), its EMA copy and the SGD optimizer, freshly initialized
     from the global RNG."""
@@ -69,24 +67,13 @@ def build(spec: RunSpec, device: torch.device) -> tuple[torch.nn.Module, EMA, to
     return model, ema, optimizer
 
 
-def forward_loss(model: torch.nn.Module, x: torch.Tensor, y_x: torch.Tensor, y_u: torch.Tensor,
-                 spec: RunSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Labelled, weak and strong images through the model in ONE pass (BatchNorm sees them all), then the loss."""
-    b = y_x.shape[0]
-    with autocast(spec, x.device):
-        logits = model(x)  # (B + 2muB, C)
-    logits = logits.float()  # the loss in fp32, whatever the forward precision
-    logits_u_weak, logits_u_strong = logits[b:].chunk(2)  # (muB, C) each
-    return fixmatch_loss(logits[:b], y_x, logits_u_weak, logits_u_strong, spec.threshold, spec.lambda_u,
-                         y_u_true=y_u)
-
-
-def train_step(model: torch.nn.Module, ema: EMA, optimizer: torch.optim.Optimizer, loss_fn, x: torch.Tensor,
-               y_x: torch.Tensor, y_u: torch.Tensor, lr: float) -> dict[str, torch.Tensor]:
-    """One optimizer step: loss_fn (forward + FixMatch loss, maybe compiled), backward, SGD at `lr`, EMA."""
+def train_step(model: torch.nn.Module, ema: EMA, optimizer: torch.optim.Optimizer, loss_fn, inputs: tuple,
+               lr: float) -> dict[str, torch.Tensor]:
+    """One optimizer step: loss_fn(*inputs) (forward + the algorithm's loss, maybe compiled), backward, SGD at `lr`,
+    EMA. inputs: the algorithm's make_batch (FixMatch: (x, y_x, y_u))."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss, stats = loss_fn(x, y_x, y_u)
+    loss, stats = loss_fn(*inputs)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -202,7 +189,9 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device | 
         return done
     log = make_log(run_dir)
     s = start(spec, files, run_dir, device, log)
-    c = compile_step(forward_loss, s.model, spec, device, s.data.train_x.shape[1:], compile, log, compile_binding)
+    algorithm = ALGORITHMS[spec.algorithm]
+    c = compile_step(algorithm.forward_loss, s.model, spec, device, s.data.train_x.shape[1:], compile, log,
+                     compile_binding)
     ckpt_path = run_dir / CHECKPOINT_FILE
 
     def wall_s() -> float:
@@ -216,9 +205,11 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device | 
             while s.step < spec.steps:  # the one place that bounds the number of optimizer steps
                 lr = cosine_lr(spec.lr, s.step, spec.steps)
                 rec.begin_step()
-                x, y_x, y_u = make_batch(s.data, s.samplers, spec, c.augment_fn)  # [weak x; weak u; strong u]
+                # FixMatch: x = [weak x; weak u; strong u], y_x, y_u; MixMatch: x = [weak x; weak u; weak u], y_x,
+                # y_u, MixUp's lam and perm, the ramped lambda_u (own_impl/algorithms.py)
+                inputs = algorithm.make_batch(s.data, s.samplers, spec, s.step, c.augment_fn)
                 rec.data_ready()
-                stats = train_step(s.model, s.ema, s.optimizer, c.loss_fn, x, y_x, y_u, lr)
+                stats = train_step(s.model, s.ema, s.optimizer, c.loss_fn, inputs, lr)
                 s.step += 1
                 due = rec.step_done(s.step, stats, lr)
                 if due.evaluate:
@@ -243,7 +234,7 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device | 
         compiled=c.step_compiled,  # torch.compile of forward + loss + backward in the last process
         augmentation_compiled=c.augmentation_compiled,  # and of the augmentation
         compile_seconds=s.prior_compile_s + c.seconds,  # summed over processes, kept out of train_seconds
-        impl_settings={**IMPL_SETTINGS, **RECIPES[spec.recipe].settings})
+        impl_settings={**IMPL_SETTINGS, **RECIPES[spec.recipe].settings_for(spec.algorithm), **algorithm.settings})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,6 +53,13 @@ def test_paper_preset_evaluates_every_1024_steps_and_recipes_multiply_ours(share
     (["--budgets", "0"], "label budget 0 is not accepted"),
     (["--budgets", "60000"], "label budget 60000 is not accepted: it needs 6000 images per class"),
     (["--impls", "mixmatch"], "argument --impls: invalid choice: 'mixmatch'"),
+    (["--algorithms", "remixmatch"], "argument --algorithms: invalid choice: 'remixmatch' (choose from 'fixmatch', "
+                                     "'mixmatch')"),
+    (["--algorithms", "mixmatch", "mixmatch"], "--algorithms mixmatch mixmatch repeats a value"),
+    (["--mixup-alpha", "0.75"], "--mixup-alpha is a mixmatch setting, and --algorithms fixmatch runs no mixmatch"),
+    (["--algorithms", "mixmatch", "--threshold", "0.9"], "--threshold is a fixmatch setting, and --algorithms "
+                                                        "mixmatch runs no fixmatch"),
+    (["--algorithms", "mixmatch", "--temperature", "0"], "invalid mixmatch run spec: temperature must be positive"),
     (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
     (["--device", "tpu"], "--device 'tpu' is not accepted; accepted: auto, cpu, cuda, cuda:N"),
     (["--bogus"], "unrecognized arguments: --bogus"),
@@ -93,3 +100,37 @@ def test_unreachable_torchssl_source_is_one_line(shared_archive, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot clone TorchSSL from") and "TORCHSSL_SOURCE" in lines[0]
     assert not list((tmp_path / "o").glob("runs/*/result.json"))
+
+
+def test_both_algorithms_are_planned_with_their_own_defaults(shared_archive, cifar, tmp_path):
+    """--algorithms fixmatch mixmatch: each with its defaults (MixMatch: TorchSSL's config), the same splits, a
+    setting of one algorithm given by flag reaching its runs only, and FixMatch's runs named as without MixMatch."""
+    common = ["--budgets", "40", "--dry-run", "--data", str(shared_archive), "--preset", "paper", "--device", "cpu"]
+    r = run_cli(*common, "--out", str(tmp_path / "a"), "--algorithms", "fixmatch", "mixmatch", "--threshold", "0.9",
+                "--ramp-up", "0.25")
+    assert r.returncode == 0, r.stderr
+    alone = run_cli(*common, "--out", str(tmp_path / "b"), "--threshold", "0.9")
+    plan = [line.split() for line in r.stdout.splitlines() if "hash=" in line]
+    assert [(p[0], p[2]) for p in plan] == [("own", "fixmatch"), ("torchssl", "fixmatch"), ("own", "mixmatch"),
+                                            ("torchssl", "mixmatch")]
+    assert [p for p in plan if p[2] == "fixmatch"] == [
+        [w.replace("/b/", "/a/") for w in line.split()] for line in alone.stdout.splitlines() if "hash=" in line]
+    assert all("mu=1" in p and "B=64" in p and "steps=1048576" in p for p in plan if p[2] == "mixmatch")
+    assert all("mu=7" in p for p in plan if p[2] == "fixmatch")
+    # the split printed once, shared by both algorithms' runs
+    assert sum(line.startswith("split:") for line in r.stdout.splitlines()) == 1
+
+
+def test_presets_hold_each_algorithms_defaults_and_flags_reach_their_algorithm_only():
+    from harness.plan import preset_values
+
+    flags = {"threshold": 0.9, "ramp_up": 0.25, "steps": 100, "lambda_u": 75.0}
+    fix, mix = (preset_values("smoke", flags, a) for a in ("fixmatch", "mixmatch"))
+    assert (fix["threshold"], fix["uratio"], fix["steps"], fix["lambda_u"]) == (0.9, 2, 100, 75.0)
+    assert "ramp_up" not in fix and "mixup_alpha" not in fix  # RunSpec's None
+    # TorchSSL's CIFAR-10 MixMatch config, with the smoke preset's run size and the flags that apply
+    assert (mix["threshold"], mix["uratio"], mix["mixup_alpha"], mix["temperature"], mix["ramp_up"]) == \
+        (None, 1, 0.5, 0.5, 0.25)
+    assert (mix["steps"], mix["batch_size"], mix["lambda_u"]) == (100, 4, 75.0)
+    paper = preset_values("paper", {}, "mixmatch")
+    assert (paper["lambda_u"], paper["ramp_up"], paper.get("batch_size", 64)) == (100.0, 0.4, 64)

@@ -66,7 +66,7 @@ def three_steps(spec: RunSpec, compiled: bool, dtype=torch.float32, device: str 
         x, y_x, y_u = batch(spec, k)
         x, y_x, y_u = x.to(device, dtype), y_x.to(device), y_u.to(device)
         stats.append({k: v.cpu() for k, v in
-                      train_mod.train_step(model, ema, optimizer, loss_fn, x, y_x, y_u, 0.03).items()})
+                      train_mod.train_step(model, ema, optimizer, loss_fn, (x, y_x, y_u), 0.03).items()})
     on_cpu = lambda state: {k: v.cpu() for k, v in state.items()}  # noqa: E731
     return stats, on_cpu(model.state_dict()), on_cpu(ema.state_dict())
 

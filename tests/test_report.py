@@ -17,11 +17,18 @@ from conftest import REPO
 ARM = {"own": ("own", "paper"), "own-tssl": ("own", "torchssl"), "torchssl": ("torchssl", "torchssl")}
 
 
+# MixMatch runs as the harness plans them: their own settings over the same protocol
+MIXMATCH = dict(algorithm="mixmatch", threshold=None, mixup_alpha=0.5, temperature=0.5, ramp_up=0.4, uratio=1,
+                lambda_u=100.0)
+TRAIN_STATS = {"fixmatch": {"mask_rate": 0.5, "pseudo_acc": 0.9},
+               "mixmatch": {"lambda_u": 50.0, "loss_u": 0.01, "guess_acc": 0.6}}
+
+
 def fake_run(out, who, n, seed, evals_top1, *, steps=100, split="s", data="d", sps=2.0, wall=50.0,
-             optimizer_steps=None):
+             optimizer_steps=None, algorithm="fixmatch", **settings):
     """A finished run whose files agree (harness/verify.py checks them): evaluations spread evenly over `steps`,
     ending at the last step; a split file per letter `split`; final, median and best as the evaluations give them
-    (with two evaluations [a, b]: final b, median (a + b) / 2, best max(a, b))."""
+    (with two evaluations [a, b]: final b, median (a + b) / 2, best max(a, b)). `settings`: spec values."""
     impl, recipe = ARM[who]
     indices = [ord(split) * 100 + i for i in range(n)]
     split_file = out / "splits" / f"cifar10-{n}-seed{seed}-{split}.json"
@@ -29,16 +36,17 @@ def fake_run(out, who, n, seed, evals_top1, *, steps=100, split="s", data="d", s
     write_json_atomic(split_file, {"labeled_indices": indices, "sha256": indices_sha256(indices)})
     spec = RunSpec(impl=impl, recipe=recipe, n_labels=n, seed=seed, data_kind="image-folder-tar",
                    data_sha256=data * 64, split_sha256=indices_sha256(indices), steps=steps,
-                   eval_every=steps // len(evals_top1))
+                   eval_every=steps // len(evals_top1),
+                   **{**(MIXMATCH if algorithm == "mixmatch" else {}), **settings})
     run_dir = out / "runs" / spec.name
     write_spec(run_dir, spec, RunFiles(data_dir="/d", split_file=str(split_file)))
     evals = [{"kind": "eval", "step": spec.eval_every * (i + 1), "top1": a, "top5": 99.0, "loss": 0.5}
              for i, a in enumerate(evals_top1)]
     for e in evals:
-        append_metrics(run_dir, {"kind": "train", "step": e["step"], "mask_rate": 0.5, "pseudo_acc": 0.9})
+        append_metrics(run_dir, {"kind": "train", "step": e["step"], **TRAIN_STATS[algorithm]})
         append_metrics(run_dir, e)
     write_json_atomic(run_dir / "result.json", {
-        "algorithm": "fixmatch", "impl": impl, "recipe": recipe, "n_labels": n, "seed": seed, "steps": steps,
+        "algorithm": algorithm, "impl": impl, "recipe": recipe, "n_labels": n, "seed": seed, "steps": steps,
         "optimizer_steps": steps if optimizer_steps is None else optimizer_steps, "resumed_at": [],
         "spec_hash": spec.hash(), **summarize_evals(evals),
         "split_sha256": spec.split_sha256, "data_sha256": data * 64, "data_kind": "image-folder-tar",
@@ -154,3 +162,65 @@ def test_report_only_cli(tmp_path, who):
     text = (tmp_path / "RESULTS.md").read_text()
     assert "| 4000 | ours (paper recipe) | 0 | 93.00 (n=1) |" in text
     assert ("### Implementation check" in text) is False  # ours with the paper recipe against TorchSSL: no pair
+
+
+def test_one_table_per_algorithm_and_one_across_algorithms_worked_by_hand(tmp_path):
+    # final top-1 per seed (0, 1); fake_run's median equals its final
+    finals = {("fixmatch", "own"): (50, 60), ("fixmatch", "own-tssl"): (41, 45), ("fixmatch", "torchssl"): (40, 44),
+              ("mixmatch", "own"): (45, 57), ("mixmatch", "own-tssl"): (40, 46), ("mixmatch", "torchssl"): (41, 43)}
+    for (algorithm, who), values in finals.items():
+        for seed, final in enumerate(values):
+            fake_run(tmp_path, who, 40, seed, [float(final)], split="ab"[seed],
+                     algorithm=algorithm)
+    fake_run(tmp_path, "own", 40, 2, [70.0], split="c", algorithm="mixmatch")  # no FixMatch seed 2
+    text = write_report(tmp_path).read_text()
+    assert text.startswith("# FixMatch and MixMatch on CIFAR-10: ours against TorchSSL")
+    across, rest = text.split("## FixMatch against MixMatch: 100 steps, B=64, fp32")[1].split("## FixMatch: 100")
+    fixmatch, mixmatch = rest.split("## MixMatch: 100 steps, B=64, μ=1")
+
+    # one table per algorithm, each with its own paired sections
+    assert "| 40 | ours (paper recipe) | 0, 1 | 55.00 ± 7.07 (n=2) |" in fixmatch  # sd sqrt(50)
+    assert "| 40 | ours (paper recipe) | 0, 1 | 51.00 ± 8.49 (n=2) |" in mixmatch  # sd sqrt(72); seed 2 apart
+    assert "| 40 | TorchSSL | 0, 1 | 42.00 ± 1.41 (n=2) |" in mixmatch
+    assert "### Implementation check" in fixmatch and "### Implementation check" in mixmatch
+    assert "| threshold | 0.95 |" in fixmatch and "mixup_alpha" not in fixmatch
+    assert "| mixup_alpha | 0.5 |" in mixmatch and "| threshold |" not in mixmatch
+
+    # across algorithms: seeds 0, 1 (seed 2 has no FixMatch run); MixMatch - FixMatch per arm, t(0.975, 1) = 12.7062
+    # ours (paper): -5, -3 -> -4, sd sqrt(2), half-width 12.7062 sqrt(2) / sqrt(2) -> [-16.71, +8.71]
+    assert ("| 40 | ours (paper recipe) | 0, 1 | final | 55.00 ± 7.07 (n=2) | 51.00 ± 8.49 (n=2) "
+            "| -4.00 [-16.71, +8.71] (n=2) |") in across
+    # TorchSSL: +1, -1 -> 0, sd sqrt(2) -> [-12.71, +12.71]
+    assert ("| 40 | TorchSSL | 0, 1 | median | 42.00 ± 2.83 (n=2) | 42.00 ± 1.41 (n=2) "
+            "| +0.00 [-12.71, +12.71] (n=2) |") in across
+    # the implementation gap beside it, per algorithm: FixMatch 1, 1 -> +1 [+1, +1]; MixMatch -1, 3 -> +1, sd
+    # sqrt(8), half-width 12.7062 * 2 = 25.41
+    assert ("| 40 | *implementation check*: ours (TorchSSL recipe) − TorchSSL | 0, 1 | final "
+            "| +1.00 [+1.00, +1.00] (n=2) | +1.00 [-24.41, +26.41] (n=2) | |") in across
+    # the recipe effect: FixMatch 9, 15 -> +12, sd sqrt(18), half 38.12; MixMatch 5, 11 -> +8
+    assert ("| 40 | *recipe effect*: ours (paper recipe) − ours (TorchSSL recipe) | 0, 1 | median "
+            "| +12.00 [-26.12, +50.12] (n=2) "
+            "| +8.00 [-30.12, +46.12] (n=2) | |") in across
+    assert "40 labels, seed 2, MixMatch, ours (paper recipe): final top-1 70.00" in across  # listed, not compared
+
+    # figures per algorithm and budget, never the same file; MixMatch's show what it has
+    for name in ("fixmatch-curves-40.png", "mixmatch-curves-40.png", "fixmatch-throughput.png",
+                 "mixmatch-throughput.png"):
+        assert (tmp_path / "figures" / name).stat().st_size > 10_000 and f"(figures/{name})" in text
+    assert "![40 labels, MixMatch: accuracy, λu(t), the ramped weight of L_U" in mixmatch
+    assert "mask rate" in fixmatch and "mask rate" not in mixmatch
+
+
+def test_algorithms_on_different_protocols_are_not_set_side_by_side(tmp_path):
+    fake_run(tmp_path, "own", 40, 0, [50.0])
+    fake_run(tmp_path, "own", 40, 0, [45.0], steps=200, algorithm="mixmatch")  # another step budget
+    text = write_report(tmp_path).read_text()
+    assert " against MixMatch" not in text
+    assert "## FixMatch: 100 steps" in text and "## MixMatch: 200 steps" in text
+    # one protocol, but two FixMatch studies (another threshold): which one stands for FixMatch is not chosen
+    fake_run(tmp_path, "own", 40, 0, [47.0], steps=200, algorithm="mixmatch", temperature=0.25)
+    fake_run(tmp_path, "own", 40, 0, [52.0], steps=200)
+    fake_run(tmp_path, "own", 40, 0, [53.0], steps=200, threshold=0.9)
+    text = write_report(tmp_path).read_text()
+    assert "## FixMatch against MixMatch: 200 steps" in text
+    assert "Not set side by side: FixMatch and MixMatch each have several studies here" in text

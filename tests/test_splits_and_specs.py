@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from contract.arrays import indices_sha256, load_split
-from contract.spec import ALGORITHMS, RunFiles, RunSpec, read_spec, write_spec
+from contract.spec import ALGORITHM_SETTINGS, ALGORITHMS, RunFiles, RunSpec, read_spec, write_spec
 from harness.splits import SplitError, ensure_split, make_split
 
 from conftest import REPO
@@ -94,13 +94,18 @@ def test_spec_hash_is_stable_across_processes():
     assert out.stdout.strip() == _spec().hash()
 
 
-def test_spec_hash_changes_with_every_field():
-    base = _spec()
+MIXMATCH = dict(algorithm="mixmatch", threshold=None, mixup_alpha=0.5, temperature=0.5, ramp_up=0.4)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_spec_hash_changes_with_every_field_of_the_algorithm(algorithm):
+    base = _spec(**(MIXMATCH if algorithm == "mixmatch" else {}))
     changed = {"impl": "torchssl", "recipe": "torchssl", "n_labels": 40, "seed": 1, "data_kind": "torchvision",
                "data_sha256": "c" * 64, "split_sha256": "d" * 64, "dataset": "cifar10x", "num_classes": 5,
-               "precision": "bf16"}
+               "precision": "bf16", "algorithm": "fixmatch" if algorithm == "mixmatch" else "mixmatch"}
+    foreign = {n for a, names in ALGORITHM_SETTINGS.items() if a != algorithm for n in names}
     hashes = {base.hash()}
-    fields = [f for f in dataclasses.fields(RunSpec) if not (f.name == "algorithm" and len(ALGORITHMS) == 1)]
+    fields = [f for f in dataclasses.fields(RunSpec) if f.name not in foreign]
     for f in fields:
         v = getattr(base, f.name)
         if f.name in changed:
@@ -112,8 +117,45 @@ def test_spec_hash_changes_with_every_field():
         else:
             new = v / 2
         also = {"recipe": "torchssl"} if f.name == "impl" else {}  # TorchSSL runs only its own recipe
+        if f.name == "algorithm":  # the other algorithm's own settings, and none of this one's
+            also = {n: None for n in ALGORITHM_SETTINGS[algorithm]}
+            also.update(MIXMATCH if new == "mixmatch" else {"threshold": 0.95})
+            also.pop("algorithm", None)
         hashes.add(dataclasses.replace(base, **{f.name: new}, **also).hash())
     assert len(hashes) == len(fields) + 1
+
+
+def test_fixmatch_specs_hash_as_before_mixmatch_existed():
+    """Hashes computed by the code before the MixMatch settings were added: a FixMatch run keeps its name, so its
+    finished results are found and its checkpoints resumed."""
+    assert _spec().hash() == "ba4b09f2cf6c"
+    assert _spec(impl="torchssl", recipe="torchssl", n_labels=40, seed=3, steps=48, eval_every=12, batch_size=4,
+                 uratio=2, eval_subset=1000, eval_batch_size=500, checkpoint_every=24, log_every=4).hash() == \
+        "98ef53d77b0d"
+    assert _spec(recipe="torchssl", n_labels=4000, seed=1, threshold=0.9, lambda_u=2.0,
+                 precision="bf16").hash() == "36b7dedcb1f4"
+    assert _spec(**MIXMATCH).hash() != _spec().hash()
+
+
+def test_algorithm_settings_belong_to_their_algorithm():
+    with pytest.raises(ValueError, match="mixup_alpha must be set for mixmatch runs"):
+        _spec(algorithm="mixmatch", threshold=None, temperature=0.5, ramp_up=0.4)
+    with pytest.raises(ValueError, match="threshold is a fixmatch setting; it must be None for mixmatch runs"):
+        _spec(**{**MIXMATCH, "threshold": 0.95})
+    with pytest.raises(ValueError, match="temperature is a mixmatch setting; it must be None for fixmatch runs"):
+        _spec(temperature=0.5)
+    with pytest.raises(ValueError, match="threshold must be set for fixmatch runs"):
+        _spec(threshold=None)
+    with pytest.raises(ValueError, match="ramp_up must lie in \\[0, 1\\]"):
+        _spec(**{**MIXMATCH, "ramp_up": 1.5})
+    with pytest.raises(ValueError, match="mixup_alpha must be positive"):
+        _spec(**{**MIXMATCH, "mixup_alpha": 0.0})
+    with pytest.raises(ValueError, match="algorithm 'remixmatch' is not one of"):
+        _spec(algorithm="remixmatch")
+    spec = _spec(**MIXMATCH, uratio=1, batch_size=64)
+    assert spec.name.startswith("cifar10-mixmatch-250-seed0-own-paper-")
+    # B labelled + K muB mixed through the trained passes, K muB through the label guessing: 64 * (1 + 4)
+    assert spec.images_per_step == 320 and _spec(uratio=1, batch_size=64).images_per_step == 192
 
 
 def test_spec_validation_names_the_bad_value():

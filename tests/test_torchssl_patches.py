@@ -17,13 +17,34 @@ from conftest import torchssl_modules
 def test_every_patch_is_named_explained_and_applied_only_where_it_belongs():
     names = [p.name for p in patches.PATCHES]
     assert len(names) == len(set(names))
-    assert all(len(p.why) > 80 and p.target and p.when in ("always", "cpu", "bf16", "bn_momentum")
-               for p in patches.PATCHES)
+    assert all(len(p.why) > 80 and p.target and p.when in ("always", "cpu", "bf16", "bn_momentum", "fixmatch",
+                                                           "mixmatch") for p in patches.PATCHES)
     always = [p.name for p in patches.PATCHES if p.when == "always"]
-    assert patches.applied("cuda", "fp32") == always
-    assert patches.applied("cpu", "fp32") == always + ["cpu_device_shim"]
-    assert patches.applied("cuda", "bf16") == always + ["amp_bf16"]
-    assert patches.applied("cuda", "fp32", 0.01) == always + ["bn_momentum"]
+    assert "observe_evaluate" in always and "observe_losses" not in always
+    # FixMatch: the same ten patches, in the same order, as before MixMatch existed
+    fixmatch = ["entry_replaces_main", "our_arrays", "our_split", "exact_step_budget", "spec_schedule",
+                "observe_losses", "observe_evaluate", "atomic_checkpoint"]
+    assert patches.applied("cuda", "fp32") == fixmatch
+    assert patches.applied("cpu", "fp32") == fixmatch + ["cpu_device_shim"]
+    assert patches.applied("cuda", "bf16") == fixmatch + ["amp_bf16"]
+    assert patches.applied("cuda", "fp32", 0.01) == fixmatch + ["bn_momentum"]
+    mixmatch = patches.applied("cpu", "bf16", 0.01, "mixmatch")
+    assert mixmatch == ["entry_replaces_main", "our_arrays", "our_split", "exact_step_budget", "spec_schedule",
+                        "observe_mixmatch", "observe_evaluate", "atomic_checkpoint", "checkpoint_below_1m_steps",
+                        "cpu_device_shim", "amp_bf16", "bn_momentum"]
+
+
+def test_described_patches_name_the_runs_algorithm():
+    fix = {p["name"]: p["target"] for p in patches.described(patches.applied("cpu", "bf16"), "fixmatch")}
+    mix = {p["name"]: p["target"] for p in patches.described(patches.applied("cpu", "bf16", algorithm="mixmatch"),
+                                                              "mixmatch")}
+    # FixMatch's targets read as they always have
+    assert fix["entry_replaces_main"] == "fixmatch.py main() / main_worker()"
+    assert fix["spec_schedule"] == "FixMatch.num_eval_iter (subclass property)"
+    assert fix["amp_bf16"] == "models.fixmatch.fixmatch.autocast, models.fixmatch.fixmatch.GradScaler"
+    assert mix["exact_step_budget"] == "the zip of train loaders in MixMatch.train()"
+    assert mix["atomic_checkpoint"] == "MixMatch.save_model (subclass)"
+    assert not any("{" in t for t in [*fix.values(), *mix.values()])
 
 
 def test_amp_bf16_binds_bf16_autocast_and_a_disabled_scaler():
@@ -48,11 +69,21 @@ def test_spec_maps_onto_torchssl_arguments(tmp_path):
     assert (a.num_train_iter, a.num_eval_iter, a.num_labels, a.seed) == (1000, 100, 250, 3)
     assert (a.batch_size, a.uratio, a.eval_batch_size) == (32, 5, 64)
     assert (a.lr, a.momentum, a.weight_decay) == (0.05, 0.8, 1e-3)
-    assert (a.p_cutoff, a.ulb_loss_ratio, a.ema_m) == (0.9, 2.0, 0.99)
+    assert (a.p_cutoff, a.ulb_loss_ratio, a.ema_m, a.T) == (0.9, 2.0, 0.99, 1.0)
     assert (a.depth, a.widen_factor, a.leaky_slope, a.dropout) == (16, 4, 0.1, 0.0)
     assert a.hard_label is True and a.amp is True and a.gpu == 1 and a.num_workers == 2
     assert a.multiprocessing_distributed is False and a.distributed is False and a.world_size == 1
     assert (a.save_dir, a.save_name) == (str(tmp_path), "torchssl")
+    assert not {"alpha", "ramp_up"} & set(vars(a))
+
+
+def test_mixmatch_spec_maps_onto_mixmatch_py_arguments(tmp_path):
+    spec = RunSpec(impl="torchssl", recipe="torchssl", algorithm="mixmatch", n_labels=250, seed=3, data_kind="k",
+                   data_sha256="a" * 64, split_sha256="b" * 64, threshold=None, mixup_alpha=0.75, temperature=0.4,
+                   ramp_up=1 / 64, lambda_u=75.0, uratio=1)
+    a = torchssl_args(spec, tmp_path, gpu=None, num_workers=1)
+    assert (a.alpha, a.T, a.ramp_up, a.ulb_loss_ratio, a.uratio) == (0.75, 0.4, 1 / 64, 75.0, 1)
+    assert not {"p_cutoff", "hard_label"} & set(vars(a))
 
 
 class CountingLoader:
@@ -137,7 +168,7 @@ def test_a_checkpoint_written_on_another_gpu_loads_onto_the_models_device(torchs
         if torch.cuda.device_count() < 2:
             with pytest.raises(RuntimeError, match="CUDA device"):
                 build(fixmatch.FixMatch).load_model(str(path))
-        loaded = build(patches.bench_fixmatch_class(fixmatch.FixMatch))
+        loaded = build(patches.bench_class(fixmatch.FixMatch))
         torch.nn.init.zeros_(loaded.model.weight)
         loaded.load_model(str(path))
         assert loaded.it == 7 and loaded.model.weight.device.type == "cpu"

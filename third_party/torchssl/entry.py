@@ -1,12 +1,14 @@
-"""TorchSSL's FixMatch on one of our run folders, in its own process.
+"""TorchSSL's FixMatch or MixMatch on one of our run folders, in its own process.
 
     python -m third_party.torchssl.entry --spec RUN/spec.json --run-dir RUN [--device D] [--num-workers N]
 
-Builds TorchSSL's FixMatch as its fixmatch.py main_worker does (net_builder's WideResNet, its FixMatch class and
-train() loop, get_optimizer's weight-decay grouping, get_cosine_schedule_with_warmup, SSL_Dataset / BasicDataset
-with RandAugment(3, 5), get_data_loader with RandomSampler(num_samples = steps * batch)) on our arrays and our
-split, with the run-time patches listed in patches.PATCHES. Writes RUN/metrics.jsonl, RUN/result.json and RUN/log.txt
-in our schema (contract/); TorchSSL's own log.txt, tensorboard files, args.json and checkpoints go to RUN/torchssl/.
+Builds TorchSSL's algorithm as its fixmatch.py or mixmatch.py main_worker does (net_builder's WideResNet, its
+FixMatch or MixMatch class and train() loop, get_optimizer's weight-decay grouping, get_cosine_schedule_with_warmup,
+SSL_Dataset / BasicDataset (FixMatch: weak and RandAugment(3, 5) views; MixMatch: two weak views), get_data_loader
+with RandomSampler(num_samples = steps * batch)) on our arrays and our split, with the run-time patches listed in
+patches.PATCHES. What differs between the two algorithms is one entry of TORCHSSL_ALGORITHMS. Writes
+RUN/metrics.jsonl, RUN/result.json and RUN/log.txt in our schema (contract/); TorchSSL's own log.txt, tensorboard
+files, args.json and checkpoints go to RUN/torchssl/.
 
 The checkout is the one spec.json names (torchssl_checkout, made by the harness with checkout.py); it is verified
 before the run and checked again after it. Bytecode is not written, so the checkout stays clean.
@@ -16,12 +18,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib
 import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import numpy as np
 
@@ -41,11 +46,9 @@ PROGRESS = "progress.json"  # beside the checkpoint: the step it holds and the s
 TORCHSSL_NUM_WORKERS = 1  # fixmatch.py's default: 1 worker for labelled and eval batches, 4 for unlabelled ones
 
 
-# How TorchSSL realises the spec, for the report's side-by-side settings (see README.md here for the sources).
+# How TorchSSL realises the spec, for the report's side-by-side settings (see README.md here for the sources); each
+# algorithm adds its own rows (TORCHSSL_ALGORITHMS).
 IMPL_SETTINGS = {
-    "strong_augmentation": "RandAugment(3, 5): 3 of 14 ops with replacement, each always applied, magnitude uniform "
-                           "in its range; then Cutout of side U[0, 16] px, fill (125, 123, 114); all of it BEFORE "
-                           "the flip and crop",
     "weak_augmentation": "flip p=0.5, reflect-pad 4 + random 32x32 crop (torchvision, PIL)",
     "labelled_sampling": "with replacement (RandomSampler)",
     "unlabelled_sampling": "with replacement over all 50,000 train images (RandomSampler)",
@@ -60,14 +63,86 @@ IMPL_SETTINGS = {
 }
 
 
+def torch_tensor(value: float, device):
+    import torch
+
+    return torch.tensor(value, dtype=torch.float32, device=device)
+
+
+def fixmatch_step_stats(hooks: "Hooks", model) -> dict:
+    return {"loss": hooks.sup + hooks.spec.lambda_u * hooks.unsup["loss_u"], "loss_x": hooks.sup, **hooks.unsup}
+
+
+def mixmatch_step_stats(hooks: "Hooks", model) -> dict:
+    """train() ramps lambda_u inline (models/mixmatch/mixmatch.py: rampup = float(np.clip(self.it / (args.ramp_up *
+    args.num_train_iter), 0.0, 1.0))), where no wrapper sees it: the same expression, with self.it still this step's
+    index here (end_of_step runs before `self.it += 1`)."""
+    args = hooks.args
+    lambda_u = args.ulb_loss_ratio * float(np.clip(model.it / (args.ramp_up * args.num_train_iter), 0.0, 1.0))
+    return {"loss": hooks.sup + lambda_u * hooks.unsup["loss_u"], "loss_x": hooks.sup, **hooks.unsup,
+            "lambda_u": torch_tensor(lambda_u, hooks.sup.device), **hooks.mix}
+
+
+@dataclass(frozen=True)
+class TorchSSLAlgorithm:
+    """What differs between TorchSSL's algorithms as this adapter runs them; the rest is main_worker's common wiring
+    (the same lines in fixmatch.py and mixmatch.py)."""
+
+    module: str  # the module of its class, whose module-level functions train() calls
+    class_name: str
+    args: Callable[[RunSpec], dict]  # its own arguments of its main script
+    constructor: Callable[[argparse.Namespace], tuple]  # its class's arguments after (net_builder, num_classes, ema_m)
+    dataset_alg: str  # BasicDataset's alg: what an unlabelled item holds
+    set_dset: bool  # main_worker hands the unlabelled data set to the model
+    own_checkpoint: bool  # the adapter writes its checkpoint dict (patch checkpoint_below_1m_steps)
+    observe: Callable  # (its module, Hooks) -> None: the wrappers that report its losses to the hooks
+    step_stats: Callable  # (Hooks, model) -> the step's named statistics, from what the wrappers kept
+    settings: dict[str, str]  # its rows of impl_settings
+
+
+TORCHSSL_ALGORITHMS = {
+    "fixmatch": TorchSSLAlgorithm(
+        module="models.fixmatch.fixmatch", class_name="FixMatch",
+        # hard_label True as TorchSSL's cifar10 configs, so T is unused (set to 1)
+        args=lambda spec: dict(hard_label=True, T=1.0, p_cutoff=spec.threshold),
+        constructor=lambda a: (a.T, a.p_cutoff, a.ulb_loss_ratio, a.hard_label),
+        dataset_alg="fixmatch", set_dset=True, own_checkpoint=False,
+        observe=lambda module, hooks: patches.observe_losses(module, hooks.sup_loss, hooks.unsup_loss),
+        step_stats=fixmatch_step_stats,
+        settings={"strong_augmentation": "RandAugment(3, 5): 3 of 14 ops with replacement, each always applied, "
+                                         "magnitude uniform in its range; then Cutout of side U[0, 16] px, fill "
+                                         "(125, 123, 114); all of it BEFORE the flip and crop"}),
+    "mixmatch": TorchSSLAlgorithm(
+        module="models.mixmatch.mixmatch", class_name="MixMatch",
+        args=lambda spec: dict(alpha=spec.mixup_alpha, T=spec.temperature, ramp_up=spec.ramp_up),
+        constructor=lambda a: (a.T, a.ulb_loss_ratio),
+        dataset_alg="mixmatch", set_dset=False, own_checkpoint=True,
+        observe=lambda module, hooks: patches.observe_mixmatch(module, hooks.mixmatch_sup_loss,
+                                                               hooks.mixmatch_unsup_loss, hooks.mixed),
+        step_stats=mixmatch_step_stats,
+        settings={
+            "mixup_lambda": "ONE lambda ~ Beta(alpha, alpha) per batch, lambda' = max(lambda, 1 - lambda)",
+            "label_guessing": "K = 2 weak views; mean of the live model's softmax over them, sharpened at T; no "
+                              "gradient; one train-mode pass per view, BatchNorm running statistics untouched",
+            "mixup_pairing": "one shuffle over Concat(labelled, view 1, view 2), inputs and targets mixed alike",
+            "batchnorm_of_the_mixed_batch": "interleaved: 1 + K mu passes of B rows, each mixing labelled and "
+                                            "unlabelled rows; running statistics from the first pass only",
+            "unlabelled_loss": "squared error between softmax and mixed guesses, mean over examples and classes",
+            "lambda_u_ramp_up": "linear from 0 at step 0 to lambda_u at step ramp_up x steps",
+        }),
+}
+
+
 def torchssl_args(spec: RunSpec, run_dir: Path, gpu: int | None, num_workers: int) -> argparse.Namespace:
-    """fixmatch.py's arguments (every one its parser defines) for this spec. Spec -> TorchSSL:
+    """fixmatch.py's or mixmatch.py's arguments (every one its parser defines) for this spec. Spec -> TorchSSL:
 
     steps -> num_train_iter, eval_every -> num_eval_iter (schedule: see patches spec_schedule), n_labels ->
     num_labels, batch_size, uratio, eval_batch_size, lr, momentum, weight_decay, depth, widen_factor, seed,
-    num_classes, dataset: same names; threshold -> p_cutoff; lambda_u -> ulb_loss_ratio; ema_decay -> ema_m;
+    num_classes, dataset: same names; lambda_u -> ulb_loss_ratio; ema_decay -> ema_m; the algorithm's own
+    (TORCHSSL_ALGORITHMS args): FixMatch threshold -> p_cutoff; MixMatch mixup_alpha -> alpha, temperature -> T,
+    ramp_up -> ramp_up;
     nesterov -> get_optimizer(nesterov=...) (main_worker leaves it at its default True); precision "bf16" -> amp
-    (with patch amp_bf16). Fixed, as TorchSSL's cifar10 configs: hard_label True (so T is unused; set to 1),
+    (with patch amp_bf16). Fixed, as TorchSSL's cifar10 configs: FixMatch's hard_label True (T unused; set to 1),
     net WideResNet built by net_builder (not torchvision), leaky_slope 0.1, dropout 0, bn_momentum 1 - 0.999
     (set by main_worker; its WRN hard-codes BatchNorm momentum 0.001 anyway), optim SGD, clip 0,
     train_sampler RandomSampler, use_tensorboard True. One process on one device: gpu from the device string,
@@ -78,7 +153,7 @@ def torchssl_args(spec: RunSpec, run_dir: Path, gpu: int | None, num_workers: in
         use_tensorboard=True, epoch=1,
         num_train_iter=spec.steps, num_eval_iter=spec.eval_every, num_labels=spec.n_labels,
         batch_size=spec.batch_size, uratio=spec.uratio, eval_batch_size=spec.eval_batch_size,
-        hard_label=True, T=1.0, p_cutoff=spec.threshold, ema_m=spec.ema_decay, ulb_loss_ratio=spec.lambda_u,
+        **TORCHSSL_ALGORITHMS[spec.algorithm].args(spec), ema_m=spec.ema_decay, ulb_loss_ratio=spec.lambda_u,
         optim="SGD", lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay,
         amp=spec.precision == "bf16", clip=0.0,
         net="WideResNet", net_from_name=False, depth=spec.depth, widen_factor=spec.widen_factor, leaky_slope=0.1,
@@ -90,21 +165,22 @@ def torchssl_args(spec: RunSpec, run_dir: Path, gpu: int | None, num_workers: in
     )
 
 
-def import_torchssl(checkout: Path) -> SimpleNamespace:
-    """TorchSSL's modules, imported from `checkout` (its folder goes first on sys.path; no bytecode is written)."""
+def import_torchssl(checkout: Path, algorithm: str = "fixmatch") -> SimpleNamespace:
+    """TorchSSL's modules, imported from `checkout` (its folder goes first on sys.path; no bytecode is written);
+    `algorithm`: the module of the algorithm's class (models.fixmatch.fixmatch or models.mixmatch.mixmatch)."""
     sys.dont_write_bytecode = True
     sys.path.insert(0, str(checkout))
     import train_utils
     import utils
     import datasets.data_utils as data_utils
     import datasets.ssl_dataset as ssl_dataset
-    import models.fixmatch.fixmatch as fixmatch
 
-    for mod in (utils, train_utils, data_utils, ssl_dataset, fixmatch):
+    alg = importlib.import_module(TORCHSSL_ALGORITHMS[algorithm].module)
+    for mod in (utils, train_utils, data_utils, ssl_dataset, alg):
         if not Path(mod.__file__).resolve().is_relative_to(checkout.resolve()):
             raise ImportError(f"module {mod.__name__} came from {mod.__file__}, not from the checkout {checkout}")
     return SimpleNamespace(utils=utils, train_utils=train_utils, data_utils=data_utils, ssl_dataset=ssl_dataset,
-                           fixmatch=fixmatch)
+                           alg=alg)
 
 
 class Hooks:
@@ -117,7 +193,8 @@ class Hooks:
         self.train_y = train_y  # (N,) int64 on the device: true labels of the unlabelled images, for pseudo_acc
         self.steps_done, self.wall_seconds = start_step, wall_seconds
         self.recorded = {r["step"] for r in read_evals(rec.run_dir)}
-        self.sup = self.lr = self.unsup = self.ulb_idx = None
+        self.sup = self.lr = self.unsup = self.ulb_idx = self.mix = None
+        self.step_stats = TORCHSSL_ALGORITHMS[spec.algorithm].step_stats
 
     # loaders (patches.LimitedBatches) -----------------------------------------------------------------------
     def labelled_fetched(self, batch, t_request: float) -> None:
@@ -138,18 +215,32 @@ class Hooks:
         correct = ((pseudo_label == y) & accepted).sum().float() / accepted.sum().clamp(min=1).float()
         self.unsup = {"loss_u": loss.detach(), "mask_rate": mask_mean.detach(), "pseudo_acc": correct}
 
+    # MixMatch's (patches.observe_mixmatch) ------------------------------------------------------------------
+    def mixmatch_sup_loss(self, per_example) -> None:
+        self.sup_loss(per_example.detach().mean())  # train(): sup_loss = ce_loss(...).mean()
+
+    def mixmatch_unsup_loss(self, loss) -> None:
+        self.unsup = {"loss_u": loss.detach()}
+
+    def mixed(self, targets, lam: float) -> None:
+        """targets (B + 2 muB, C) = [one-hot labels; q; q]; lam: this batch's lambda' = max(lambda, 1 - lambda)."""
+        b, n_u = self.spec.batch_size, self.spec.batch_size * self.spec.uratio
+        guess = targets[b:b + n_u].argmax(dim=-1)  # (muB,): the guessed label of each unlabelled image
+        truth = self.train_y[self.ulb_idx.to(self.train_y.device)].to(guess.device)
+        self.mix = {"guess_acc": (guess == truth).float().mean(),
+                    "mix_lambda": torch_tensor(lam, guess.device)}
+
     # end of step (patches.spec_schedule) --------------------------------------------------------------------
     def end_of_step(self, model) -> bool:
         """After the update, scheduler and EMA of step model.it + 1: record it; True if TorchSSL should evaluate
         now (its closing evaluation after the last step is its own)."""
         rec = self.rec
         step = self.steps_done = model.it + 1
-        stats = {"loss": self.sup + self.spec.lambda_u * self.unsup["loss_u"], "loss_x": self.sup, **self.unsup}
-        due = rec.step_done(step, stats, self.lr)
+        due = rec.step_done(step, self.step_stats(self, model), self.lr)
         if due.checkpoint:
             with rec.paused():
                 rec.check_finite(step)
-                model.save_model(CHECKPOINT, str(self.save_path))  # patches.atomic_checkpoint refuses bad weights
+                model.bench_save(CHECKPOINT, str(self.save_path))  # patches.atomic_checkpoint refuses bad weights
                 rec.checkpointed(step, self.save_path / CHECKPOINT)
         if due.stop:
             if due.evaluate and step not in self.recorded:  # TorchSSL would evaluate after this read: do it now
@@ -215,12 +306,12 @@ def run(spec: RunSpec, files: RunFiles, run_dir: Path, device_name: str, num_wor
     save_path = run_dir / SAVE_NAME
     save_path.mkdir(parents=True, exist_ok=True)
     log = make_log(run_dir)
-    tssl = import_torchssl(checkout)
+    tssl = import_torchssl(checkout, spec.algorithm)
     if spec.dataset not in tssl.ssl_dataset.mean:
         raise ValueError(f"TorchSSL has no normalization constants for data set {spec.dataset!r}")
     os.chdir(save_path)  # TorchSSL writes ./data_statistics/ relative to the working directory
     args = torchssl_args(spec, run_dir, device.index if device.type == "cuda" else None, num_workers)
-    applied = patches.applied(device.type, spec.precision, spec.bn_momentum)
+    applied = patches.applied(device.type, spec.precision, spec.bn_momentum, spec.algorithm)
     apply_precision(spec.precision)  # patch precision_as_spec
 
     shim = patches.cpu_device_shim(device) if "cpu_device_shim" in applied else contextlib.nullcontext()
@@ -247,19 +338,21 @@ def run(spec: RunSpec, files: RunFiles, run_dir: Path, device_name: str, num_wor
         run_dir, spec, files, log, steps=hooks.steps_done, data_sha256=arrays.sha256, param_count=w.param_count,
         wall_seconds=hooks.wall_seconds(), train_seconds=rec.train_seconds, device=str(device),
         eval_images=len(eval_idx),
-        patches=[{"name": p.name, "target": p.target, "why": p.why} for p in patches.PATCHES if p.name in applied],
+        patches=patches.described(applied, spec.algorithm),
         torchssl_url=URL, torchssl_commit=COMMIT, torchssl_checkout_clean=not found,
         torchssl_args=vars(args), num_workers=num_workers,
-        impl_settings={**IMPL_SETTINGS, "data_pipeline": f"PIL transforms in DataLoader workers "
+        impl_settings={**IMPL_SETTINGS, **TORCHSSL_ALGORITHMS[spec.algorithm].settings,
+                       "data_pipeline": f"PIL transforms in DataLoader workers "
                        f"({num_workers} labelled, {4 * num_workers} unlabelled)"})
 
 
 def main_worker(tssl, args, spec: RunSpec, device, inputs, save_path: Path, log, applied) -> SimpleNamespace:
-    """fixmatch.py's main_worker(), line by line, for one device: seeds, model, optimizer, schedule, data sets,
-    loaders, and the resume from its checkpoint. Returns what the loop needs."""
+    """fixmatch.py's (or mixmatch.py's) main_worker(), line by line, for one device: seeds, model, optimizer,
+    schedule, data sets, loaders, and the resume from its checkpoint. Returns what the loop needs."""
     import torch
     import torch.backends.cudnn as cudnn
 
+    alg = TORCHSSL_ALGORITHMS[spec.algorithm]
     arrays, split, eval_idx = inputs
     ckpt_path = save_path / CHECKPOINT
     if ckpt_path.exists() or previous_path(ckpt_path).exists():
@@ -277,9 +370,9 @@ def main_worker(tssl, args, spec: RunSpec, device, inputs, save_path: Path, log,
                                            "depth": args.depth, "widen_factor": args.widen_factor,
                                            "leaky_slope": args.leaky_slope, "bn_momentum": args.bn_momentum,
                                            "dropRate": args.dropout, "use_embed": False, "is_remix": False})
-    FixMatch = patches.bench_fixmatch_class(tssl.fixmatch.FixMatch)
-    model = FixMatch(_net_builder, args.num_classes, args.ema_m, args.T, args.p_cutoff, args.ulb_loss_ratio,
-                     args.hard_label, num_eval_iter=args.num_eval_iter, tb_log=tb_log, logger=logger)
+    Algorithm = patches.bench_class(getattr(tssl.alg, alg.class_name), own_checkpoint=alg.own_checkpoint)
+    model = Algorithm(_net_builder, args.num_classes, args.ema_m, *alg.constructor(args),
+                      num_eval_iter=args.num_eval_iter, tb_log=tb_log, logger=logger)
     param_count = tssl.utils.count_parameters(model.model)
     logger.info(f"Number of Trainable Params: {param_count}")
     optimizer = tssl.train_utils.get_optimizer(model.model, args.optim, args.lr, args.momentum, args.weight_decay,
@@ -298,8 +391,10 @@ def main_worker(tssl, args, spec: RunSpec, device, inputs, save_path: Path, log,
     write_json_atomic(save_path / "args.json", vars(args))
     cudnn.benchmark = True
 
-    loaders = data_loaders(tssl, args, arrays, split, eval_idx)
-    model.set_dset(loaders.pop("ulb_dset"))
+    loaders = data_loaders(tssl, args, arrays, split, eval_idx, alg.dataset_alg)
+    ulb_dset = loaders.pop("ulb_dset")
+    if alg.set_dset:
+        model.set_dset(ulb_dset)
     model.set_data_loader(loaders)
     start_step, prior = 0, {}
     if args.resume:
@@ -319,15 +414,16 @@ def main_worker(tssl, args, spec: RunSpec, device, inputs, save_path: Path, log,
                            train_y=torch.as_tensor(arrays.train_y).to(device))
 
 
-def data_loaders(tssl, args, arrays, split: np.ndarray, eval_idx: np.ndarray) -> dict:
+def data_loaders(tssl, args, arrays, split: np.ndarray, eval_idx: np.ndarray, alg: str = "fixmatch") -> dict:
     """main_worker's data sets and loaders, on our arrays and split (patches our_arrays, our_split), checked to
-    hold exactly our images. Returns its loader_dict plus "ulb_dset"."""
+    hold exactly our images; alg: BasicDataset's (its unlabelled items: FixMatch (index, weak, strong), MixMatch
+    (index, weak, weak)). Returns its loader_dict plus "ulb_dset"."""
     Dataset = patches.arrays_dataset_class(tssl.ssl_dataset.SSL_Dataset, (arrays.train_x, arrays.train_y),
                                            (arrays.test_x[eval_idx], arrays.test_y[eval_idx]))
-    train_dset = Dataset(args, alg="fixmatch", name=args.dataset, train=True, num_classes=args.num_classes,
+    train_dset = Dataset(args, alg=alg, name=args.dataset, train=True, num_classes=args.num_classes,
                          data_dir=args.data_dir)
     lb_dset, ulb_dset = train_dset.get_ssl_dset(args.num_labels, index=split)
-    eval_dset = Dataset(args, alg="fixmatch", name=args.dataset, train=False, num_classes=args.num_classes,
+    eval_dset = Dataset(args, alg=alg, name=args.dataset, train=False, num_classes=args.num_classes,
                         data_dir=args.data_dir).get_dset()
     verify_data(lb_dset, ulb_dset, eval_dset, arrays, split, eval_idx)
     get_data_loader = tssl.data_utils.get_data_loader
@@ -349,9 +445,9 @@ def observe_and_bound(tssl, w: SimpleNamespace, hooks: Hooks, remaining: int, ap
     loaders = w.model.loader_dict
     loaders["train_lb"] = patches.LimitedBatches(loaders["train_lb"], remaining, hooks.labelled_fetched)
     loaders["train_ulb"] = patches.LimitedBatches(loaders["train_ulb"], remaining, hooks.unlabelled_fetched)
-    patches.observe_losses(tssl.fixmatch, hooks.sup_loss, hooks.unsup_loss)
+    TORCHSSL_ALGORITHMS[hooks.spec.algorithm].observe(tssl.alg, hooks)
     if "amp_bf16" in applied:
-        patches.amp_bf16(tssl.fixmatch, device.type)
+        patches.amp_bf16(tssl.alg, device.type)
 
 
 def read_checkpoint(path: Path) -> dict:
