@@ -189,7 +189,7 @@ def test_slurm_runs_equal_local_runs_with_no_wait_and_status(slurm_cluster, shar
 
     second = run_all(*slurm, "--no-wait")  # own's job is still queued or running: it is not submitted again
     assert second.returncode == 0, second.stdout + second.stderr
-    runs = {d.name.split("-")[3]: d for d in (out / "runs").iterdir()}
+    runs = {"torchssl" if "-torchssl-" in d.name else "own": d for d in (out / "runs").iterdir()}
     assert f"job {own_job[0]}: " in second.stdout and "[already queued]" in second.stdout
     assert second.stdout.count(": submitted") == 1
     torchssl_job = launch_record(runs["torchssl"])["job_ids"]

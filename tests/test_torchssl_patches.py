@@ -21,17 +21,18 @@ def test_every_patch_is_named_explained_and_applied_only_where_it_belongs():
                                                            "mixmatch") for p in patches.PATCHES)
     always = [p.name for p in patches.PATCHES if p.when == "always"]
     assert "observe_evaluate" in always and "observe_losses" not in always
-    # FixMatch: the same ten patches, in the same order, as before MixMatch existed
     fixmatch = ["entry_replaces_main", "our_arrays", "our_split", "exact_step_budget", "spec_schedule",
-                "observe_losses", "observe_evaluate", "atomic_checkpoint"]
+                "observe_losses", "observe_evaluate", "atomic_checkpoint", "checkpoint_to_run_device",
+                "precision_as_spec"]
     assert patches.applied("cuda", "fp32") == fixmatch
     assert patches.applied("cpu", "fp32") == fixmatch + ["cpu_device_shim"]
     assert patches.applied("cuda", "bf16") == fixmatch + ["amp_bf16"]
     assert patches.applied("cuda", "fp32", 0.01) == fixmatch + ["bn_momentum"]
     mixmatch = patches.applied("cpu", "bf16", 0.01, "mixmatch")
     assert mixmatch == ["entry_replaces_main", "our_arrays", "our_split", "exact_step_budget", "spec_schedule",
-                        "observe_mixmatch", "observe_evaluate", "atomic_checkpoint", "checkpoint_below_1m_steps",
-                        "cpu_device_shim", "amp_bf16", "bn_momentum"]
+                        "observe_mixmatch", "observe_evaluate", "atomic_checkpoint", "checkpoint_to_run_device",
+                        "precision_as_spec", "checkpoint_below_1m_steps", "cpu_device_shim", "amp_bf16",
+                        "bn_momentum"]
 
 
 def test_described_patches_name_the_runs_algorithm():
