@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import common
+from harness.lifeline import processes_naming  # common puts the checkout on sys.path)
 
 STEPS, EVAL_EVERY, CHECKPOINT_EVERY = 12, 4, 2
 TINY = ["--budgets", "40", "--preset", "smoke", "--batch-size", "2", "--uratio", "1", "--eval-subset", "200",
@@ -98,22 +99,6 @@ class Suite:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Looking at runs and processes
-
-
-def processes_naming(text: str) -> list[int]:
-    """Live processes (zombies excluded) whose command line contains `text`."""
-    found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if text in cmd and state != "Z" and int(d.name) != os.getpid():
-            found.append(int(d.name))
-    return found
 
 
 def records(run_dir: Path) -> list[dict]:

@@ -82,6 +82,120 @@ print('inductor cache', os.environ.get('TORCHINDUCTOR_CACHE_DIR'))
 """
 
 
+class Stages:
+    """Runs each stage as a command in its own process group, for at most its limit (times `slow`) and never past
+    the run's end; the output goes to session.log, and one line per stage says how it ended and how long it took.
+
+    At its limit a stage's whole group (training subprocesses included) gets SIGTERM, so runs checkpoint and stop,
+    then SIGKILL a minute later; nothing holds the GPU afterwards."""
+
+    def __init__(self, log_path: Path, time_limit: float, slow: float, env: dict[str, str]):
+        self.log = open(log_path, "a")
+        self.t_start, self.time_limit, self.slow, self.env = time.monotonic(), time_limit, slow, env
+        self.lines: list[str] = []
+
+    def left(self) -> float:
+        return self.time_limit - (time.monotonic() - self.t_start)
+
+    def run(self, name: str, cmd: list[str], limit: float, stdout=None) -> bool:
+        limit = max(10.0, min(limit * self.slow, self.left() - 5))
+        self.log.write(f"\n=== {name}: {' '.join(cmd)} (limit {limit:.0f} s)\n")
+        self.log.flush()
+        t = time.monotonic()
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=stdout or self.log, stderr=subprocess.STDOUT,
+                                env=child_env(**self.env), start_new_session=True)
+        try:
+            proc.wait(timeout=limit)
+            ok = proc.returncode == 0
+            status = "ok" if ok else f"failed (exit {proc.returncode})"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            ok, status = False, f"stopped at its {limit:.0f} s limit"
+        self.note(f"{name}: {status}, {time.monotonic() - t:.0f} s")
+        return ok
+
+    def note(self, line: str) -> None:
+        self.lines.append(line)
+        self.log.write(f"=== {line}\n")
+        self.log.flush()
+        print(line, flush=True)
+
+
+def environment_and_checks(args, out: Path, stages: Stages) -> list[str]:
+    """The environment, the CUDA tests, TorchSSL's checkout and the data; returns the implementations to measure
+    (ours alone when TorchSSL cannot be had: git, gitpython and its checkout are needed)."""
+    with open(out / "env.txt", "w") as f:
+        stages.run("environment", [sys.executable, "-c", ENV_SCRIPT], 60, stdout=f)
+    shutil.copyfileobj(open(out / "env.txt"), stages.log)
+    with open(out / "env.txt", "a") as f:
+        if shutil.which("nvidia-smi"):
+            subprocess.run(["nvidia-smi"], stdout=f, stderr=subprocess.STDOUT, timeout=30)
+        subprocess.run([sys.executable, "-m", "pip", "list", "--format=freeze"], stdout=f,
+                       stderr=subprocess.DEVNULL, timeout=60)
+    stages.run("CUDA checks", [*PYTEST, *QUICK_TESTS], 120)
+    impls = ["own", "torchssl"]
+    probe = [sys.executable, "-c", "import sys; from harness.env import default_cache_dir; "
+             "from third_party.torchssl.checkout import ensure_checkout; "
+             "print(ensure_checkout(sys.argv[1] if len(sys.argv) > 1 else None, default_cache_dir()))"]
+    if not stages.run("TorchSSL checkout", probe + ([args.torchssl_source] if args.torchssl_source else []), 60):
+        impls = ["own"]
+        stages.note("TorchSSL unavailable (see session.log): ours alone")
+    if args.data:  # decoded once into the cache here, so that no later stage spends its time limit on it
+        stages.run("data", [sys.executable, "-c", "import sys; from harness.data import load_cifar10; "
+                            "print(load_cifar10(sys.argv[1]).data_dir)", args.data], 120)
+    stages.run("CUDA compile checks", [*PYTEST, *COMPILE_TESTS], 240)
+    return impls
+
+
+def speed(args, out: Path, stages: Stages, impls: list[str], shared: list[str], tiny: list[str]) -> None:
+    """Our step eager against compiled, without the harness around it (it compiles the graphs that the throughput
+    stage's run of ours then loads from the inductor cache: same shapes, precision and layout); then both
+    implementations' throughput side by side."""
+    cpu = args.device == "cpu"
+    precision = "fp32" if cpu else "bf16"
+    own = ["--warmup", "1", "--repeats", "2", "--window", "1"] if cpu else \
+        ["--batch-size", "64", "--uratio", "7", "--warmup", "20", "--repeats", "5", "--window", "20"]
+    stages.run("own configurations", [sys.executable, "bench/own_steps.py", "--device", args.device, *tiny, *own,
+                                      "--configs", f"{precision}-cl", f"{precision}-cl-compile", "--json",
+                                      str(out / "own-configs.json")], 180)
+    batch = ["--warmup", "2", "--window", "2", "--repeats", "2"] if cpu else \
+        ["--batch-size", "64", "--uratio", "7", "--warmup", "40", "--window", "20", "--repeats", "5"]
+    stages.run(f"throughput {precision}", [sys.executable, "bench/throughput.py", *shared, *tiny, *batch,
+                                           "--precision", precision, "--channels-last", "--impls", *impls,
+                                           "--json", str(out / "throughput.json")], 300)
+
+
+def accuracy(args, out: Path, stages: Stages, impls: list[str], shared: list[str], tiny: list[str]) -> list[dict]:
+    """A short side-by-side run at 4000 labels with the time that is left; its report, curve and results are
+    copied to --out (the run folders, checkpoints included, are not). Returns the runs' result.json contents."""
+    cpu = args.device == "cpu"
+    steps = args.accuracy_steps or (8 if cpu else 1000)
+    acc_out = out / "acc"
+    size = [*tiny, "--eval-subset", "100"] if cpu else []
+    stages.run("accuracy 4000 labels", [
+        sys.executable, "run_all.py", "--budgets", "4000", "--preset", "short", "--steps", str(steps),
+        "--eval-every", str(max(steps // (2 if cpu else 6), 1)), "--checkpoint-every", str(max(steps // 4, 1)),
+        "--log-every", str(max(steps // 30, 1)), "--precision", "fp32" if cpu else "bf16", "--out", str(acc_out),
+        "--no-warmup", "--impls", *impls, *shared, *size], (stages.left() - 20) / stages.slow)
+    if not (acc_out / "RESULTS.md").exists():  # cut off: report whatever runs finished
+        stages.run("report", [sys.executable, "run_all.py", "--report-only", "--out", str(acc_out)], 15)
+    if (acc_out / "RESULTS.md").exists():
+        shutil.copy(acc_out / "RESULTS.md", out / "RESULTS.md")
+        fig = acc_out / "figures" / "curves-4000.png"
+        if fig.exists():
+            shutil.copy(fig, out / "curves-4000.png")
+    results = [json.loads(r.read_text()) for r in sorted(acc_out.glob("runs/*/result.json"))]
+    if results:
+        (out / "accuracy.json").write_text(json.dumps(results, indent=1) + "\n")
+    shutil.rmtree(acc_out, ignore_errors=True)  # checkpoints stay behind: only the 8 files travel back
+    return results
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--out", required=True, help="folder for everything the run learns")
@@ -101,115 +215,21 @@ def main() -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cpu = args.device == "cpu"
-    time_limit = args.time_limit or (900.0 if cpu else 510.0)
-    slow = 2.0 if cpu else 1.0  # stage limits: a CPU compiles and steps more slowly than the GPU machine's host
-    t_start = time.monotonic()
-    log_path = out / "session.log"
-    log = open(log_path, "a")
-    stages: list[str] = []
-    extra_env = {"TORCHINDUCTOR_CACHE_DIR": str(Path(args.inductor_cache).resolve())}
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(Path(args.inductor_cache).resolve())}
     if args.data:
-        extra_env["FIXMATCH_BENCH_DATA"] = str(Path(args.data).resolve())
-
-    def left() -> float:
-        return time_limit - (time.monotonic() - t_start)
-
-    def stage(name: str, cmd: list[str], limit: float, stdout=None) -> bool:
-        """Run one stage for at most `limit` seconds (and never past the run's end); its output goes to the log.
-
-        A stage runs in its own process group: at its limit the whole group (training subprocesses included) gets
-        SIGTERM, so runs checkpoint and stop, then SIGKILL a minute later; nothing holds the GPU afterwards."""
-        limit = max(10.0, min(limit * slow, left() - 5))
-        log.write(f"\n=== {name}: {' '.join(cmd)} (limit {limit:.0f} s)\n")
-        log.flush()
-        t = time.monotonic()
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=stdout or log, stderr=subprocess.STDOUT,
-                                env=child_env(**extra_env), start_new_session=True)
-        try:
-            proc.wait(timeout=limit)
-            ok = proc.returncode == 0
-            status = "ok" if ok else f"failed (exit {proc.returncode})"
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            ok, status = False, f"stopped at its {limit:.0f} s limit"
-        line = f"{name}: {status}, {time.monotonic() - t:.0f} s"
-        stages.append(line)
-        log.write(f"=== {line}\n")
-        log.flush()
-        print(line, flush=True)
-        return ok
-
-    with open(out / "env.txt", "w") as f:
-        stage("environment", [sys.executable, "-c", ENV_SCRIPT], 60, stdout=f)
-    shutil.copyfileobj(open(out / "env.txt"), log)
-    with open(out / "env.txt", "a") as f:
-        if shutil.which("nvidia-smi"):
-            subprocess.run(["nvidia-smi"], stdout=f, stderr=subprocess.STDOUT, timeout=30)
-        subprocess.run([sys.executable, "-m", "pip", "list", "--format=freeze"], stdout=f,
-                       stderr=subprocess.DEVNULL, timeout=60)
-    stage("CUDA checks", [*PYTEST, *QUICK_TESTS], 120)
-
-    shared = ["--device", args.device]
-    if args.data:
-        shared += ["--data", args.data]
-    if args.torchssl_source:
-        shared += ["--torchssl-source", args.torchssl_source]
-    # TorchSSL needs git, gitpython and its checkout: without them, measure ours alone rather than nothing.
-    impls = ["own", "torchssl"]
-    probe = [sys.executable, "-c", "import sys; from harness.env import default_cache_dir; "
-             "from third_party.torchssl.checkout import ensure_checkout; "
-             "print(ensure_checkout(sys.argv[1] if len(sys.argv) > 1 else None, default_cache_dir()))"]
-    if not stage("TorchSSL checkout", probe + ([args.torchssl_source] if args.torchssl_source else []), 60):
-        impls = ["own"]
-        stages.append("TorchSSL unavailable (see session.log): ours alone")
-    if args.data:  # decoded once into the cache here, so that no later stage spends its time limit on it
-        stage("data", [sys.executable, "-c", "import sys; from harness.data import load_cifar10; "
-                       "print(load_cifar10(sys.argv[1]).data_dir)", args.data], 120)
-    stage("CUDA compile checks", [*PYTEST, *COMPILE_TESTS], 240)
-
-    # Our step eager against compiled, without the harness around it; it compiles the graphs that the throughput
-    # stage's run of ours then loads from the inductor cache (same shapes, precision and layout).
-    precision = "fp32" if cpu else "bf16"
+        env["FIXMATCH_BENCH_DATA"] = str(Path(args.data).resolve())
+    # stage limits are doubled on a CPU: it compiles and steps more slowly than the GPU machine's host
+    stages = Stages(out / "session.log", args.time_limit or (900.0 if cpu else 510.0), 2.0 if cpu else 1.0, env)
+    shared = ["--device", args.device, *(["--data", args.data] if args.data else []),
+              *(["--torchssl-source", args.torchssl_source] if args.torchssl_source else [])]
     tiny = ["--batch-size", "4", "--uratio", "2", "--depth", "10", "--widen-factor", "1"] if cpu else []
-    own = ["--warmup", "1", "--repeats", "2", "--window", "1"] if cpu else \
-        ["--batch-size", "64", "--uratio", "7", "--warmup", "20", "--repeats", "5", "--window", "20"]
-    stage("own configurations", [sys.executable, "bench/own_steps.py", "--device", args.device, *tiny, *own,
-                                 "--configs", f"{precision}-cl", f"{precision}-cl-compile", "--json",
-                                 str(out / "own-configs.json")], 180)
-    batch = ["--warmup", "2", "--window", "2", "--repeats", "2"] if cpu else \
-        ["--batch-size", "64", "--uratio", "7", "--warmup", "40", "--window", "20", "--repeats", "5"]
-    stage(f"throughput {precision}", [sys.executable, "bench/throughput.py", *shared, *tiny, *batch, "--precision",
-                                      precision, "--channels-last", "--impls", *impls,
-                                      "--json", str(out / "throughput.json")], 300)
 
-    steps = args.accuracy_steps or (8 if cpu else 1000)
-    acc_out = out / "acc"
-    size = [*tiny, "--eval-subset", "100"] if cpu else []
-    stage("accuracy 4000 labels", [
-        sys.executable, "run_all.py", "--budgets", "4000", "--preset", "short", "--steps", str(steps),
-        "--eval-every", str(max(steps // (2 if cpu else 6), 1)), "--checkpoint-every", str(max(steps // 4, 1)), "--log-every",
-        str(max(steps // 30, 1)), "--precision", precision, "--out", str(acc_out), "--no-warmup",
-        "--impls", *impls, *shared, *size], (left() - 20) / slow)
-    if not (acc_out / "RESULTS.md").exists():  # cut off: report whatever runs finished
-        stage("report", [sys.executable, "run_all.py", "--report-only", "--out", str(acc_out)], 15)
-    if (acc_out / "RESULTS.md").exists():
-        shutil.copy(acc_out / "RESULTS.md", out / "RESULTS.md")
-        fig = acc_out / "figures" / "curves-4000.png"
-        if fig.exists():
-            shutil.copy(fig, out / "curves-4000.png")
-    results = [json.loads(r.read_text()) for r in sorted(acc_out.glob("runs/*/result.json"))]
-    if results:
-        (out / "accuracy.json").write_text(json.dumps(results, indent=1) + "\n")
-    shutil.rmtree(acc_out, ignore_errors=True)  # checkpoints stay behind: only the 8 files travel back
-    log.close()
-
-    text = summary(args.device, out, log_path.read_text().splitlines(), stages, results,
-                   time.monotonic() - t_start)
+    impls = environment_and_checks(args, out, stages)
+    speed(args, out, stages, impls, shared, tiny)
+    results = accuracy(args, out, stages, impls, shared, tiny)
+    stages.log.close()
+    text = summary(args.device, out, (out / "session.log").read_text().splitlines(), stages.lines, results,
+                   time.monotonic() - stages.t_start)
     (out / "summary.md").write_text(text)
     print(text)
     return 0

@@ -30,6 +30,30 @@ def run_module(module: str, run_dir: Path, *extra: str, timeout: float = 300) ->
                            str(run_dir), *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def torchssl_result_on_our_split(run_dir: Path) -> tuple:
+    """Run TorchSSL's entry on a prepared run folder and check what every TorchSSL result owes the spec: our schema,
+    our split (its checksum recomputed), our data, the spec's hash, TorchSSL's pinned clean checkout and the
+    WideResNet-28-2's parameter count. Returns (spec, result)."""
+    import json
+
+    from contract.arrays import indices_sha256
+    from contract.results import RESULT_KEYS
+    from contract.spec import read_spec
+    from third_party.torchssl import checkout as co
+
+    spec, files = read_spec(run_dir / "spec.json")
+    proc = run_module("third_party.torchssl.entry", run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert set(RESULT_KEYS) <= set(result)
+    split = json.loads(Path(files.split_file).read_text())
+    assert result["split_sha256"] == split["sha256"] == indices_sha256(split["labeled_indices"]) == spec.split_sha256
+    assert result["data_sha256"] == spec.data_sha256 and result["spec_hash"] == spec.hash()
+    assert result["param_count"] == wrn_count_by_hand(28, 2, 10)[0] == 1_469_642
+    assert result["torchssl_commit"] == co.COMMIT and result["torchssl_checkout_clean"] is True
+    return spec, result
+
+
 def copy_run(run_dir: Path, to: Path) -> Path:
     """A second folder holding the same spec.json (same spec, same hash)."""
     to.mkdir(parents=True)

@@ -18,6 +18,7 @@ import pytest
 
 from contract.results import read_metrics
 from harness.data import CIFAR10_CLASSES, load_cifar10
+from harness.lifeline import processes_naming
 
 from conftest import REPO
 
@@ -39,21 +40,6 @@ def start_run_all(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(REPO / "run_all.py"), *args], cwd=REPO, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
-
-def processes_naming(text: str) -> list[int]:
-    """Pids of live processes whose command line contains `text` (zombies excluded)."""
-    found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if text in cmd and state != "Z":
-            found.append(int(d.name))
-    return found
 
 
 def wait_until(condition, timeout: float, what: str, proc: subprocess.Popen | None = None):

@@ -349,7 +349,7 @@ def torch_load_to(device):
         torch.load = load
 
 
-def bench_class(Algorithm, own_checkpoint: bool = False):
+def bench_class(Algorithm, own_checkpoint: bool = False):  # a class factory: its length is the short methods below
     """TorchSSL's FixMatch or MixMatch class with the spec's schedule, evaluations observed, atomic saves that keep
     the previous checkpoint, and its checkpoint loaded onto the model's device; train() is its own.
     bench_save(name, path) is the end-of-step checkpoint: its own save_model, or with own_checkpoint (patch
