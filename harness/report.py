@@ -72,12 +72,15 @@ def load_runs(out_dir: Path) -> list[dict]:
 
 
 def study_key(spec: dict) -> tuple:
-    return tuple(sorted((k, v) for k, v in spec.items() if k not in PER_RUN_FIELDS))
+    """The settings runs of one study share. A None field does not apply to the run (RunSpec.hash leaves it out
+    too), so a spec written before that field existed belongs to the same study."""
+    return tuple(sorted((k, v) for k, v in spec.items() if k not in PER_RUN_FIELDS and v is not None))
 
 
 def protocol_key(spec: dict) -> tuple:
     """A study's key without its algorithm and the settings that come with an algorithm."""
-    return tuple(sorted((k, v) for k, v in spec.items() if k not in PER_RUN_FIELDS + ALGORITHM_FIELDS))
+    return tuple(sorted((k, v) for k, v in spec.items()
+                        if k not in PER_RUN_FIELDS + ALGORITHM_FIELDS and v is not None))
 
 
 def algorithm_of(run: dict) -> str:

@@ -111,6 +111,20 @@ def test_paired_differences_and_intervals_worked_by_hand(tmp_path):
     assert "### Recipe effect" not in text  # no paper-recipe runs: no such section
 
 
+def test_a_spec_written_before_a_field_existed_is_in_the_same_study(tmp_path):
+    """A field that does not apply is None (hash() leaves it out): a spec.json written before MixMatch's fields
+    existed lacks them, and its run is still compared with runs whose spec.json has them as null."""
+    old = fake_run(tmp_path, "own-tssl", 250, 0, [50.0], split="a")
+    fake_run(tmp_path, "torchssl", 250, 0, [40.0], split="a")
+    spec = json.loads((old / "spec.json").read_text())
+    for name in ("mixup_alpha", "temperature", "ramp_up"):
+        assert spec["spec"].pop(name) is None
+    (old / "spec.json").write_text(json.dumps(spec))
+    text = write_report(tmp_path).read_text()
+    assert text.count("## FixMatch") == 1 and "Unpaired" not in text
+    assert "| 0: +10.00 |" in row(text.split("### Implementation check")[1], 250, "final")
+
+
 def test_student_t_quantiles():
     assert t975(1) == 12.7062 and t975(2) == 4.3027 and t975(30) == 2.0423
     for df, exact in ((31, 2.0395), (40, 2.0211), (60, 2.0003), (120, 1.9799)):

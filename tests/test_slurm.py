@@ -87,6 +87,17 @@ def slurm_cluster():
         subprocess.run([SCRIPT, "stop"], capture_output=True, timeout=300)
 
 
+@pytest.fixture
+def cluster(slurm_cluster):
+    """The cluster, for one test: the jobs it submitted are cancelled after it, failed or not, so that none holds
+    the node's CPUs while the next test waits for its own."""
+    before = set(queue())
+    yield
+    leftover = sorted(set(queue()) - before)
+    if leftover:
+        subprocess.run(["scancel", *leftover], capture_output=True)
+
+
 # --- the options, without a cluster --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, minutes", [
@@ -175,7 +186,7 @@ def test_result_carries_the_launch_record_and_status_reads_run_folders(make_run_
 
 # --- against the cluster -------------------------------------------------------------------------------------------
 
-def test_slurm_runs_equal_local_runs_with_no_wait_and_status(slurm_cluster, shared_archive, cifar, tmp_path):
+def test_slurm_runs_equal_local_runs_with_no_wait_and_status(cluster, shared_archive, cifar, tmp_path):
     out, local = tmp_path / "slurm", tmp_path / "local"
     common = [*TINY, "--steps", "8", "--eval-every", "4", "--data", shared_archive]
     slurm = [*common, *ON_CLUSTER, "--out", out, "--time", "10", "--mem", "4G", "--cpus-per-job", "1",
@@ -231,7 +242,7 @@ def test_slurm_runs_equal_local_runs_with_no_wait_and_status(slurm_cluster, shar
     assert own_evals[0] == own_evals[1]  # the same numbers, on the same CPU
 
 
-def test_stopped_job_is_requeued_resumes_and_requeues_are_bounded(slurm_cluster, shared_archive, cifar, tmp_path):
+def test_stopped_job_is_requeued_resumes_and_requeues_are_bounded(cluster, shared_archive, cifar, tmp_path):
     out = tmp_path / "slurm"
     args = [*TINY, *ON_CLUSTER, "--impls", "own", "--steps", "20", "--eval-every", "20", "--log-every", "1",
             "--checkpoint-every", "1000", "--data", shared_archive, "--out", out, "--max-requeues", "2"]
@@ -281,7 +292,7 @@ def test_stopped_job_is_requeued_resumes_and_requeues_are_bounded(slurm_cluster,
     assert train_steps == list(range(1, 21))  # every step once across five starts: each resumed, none restarted
 
 
-def test_bad_options_are_one_line_before_any_job(slurm_cluster, shared_archive, cifar, tmp_path):
+def test_bad_options_are_one_line_before_any_job(cluster, shared_archive, cifar, tmp_path):
     base = [*TINY, "--data", shared_archive, "--launcher", "slurm"]
     out = ["--out", tmp_path / "o", "--allow-local-out"]
     jobs_before = set(queue())
