@@ -3,7 +3,7 @@
 eager and compiled, compiled steps, a compiled run resumed); our step eager against compiled, with its compile time;
 both implementations' throughput side by side, TorchSSL's loader as shipped and with as many loader processes as
 cores; a short side-by-side accuracy run. Everything it learns goes to --out, and summary.md says which line of
-session.log confirms each point.
+check.log confirms each point.
 
     python bench/gpu_check.py --device cuda --out OUT --data PATH/cifar10-jpeg.tar.gz
     python bench/gpu_check.py --device cpu --out /tmp/gpu-check --data PATH/cifar10-jpeg.tar.gz   # the same, tiny
@@ -16,7 +16,7 @@ is loaded from disk afterwards. TorchSSL needs git, gitpython and a verified che
 ($FIXMATCH_BENCH_CACHE) or a source to clone it from (--torchssl-source); without them the script measures ours
 alone. --device cpu shrinks every stage to a few steps of tiny batches through WRN-10-1 (the CUDA tests skip), so
 that the whole script can be checked on any machine before a GPU is spent on it. It writes at most 8 files: env.txt,
-own-configs.json, throughput.json, accuracy.json, RESULTS.md, curves-4000.png, session.log, summary.md.
+own-configs.json, throughput.json, accuracy.json, RESULTS.md, curves-4000.png, check.log, summary.md.
 """
 from __future__ import annotations
 
@@ -47,22 +47,23 @@ QUICK_TESTS = (
 )
 COMPILE_TESTS = (
     "tests/test_augment.py::test_compiled_augmentation_changes_no_pixel[cuda]",
-    "tests/test_own_compile.py::test_compiled_batches_are_the_eager_batches[False-cuda]",
-    "tests/test_own_compile.py::test_compiled_batches_are_the_eager_batches[True-cuda]",
+    "tests/test_own_compile.py::test_compiled_batches_are_the_eager_batches[False-paper-cuda]",
+    "tests/test_own_compile.py::test_compiled_batches_are_the_eager_batches[True-paper-cuda]",
+    "tests/test_own_compile.py::test_compiled_batches_are_the_eager_batches[False-torchssl-cuda]",
     "tests/test_own_compile.py::test_compiled_run_resumes_like_a_straight_run[cuda]",
     "tests/test_own_compile.py::test_compiled_steps_match_a_float64_reference[False-cuda]",
     "tests/test_own_compile.py::test_compiled_steps_match_a_float64_reference[True-cuda]",
 )
-# What only a GPU can confirm, and the tests whose outcome lines in session.log confirm it.
+# What only a GPU can confirm, and the tests whose outcome lines in check.log confirm it.
 TEST_CLAIMS = (
     ("compiled augmentation: the eager pixels on CUDA, no fused multiply-add drift (and eager CUDA = CPU)",
-     COMPILE_TESTS[:3] + ("tests/test_augment.py::test_cuda_matches_cpu",)),
+     COMPILE_TESTS[:4] + ("tests/test_augment.py::test_cuda_matches_cpu",)),
     ("bf16: float32 logits from the float32 classifier", QUICK_TESTS[1:2]),
     ("TF32: fp32 is full fp32 on CUDA, tf32 is TF32 (errors against float64 printed)", QUICK_TESTS[:1]),
     ("resume on CUDA: equal to a straight run within 1e-4 (largest difference printed); a bare `cuda` device "
-     "accepted", COMPILE_TESTS[3:4]),
+     "accepted", COMPILE_TESTS[4:5]),
     ("EMA: buffers copied in dtype groups, a few multi-tensor kernels (kernel counts printed)", QUICK_TESTS[2:4]),
-    ("compiled steps on CUDA: float64's results within 1e-5, TF32 off", COMPILE_TESTS[4:]),
+    ("compiled steps on CUDA: float64's results within 1e-5, TF32 off", COMPILE_TESTS[5:]),
 )
 ENV_SCRIPT = """
 import importlib.util, os, platform, sys, torch
@@ -84,7 +85,7 @@ print('inductor cache', os.environ.get('TORCHINDUCTOR_CACHE_DIR'))
 
 class Stages:
     """Runs each stage as a command in its own process group, for at most its limit (times `slow`) and never past
-    the run's end; the output goes to session.log, and one line per stage says how it ended and how long it took.
+    the run's end; the output goes to check.log, and one line per stage says how it ended and how long it took.
 
     At its limit a stage's whole group (training subprocesses included) gets SIGTERM, so runs checkpoint and stop,
     then SIGKILL a minute later; nothing holds the GPU afterwards."""
@@ -144,7 +145,7 @@ def environment_and_checks(args, out: Path, stages: Stages) -> list[str]:
              "print(ensure_checkout(sys.argv[1] if len(sys.argv) > 1 else None, default_cache_dir()))"]
     if not stages.run("TorchSSL checkout", probe + ([args.torchssl_source] if args.torchssl_source else []), 60):
         impls = ["own"]
-        stages.note("TorchSSL unavailable (see session.log): ours alone")
+        stages.note("TorchSSL unavailable (see check.log): ours alone")
     if args.data:  # decoded once into the cache here, so that no later stage spends its time limit on it
         stages.run("data", [sys.executable, "-c", "import sys; from harness.data import load_cifar10; "
                             "print(load_cifar10(sys.argv[1]).data_dir)", args.data], 120)
@@ -219,7 +220,7 @@ def main() -> int:
     if args.data:
         env["FIXMATCH_BENCH_DATA"] = str(Path(args.data).resolve())
     # stage limits are doubled on a CPU: it compiles and steps more slowly than the GPU machine's host
-    stages = Stages(out / "session.log", args.time_limit or (900.0 if cpu else 510.0), 2.0 if cpu else 1.0, env)
+    stages = Stages(out / "check.log", args.time_limit or (900.0 if cpu else 510.0), 2.0 if cpu else 1.0, env)
     shared = ["--device", args.device, *(["--data", args.data] if args.data else []),
               *(["--torchssl-source", args.torchssl_source] if args.torchssl_source else [])]
     tiny = ["--batch-size", "4", "--uratio", "2", "--depth", "10", "--widen-factor", "1"] if cpu else []
@@ -228,7 +229,7 @@ def main() -> int:
     speed(args, out, stages, impls, shared, tiny)
     results = accuracy(args, out, stages, impls, shared, tiny)
     stages.log.close()
-    text = summary(args.device, out, (out / "session.log").read_text().splitlines(), stages.lines, results,
+    text = summary(args.device, out, (out / "check.log").read_text().splitlines(), stages.lines, results,
                    time.monotonic() - stages.t_start)
     (out / "summary.md").write_text(text)
     print(text)
@@ -236,17 +237,17 @@ def main() -> int:
 
 
 def find_line(lines: list[str], pattern: str) -> tuple[int, str] | None:
-    """(1-based number, text) of the first line of session.log matching the regular expression, else None."""
+    """(1-based number, text) of the first line of check.log matching the regular expression, else None."""
     rx = re.compile(pattern)
     return next(((i + 1, ln.strip()) for i, ln in enumerate(lines) if rx.search(ln)), None)
 
 
 def cite(found: tuple[int, str] | None) -> str:
-    return "not reached (see session.log)" if found is None else f"session.log line {found[0]}: `{found[1][:150]}`"
+    return "not reached (see check.log)" if found is None else f"check.log line {found[0]}: `{found[1][:150]}`"
 
 
 def test_outcome(lines: list[str], node: str) -> tuple[str, tuple[int, str] | None]:
-    """What pytest -v said of the test `node` in session.log: PASSED, FAILED, SKIPPED, ERROR, or "not run"."""
+    """What pytest -v said of the test `node` in check.log: PASSED, FAILED, SKIPPED, ERROR, or "not run"."""
     found = find_line(lines, "^" + re.escape(node) + r" (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b")
     return ("not run" if found is None else found[1].split()[1]), found
 
@@ -258,12 +259,12 @@ def summary(device: str, out: Path, lines: list[str], stages: list[str], results
     md = [f"# GPU check on {device}", "", f"Total {seconds:.0f} s. Environment: " +
           "; ".join(ln.strip() for ln in lines if ln.startswith(("python ", "gpu "))), "", "## Stages", ""]
     md += [f"- {s}" for s in stages]
-    md += ["", "## What confirms each point (outcome: the test's line in session.log)", ""]
+    md += ["", "## What confirms each point (outcome: the test's line in check.log)", ""]
     for claim, nodes in TEST_CLAIMS:
         md.append(f"- {claim}:")
         for node in nodes:
             outcome, found = test_outcome(lines, node)
-            md.append(f"  - **{outcome}** `{node}`" + ("" if found is None else f" (session.log line {found[0]})"))
+            md.append(f"  - **{outcome}** `{node}`" + ("" if found is None else f" (check.log line {found[0]})"))
     rows = [(i + 1, ln.strip()) for i, ln in enumerate(lines) if re.match(r"(own|torchssl-w\d+) +\d", ln)]
     md.append("- TorchSSL's loader as shipped and with as many loader processes as cores, beside ours (steps/s, "
               "data wait, loader processes): " + ("; ".join(cite(r) for r in rows) if rows else cite(None)))

@@ -1,6 +1,7 @@
 """The benchmark scripts' own logic: which TorchSSL loaders the throughput measures, the compile a benchmark asks of
 ours, and how the GPU check's summary finds the lines that confirm each point."""
 import json
+import subprocess
 import sys
 
 from contract.spec import RunSpec, read_spec
@@ -18,6 +19,16 @@ def test_torchssl_is_measured_as_shipped_and_with_a_loader_process_per_core():
     assert throughput.torchssl_worker_counts(None, 64) == [1, 12]
     assert throughput.torchssl_worker_counts(None, 2) == [1]  # as shipped already fills 2 cores: one run
     assert throughput.torchssl_worker_counts([4, 4, 1], 16) == [4, 1]  # as asked, each once
+
+
+def test_every_test_the_gpu_check_names_exists():
+    """A renamed or re-parametrised test would make its stage a usage error (pytest exit 4) on the GPU."""
+    nodes = [*gpu_check.QUICK_TESTS, *gpu_check.COMPILE_TESTS]
+    assert {n for _, claim in gpu_check.TEST_CLAIMS for n in claim} <= set(nodes)
+    found = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                            *nodes], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert found.returncode == 0, found.stdout[-2000:] + found.stderr[-2000:]
+    assert [line for line in found.stdout.splitlines() if "::" in line] == nodes
 
 
 def test_a_benchmark_run_compiles_ours_without_binding_it(cifar, tmp_path):
@@ -52,10 +63,10 @@ def test_summary_cites_the_lines_that_confirm_each_point(tmp_path):
         "speedups_own_over": {"torchssl-w1": 6.0, "torchssl-w3": 3.0}}))
     text = gpu_check.summary("cuda", tmp_path, lines, ["environment: ok, 3 s"], [], 100.0)
     assert "Environment: python 3.11 | torch 2.11; gpu NVIDIA H200" in text and "- environment: ok, 3 s" in text
-    assert f"**PASSED** `{node}` (session.log line 3)" in text
-    assert f"**FAILED** `{gpu_check.QUICK_TESTS[0]}` (session.log line 4)" in text
+    assert f"**PASSED** `{node}` (check.log line 3)" in text
+    assert f"**FAILED** `{gpu_check.QUICK_TESTS[0]}` (check.log line 4)" in text
     assert f"**not run** `{gpu_check.COMPILE_TESTS[0]}`" in text
-    assert "session.log line 7: `torchssl-w1" in text and "session.log line 8: `torchssl-w3" in text
-    assert "session.log line 5: `B=64" in text and "session.log line 6: `own" in text
+    assert "check.log line 7: `torchssl-w1" in text and "check.log line 8: `torchssl-w3" in text
+    assert "check.log line 5: `B=64" in text and "check.log line 6: `own" in text
     assert "bf16 speedup own/torchssl-w3: 3.00" in text
     assert all(claim in text for claim, _ in gpu_check.TEST_CLAIMS)
