@@ -97,7 +97,8 @@ def run_impl(impl: str, args, ctx, data, split_file: Path, split_sha: str, workd
              torchssl_workers: int | None = None) -> dict:
     """One implementation's run for warm-up + repeats x window steps, as the harness runs it; its steps/s samples."""
     steps = args.warmup + args.repeats * args.window
-    spec = RunSpec(impl=impl, n_labels=args.n_labels, seed=0, data_kind=data.identity.kind,
+    spec = RunSpec(impl=impl, recipe="torchssl" if impl == "torchssl" else args.own_recipe, n_labels=args.n_labels,
+                   seed=0, data_kind=data.identity.kind,
                    data_sha256=data.identity.data_sha256, split_sha256=split_sha, steps=steps, eval_every=steps,
                    batch_size=args.batch_size, uratio=args.uratio, precision=args.precision, depth=args.depth,
                    widen_factor=args.widen_factor,
@@ -139,6 +140,8 @@ def main() -> int:
                    help="TorchSSL's num_workers, one run each (default: its config's 1, and cores // 5 so that its "
                         "loader processes number the cores)")
     p.add_argument("--impls", nargs="+", choices=["own", "torchssl"], default=["own", "torchssl"])
+    p.add_argument("--own-recipe", choices=["paper", "torchssl"], default="paper",
+                   help="the recipe ours runs (TorchSSL runs its own): paper (2 RandAugment ops) or torchssl (3)")
     p.add_argument("--warmup", type=int, default=4, help="steps before timing starts")
     p.add_argument("--window", type=int, default=4, help="steps per timed sample")
     p.add_argument("--repeats", type=int, default=5, help="timed samples; the median is reported")

@@ -70,3 +70,16 @@ def test_summary_cites_the_lines_that_confirm_each_point(tmp_path):
     assert "check.log line 5: `B=64" in text and "check.log line 6: `own" in text
     assert "bf16 speedup own/torchssl-w3: 3.00" in text
     assert all(claim in text for claim, _ in gpu_check.TEST_CLAIMS)
+
+
+def test_throughput_runs_both_implementations_end_to_end(shared_archive, cifar, torchssl_checkout, tmp_path):
+    """The throughput script as the GPU check calls it, tiny: both implementations run and the ratio is printed."""
+    out = tmp_path / "throughput.json"
+    proc = subprocess.run([sys.executable, "bench/throughput.py", "--device", "cpu", "--data", str(shared_archive),
+                           "--batch-size", "2", "--uratio", "1", "--depth", "10", "--widen-factor", "1",
+                           "--warmup", "1", "--window", "1", "--repeats", "1", "--no-compile", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert {r["impl"] for r in report["impls"].values()} == {"own", "torchssl"}
+    assert proc.stdout.strip().splitlines()[-1].startswith("speedup own/torchssl: ")
