@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -506,4 +507,16 @@ def write_report(out_dir: Path) -> Path:
         tag = "" if len(ordered) == 1 else f"{algorithm}-" + (f"s{i}-" if per_algorithm[algorithm] > 1 else "")
         lines += study_section(study, out_dir / "figures", tag)
     path.write_text("\n".join(lines) + "\n")
+    remove_stale_figures(out_dir / "figures", set(re.findall(r"\(figures/([^)]+)\)", "\n".join(lines))))
     return path
+
+
+STALE_FIGURE = re.compile(r"((fixmatch|mixmatch)-)?(s\d+-)?(curves-\d+|throughput)\.png")
+
+
+def remove_stale_figures(fig_dir: Path, shown: set[str]) -> None:
+    """Delete the figures an earlier build wrote under names this report no longer shows (a study merged or gone),
+    so that figures/ matches RESULTS.md; files of other names are left alone."""
+    for f in fig_dir.glob("*.png"):
+        if STALE_FIGURE.fullmatch(f.name) and f.name not in shown:
+            f.unlink()

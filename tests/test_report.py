@@ -125,6 +125,17 @@ def test_a_spec_written_before_a_field_existed_is_in_the_same_study(tmp_path):
     assert "| 0: +10.00 |" in row(text.split("### Implementation check")[1], 250, "final")
 
 
+def test_figures_of_an_earlier_build_that_the_report_no_longer_shows_are_removed(tmp_path):
+    fake_run(tmp_path, "own", 40, 0, [50.0], split="a")
+    fake_run(tmp_path, "torchssl", 40, 0, [40.0], split="a")
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    for name in ("fixmatch-s1-curves-40.png", "curves-250.png", "fixmatch-throughput.png", "mine.png"):
+        (figures / name).write_bytes(b"x")
+    write_report(tmp_path)
+    assert sorted(p.name for p in figures.iterdir()) == ["curves-40.png", "mine.png", "throughput.png"]
+
+
 def test_student_t_quantiles():
     assert t975(1) == 12.7062 and t975(2) == 4.3027 and t975(30) == 2.0423
     for df, exact in ((31, 2.0395), (40, 2.0211), (60, 2.0003), (120, 1.9799)):
