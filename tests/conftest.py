@@ -30,6 +30,13 @@ def run_module(module: str, run_dir: Path, *extra: str, timeout: float = 300) ->
                            str(run_dir), *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def torchssl_checkpoint(run_dir: Path) -> dict:
+    """TorchSSL's resume checkpoint in a run folder, on the CPU."""
+    import torch
+
+    return torch.load(run_dir / "torchssl" / "latest_model.pth", map_location="cpu", weights_only=True)
+
+
 def torchssl_result_on_our_split(run_dir: Path) -> tuple:
     """Run TorchSSL's entry on a prepared run folder and check what every TorchSSL result owes the spec: our schema,
     our split (its checksum recomputed), our data, the spec's hash, TorchSSL's pinned clean checkout and the

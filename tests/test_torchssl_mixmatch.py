@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-from pathlib import Path
 
 import pytest
 
@@ -13,16 +12,10 @@ from contract.results import read_metrics
 from harness.plan import ALGORITHM_DEFAULTS
 from third_party.torchssl import checkout as co
 
-from conftest import run_module, torchssl_result_on_our_split
+from conftest import run_module, torchssl_checkpoint as checkpoint, torchssl_result_on_our_split
 
 entry = functools.partial(run_module, "third_party.torchssl.entry")  # entry(run_dir, *extra)
 MIXMATCH = {"algorithm": "mixmatch", **ALGORITHM_DEFAULTS["mixmatch"]}
-
-
-def checkpoint(run_dir: Path) -> dict:
-    import torch
-
-    return torch.load(run_dir / "torchssl" / "latest_model.pth", map_location="cpu", weights_only=True)
 
 
 def test_three_step_run_writes_our_schema_on_our_split(make_run_dir, torchssl_checkout):
