@@ -31,9 +31,10 @@ from contract.runtime import resolve_device
 from contract.spec import PRECISIONS, RunSpec
 from harness.env import machine_info
 from own_impl.compile import make_augment_fn, make_loss_fn, warm_up_augment, warm_up_loss
-from own_impl.data import DeviceData, EpochSampler, Samplers, make_batch
+from own_impl import fixmatch
+from own_impl.data import DeviceData, EpochSampler, Samplers
 from own_impl.optim import cosine_lr
-from own_impl.train import build, forward_loss, train_step
+from own_impl.train import build, train_step
 
 N_TRAIN = 50_000
 
@@ -59,12 +60,12 @@ class Runner:
         torch.manual_seed(0)
         apply_precision(self.spec.precision)  # before compiling: inductor may read the TF32 switches
         self.model, self.ema, self.optimizer = build(self.spec, device)
-        self.loss_fn = make_loss_fn(forward_loss, self.model, self.spec, cfg["compile"], compile_mode)
-        self.augment_fn = make_augment_fn(self.spec.recipe, cfg["compile"], compile_mode)
+        self.loss_fn = make_loss_fn(fixmatch.forward_loss, self.model, self.spec, cfg["compile"], compile_mode)
+        self.augment_fn = make_augment_fn(fixmatch, self.spec.recipe, cfg["compile"], compile_mode)
         t = time.perf_counter()
         if cfg["compile"]:
-            warm_up_augment(self.augment_fn, self.spec, data.train_x.shape[1:], device)
-            warm_up_loss(self.model, self.loss_fn, self.spec, data.train_x.shape[1:])
+            warm_up_augment(fixmatch, self.augment_fn, self.spec, data.train_x.shape[1:], device)
+            warm_up_loss(fixmatch, self.model, self.loss_fn, self.spec, data.train_x.shape[1:])
             self.sync()
         self.compile_s = time.perf_counter() - t if cfg["compile"] else 0.0
         self.samplers = Samplers(EpochSampler(data.labelled, 1), EpochSampler(np.arange(len(data.train_y)), 2),
@@ -85,7 +86,7 @@ class Runner:
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(steps):
             t1 = time.perf_counter()
-            x, y_x, y_u = make_batch(self.data, self.samplers, self.spec, self.augment_fn)
+            x, y_x, y_u = fixmatch.make_batch(self.data, self.samplers, self.spec, augment_fn=self.augment_fn)
             t2 = time.perf_counter()
             stats = train_step(self.model, self.ema, self.optimizer, self.loss_fn, (x, y_x, y_u),
                                cosine_lr(self.spec.lr, self.k, self.spec.steps))

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="fixmatch-bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                       description="Run our FixMatch and MixMatch and TorchSSL's side by side on CIFAR-10 and write "
                                   "the report.", allow_abbrev=False)
+    p.add_argument("command", nargs="?", default="run", choices=["run", "identity"],
+                   help="run: the identity check, the training runs and the report; identity: the identity check "
+                        "and the report only")
     p.add_argument("--budgets", type=int, nargs="+", default=[40, 250, 4000],
                    help="label budgets: labelled images in total, positive multiples of 10")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help=f"seeds (0..{MAX_SEED}); each draws its split")
@@ -75,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan and write the split files only")
     p.add_argument("--report-only", action="store_true", help="rebuild RESULTS.md and figures from result files")
     p.add_argument("--no-warmup", action="store_true", help="skip the measured warm-up and time estimate")
+    p.add_argument("--no-identity", action="store_true",
+                   help="skip the identity check (ours and TorchSSL's training code in lockstep on the CPU, run "
+                        "first whenever both implementations of an algorithm are asked for)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile our augmentation and training step (default: own_impl/compile.py's policy: "
                         "on for CUDA, and on the CPU for runs of 1000 steps or more); not part of the run spec")
@@ -105,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     from third_party.torchssl.checkout import CheckoutError  # gitpython only: no TorchSSL, no torch
 
     args = build_parser().parse_args(argv)
+    if args.command == "identity" and args.no_identity:
+        print("error: identity --no-identity asks for nothing; leave one out (see --help)", file=sys.stderr)
+        return 2
     # A kill, or a hang-up (closed terminal, dropped ssh), checkpoints the running runs, like Ctrl-C.
     previous = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
@@ -156,12 +165,20 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
 
-    from harness.runner import RunOptions, execute
+    from harness.identity import algorithms_to_check, run_identity
+    from harness.runner import RunOptions, execute, is_done, run_context
 
     options = RunOptions(devices=plan.devices, torchssl_source=args.torchssl_source, cache_dir=plan.cache_dir,
                          warmup=not args.no_warmup, compile_own=args.compile, torchssl_workers=args.torchssl_workers,
                          slurm=slurm)
-    failed = execute(plan.runs, data=plan.data, options=options, data_source=plan.data_source)
+    check = [] if args.no_identity else algorithms_to_check(plan.runs)
+    need_torchssl = bool(check) or any(r.spec.impl == "torchssl" and not is_done(r) for r in plan.runs)
+    ctx = run_context(plan.data, options, need_torchssl, plan.data_source)
+    if check:  # before any training: seconds to minutes on the CPU; a failed check is reported, runs go on
+        run_identity(plan.runs, out, ctx)
+    if args.command == "identity":
+        return _report(out)
+    failed = execute(plan.runs, data=plan.data, options=options, ctx=ctx)
     _report(out)
     if failed:
         print(f"{len(failed)} of {len(plan.runs)} runs failed: {', '.join(r.spec.name for r in failed)}",

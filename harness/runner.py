@@ -200,12 +200,11 @@ def run_context(data, options: RunOptions, need_torchssl: bool, data_source: str
                       torchssl_workers=options.torchssl_workers, torchssl_checkout=checkout)
 
 
-def execute(runs: list[PlannedRun], *, data, options: RunOptions, data_source: str = "") -> list[PlannedRun]:
-    """Run every planned run that is not done; return the ones that failed."""
+def execute(runs: list[PlannedRun], *, data, options: RunOptions, ctx: RunContext) -> list[PlannedRun]:
+    """Run every planned run that is not done; return the ones that failed. ctx: run_context's."""
     done, todo = [], []
     for r in runs:
         (done if is_done(r) else todo).append(r)
-    ctx = run_context(data, options, any(r.spec.impl == "torchssl" for r in todo), data_source)
     for r in done:
         print(f"done already: {r.spec.name}")
     if runs:

@@ -7,8 +7,8 @@ The policy, stated once:
 - When: as asked (`--compile` / `--no-compile`, carried to the run by spec.json); unasked, on CUDA always, and on
   the CPU for runs of CPU_COMPILE_MIN_STEPS steps or more, because compiling takes tens of seconds there, which
   tests and smoke runs never win back (bench/README.md has the measurements).
-- Every algorithm of own_impl/algorithms.py compiles the same way: its augmenter and its forward_loss, warmed up on
-  its stand-in inputs.
+- Every algorithm (own_impl/fixmatch.py, own_impl/mixmatch.py) compiles the same way: its augmenter and its
+  forward_loss, warmed up on its stand-in inputs.
 - It is how a run executes, not what it computes: the augmented pixels are the same bit for bit and the step's
   results differ only within float tolerance (tests/test_own_compile.py), so it is not part of the run spec.
 - Each part is compiled on stand-in inputs before the first step (timed apart from training). An unasked compile
@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Callable
 
 import torch
 
 from contract.spec import RunSpec
-from own_impl.algorithms import ALGORITHMS
 
 CPU_COMPILE_MIN_STEPS = 1000
 COMPILE_MODE = None  # torch.compile's default mode
@@ -38,10 +38,9 @@ def use_compile(device: torch.device, choice: bool | None, steps: int, binding: 
     return bool(choice), binding
 
 
-def make_augment_fn(recipe: str, compile: bool, mode: str | None = COMPILE_MODE, algorithm: str = "fixmatch"):
-    """The algorithm's augment_and_normalize for the recipe (FixMatch: own_impl.data.augmenter), compiled as one
-    graph if `compile`."""
-    augment = ALGORITHMS[algorithm].augmenter(recipe)
+def make_augment_fn(algorithm: ModuleType, recipe: str, compile: bool, mode: str | None = COMPILE_MODE):
+    """The algorithm module's augment_and_normalize for the recipe, compiled as one graph if `compile`."""
+    augment = algorithm.augmenter(recipe)
     if not compile:
         return augment
     return torch.compile(augment, mode=mode, dynamic=False, fullgraph=True)
@@ -58,19 +57,21 @@ def make_loss_fn(forward_loss: Callable, model: torch.nn.Module, spec: RunSpec, 
     return torch.compile(loss_fn, mode=mode, dynamic=False) if compile else loss_fn
 
 
-def warm_up_augment(augment_fn, spec: RunSpec, image_shape: torch.Size, device: torch.device) -> None:
+def warm_up_augment(algorithm: ModuleType, augment_fn, spec: RunSpec, image_shape: torch.Size,
+                    device: torch.device) -> None:
     """Compile augment_fn on stand-in images and parameters of the run's shapes (the algorithm's stand_ins), from a
     throwaway generator: the run's generators are not touched."""
-    augment_args, _ = ALGORITHMS[spec.algorithm].stand_ins(spec, image_shape, device)
+    augment_args, _ = algorithm.stand_ins(spec, image_shape, device)
     augment_fn(*augment_args)
 
 
-def warm_up_loss(model: torch.nn.Module, loss_fn, spec: RunSpec, image_shape: torch.Size) -> None:
+def warm_up_loss(algorithm: ModuleType, model: torch.nn.Module, loss_fn, spec: RunSpec,
+                 image_shape: torch.Size) -> None:
     """Compile loss_fn and its backward on a stand-in batch of the run's shapes; leaves the model as it was: no
     random number is drawn, no parameter changes, and the BatchNorm statistics the batch moved are put back."""
     device = next(model.parameters()).device
     saved = {k: v.clone() for k, v in model.state_dict().items()}
-    _, inputs = ALGORITHMS[spec.algorithm].stand_ins(spec, image_shape, device)
+    _, inputs = algorithm.stand_ins(spec, image_shape, device)
     try:
         loss, _ = loss_fn(*inputs)
         loss.backward()
@@ -90,20 +91,21 @@ class Compiled:
     seconds: float  # compilation before the first step, kept out of training time
 
 
-def compile_step(forward_loss: Callable, model: torch.nn.Module, spec: RunSpec, device: torch.device,
+def compile_step(algorithm: ModuleType, model: torch.nn.Module, spec: RunSpec, device: torch.device,
                  image_shape: torch.Size, choice: bool | None, log: Callable[[str], None],
                  binding: bool = True) -> Compiled:
-    """Both parts, compiled or eager by the policy above, each compiled before the first step; the fallback."""
+    """Both parts of `algorithm`'s step (its module), compiled or eager by the policy above, each compiled before
+    the first step; the fallback."""
     wanted, asked = use_compile(device, choice, spec.steps, binding)
-    eager = Compiled(make_augment_fn(spec.recipe, False, algorithm=spec.algorithm),
-                     make_loss_fn(forward_loss, model, spec, False), False, False, 0.0)
+    eager = Compiled(make_augment_fn(algorithm, spec.recipe, False),
+                     make_loss_fn(algorithm.forward_loss, model, spec, False), False, False, 0.0)
     if not wanted:
         return eager
-    out = Compiled(make_augment_fn(spec.recipe, True, algorithm=spec.algorithm),
-                   make_loss_fn(forward_loss, model, spec, True), True, True, 0.0)
-    parts = (("the augmentation", lambda: warm_up_augment(out.augment_fn, spec, image_shape, device),
+    out = Compiled(make_augment_fn(algorithm, spec.recipe, True),
+                   make_loss_fn(algorithm.forward_loss, model, spec, True), True, True, 0.0)
+    parts = (("the augmentation", lambda: warm_up_augment(algorithm, out.augment_fn, spec, image_shape, device),
               "augment_fn", "augmentation_compiled"),
-             ("forward + loss + backward", lambda: warm_up_loss(model, out.loss_fn, spec, image_shape),
+             ("forward + loss + backward", lambda: warm_up_loss(algorithm, model, out.loss_fn, spec, image_shape),
               "loss_fn", "step_compiled"))
     for what, warm_up, fn_field, flag_field in parts:
         t = time.perf_counter()

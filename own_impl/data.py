@@ -1,4 +1,4 @@
-"""The data side of a step: the uint8 data set on the device, index samplers, the augmentation, normalization."""
+"""The data side of a step: the uint8 data set on the device, index samplers, normalization."""
 from __future__ import annotations
 
 import functools
@@ -9,8 +9,6 @@ import torch
 
 from contract.arrays import load_run_inputs
 from contract.spec import RunFiles, RunSpec
-from own_impl.augment import WeakParams, flip_and_shift, sample_weak_params
-from own_impl.recipes import RECIPES
 
 # CIFAR-10 per-channel mean and std of the training pixels, in [0, 1] units (the constants TorchSSL uses).
 CIFAR10_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
@@ -128,43 +126,7 @@ def normalization_table(device: torch.device) -> torch.Tensor:
     return torch.stack([levels * (1.0 / (255.0 * s)) + (-m / s) for m, s in zip(CIFAR10_MEAN, CIFAR10_STD)]).to(device)
 
 
-def make_batch(data: DeviceData, samplers: Samplers, spec: RunSpec,
-               augment_fn=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step's input: x = [weak(labelled); weak(unlabelled); strong(unlabelled)], (B + 2muB, 3, 32, 32), and the
-    labels of the labelled (B,) and unlabelled (muB,) images (the latter only for the pseudo-label diagnostic).
-
-    The random numbers are drawn here, the strong ones by the spec's recipe; augment_fn (default: augmenter(recipe),
-    eager) applies them, so a compiled augment_fn draws exactly what the eager one does."""
-    device = data.train_x.device
-    recipe = RECIPES[spec.recipe]
-
-    def to_device(idx: torch.Tensor) -> torch.Tensor:
-        # From pinned memory a host-to-GPU copy is truly asynchronous; from pageable memory CUDA may wait for the
-        # queued GPU work first, which would stall the host once per step.
-        return idx.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else idx
-
-    n_x, n_u = spec.batch_size, spec.batch_size * spec.uratio
-    idx = to_device(torch.cat([samplers.labelled.next(n_x), samplers.unlabelled.next(n_u)]))
-    idx_x, idx_u = idx[:n_x], idx[n_x:]  # (B,), (muB,)
-    x_weak, x_strong = data.train_x[idx], data.train_x[idx_u]  # (B + muB, ...), (muB, ...)
-    _, _, h, w = x_weak.shape
-    p_weak = sample_weak_params(len(x_weak), samplers.augment, device)
-    p_strong = recipe.sample_strong(len(x_strong), h, w, samplers.augment, device)
-    x = (augment_fn or augmenter(spec.recipe))(x_weak, p_weak, x_strong, p_strong, normalization_table(device),
-                                               spec.channels_last)
-    return x, data.train_y[idx_x], data.train_y[idx_u]
-
-
-@functools.cache
-def augmenter(recipe: str):
-    """The recipe's augment_and_normalize: uint8 images, drawn parameters and normalization_table -> the step's
-    float32 input [weak(x_weak); strong(x_strong)]. Pure: no random numbers, no host sync, so it compiles into a few
-    fused kernels."""
-    apply_strong = RECIPES[recipe].apply_strong
-
-    def augment_and_normalize(x_weak: torch.Tensor, p_weak: WeakParams, x_strong: torch.Tensor, p_strong,
-                              table: torch.Tensor, channels_last: bool) -> torch.Tensor:
-        return normalize(torch.cat([flip_and_shift(x_weak, p_weak), apply_strong(x_strong, p_strong)]),
-                         channels_last, table)
-
-    return augment_and_normalize
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """From pinned memory a host-to-GPU copy is truly asynchronous; from pageable memory CUDA may wait for the
+    queued GPU work first, which would stall the host once per step."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t

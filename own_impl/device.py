@@ -1,4 +1,4 @@
-"""The run's device settings for this process (precision, current GPU, cuDNN) and its GPU generator on resume."""
+"""The run's device settings for this process (precision, current GPU, cuDNN), autocast, and its GPU generator on resume."""
 from __future__ import annotations
 
 import torch
@@ -28,3 +28,8 @@ def use_device(spec: RunSpec, device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)  # events, pinned memory and the default stream belong to this run's GPU
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest conv algorithms
+
+
+def autocast(spec: RunSpec, device: torch.device):
+    """bf16 autocast for spec.precision "bf16", else a no-op context."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16")

@@ -1,73 +1,43 @@
-"""The MixMatch objective (Berthelot et al. 2019, section 3 and Algorithm 1) as short pure functions of tensors.
+"""MixMatch (Berthelot et al. 2019): its objective as short pure functions, its batch, its forward, and what the
+training loop needs from it.
 
-One training step, in the paper's symbols (B labelled images, K weak views of each of muB unlabelled images, L = C
-classes, N = B + K muB mixed rows):
+One step, in the paper's symbols (B labelled images, K = 2 weak views of each of muB unlabelled images, N = B + K muB
+mixed rows; own_impl/train.py runs it):
 
-    x_hat (B, ...) = Augment(x_b), p (B, C) one-hot labels;  u_hat_k (muB, ...) = Augment(u_b), k = 1..K
-    q = guess_labels([model(u_hat_k) for k], T)        (muB, C), no gradient: Sharpen(1/K sum_k p_model(y|u_hat_b,k))
-    W = Concat(x_hat, u_hat_1, ..., u_hat_K) (N, ...), targets Concat(p, q, ..., q) (N, C)
-    lam, perm = draw_mixup_params(N, alpha, generator)          the only random numbers, from the caller's generator
-    x_mix, t_mix = mixup(W, targets, perm, lam)                 X' = rows [:B], U' = rows [B:]
-    logits = model(x_mix)                                       (N, C); see "BatchNorm" below
-    loss, stats = mixmatch_loss(logits[:B], t_mix[:B], logits[B:], t_mix[B:],
-                                lambda_u * linear_rampup(step, steps, ramp_up))
+    x, y_x, y_u, lam, perm, lambda_u = make_batch(...)   x = [x_hat; u_hat_1; u_hat_2], MixUp's numbers, the ramped
+                                                         lambda_U(t): every random number of the step
+    q = guess_labels([model(u_hat_k) for k], T)          (muB, C), no gradient, running statistics untouched
+    x_mix, t_mix = mixup(x, [p; q; q], perm, lam)        X' = rows [:B], U' = rows [B:]
+    logits = interleaved forward of x_mix                1 + K mu passes of B rows, as the official code and TorchSSL
+    loss = mixmatch_loss(...) = L_X + lambda_U(t) L_U    then the loop's backward, SGD, EMA
 
-Everything here but draw_mixup_params is deterministic; all of it runs on any device.
-
-Settings for CIFAR-10, as each source sets them (official = google-research/mixmatch: mixmatch.py, libml/, README,
-runs/*.sh; TorchSSL = config/mixmatch/mixmatch_cifar10_{40,250,4000}_0.yaml and the code they drive):
-
-    symbol     meaning                  official code                          TorchSSL
-    B          labelled batch           64 (flag batch)                        batch_size 64
-    muB        unlabelled batch         B (same `batch`)                       uratio 1
-    K          weak views per u_b       2 (flag nu, asserted)                  2 (BasicDataset alg='mixmatch')
-    T          sharpening temperature   0.5 (fixed in model())                 T 0.5
-    alpha      Beta(alpha, alpha)       0.75 (README, runs/; flag default 0.5) alpha 0.5
-    lambda_U   weight of L_U            75 (README, runs/; flag default 100)   ulb_loss_ratio 100
-    ramp-up    lambda_U from 0          16,384 steps (warmup_kimg 1024 at B    ramp_up 0.4 of num_train_iter
-                                        64) = 1/64 of the run                  (419,430 steps; argparse default 1/64)
-    steps      optimizer steps          2^20 (train_kimg 2^16 at B 64)         num_train_iter 2^20
-    optimizer                           Adam, lr 0.002, constant               SGD lr 0.03, momentum 0.9, Nesterov,
-                                                                               lr * cos(7 pi k / 16 K)
-    decay      weight decay             decoupled: kernels *= 1 - 0.02 * lr    5e-4 L2 in the gradient, not on
-                                        after each step (4e-5 per step)        BatchNorm weights or biases
-    EMA        evaluated weights        0.999, trainable variables             ema_m 0.999, parameters only
-    lambda     MixUp draws              one per example (Beta [N, 1, 1, 1])    ONE per batch (np.random.beta)
-    L_U        normalisation            reduce_mean over examples AND classes  F.mse_loss mean: the same
-    reported                            median of the last 20 checkpoints      best test accuracy
-
-The paper (section 4.1) gives T = 0.5, K = 2 and, for CIFAR-10, alpha = 0.75 and lambda_U = 75 with the ramp-up over
-the first 16,000 steps, matching the official code; those numbers were checked against the code here, not re-read
-in the paper.
-
-Conventions kept here, the paper's and the official code's: one lambda per example, lambda' = max(lambda,
-1 - lambda); L_U = 1/(L |U'|) sum ||q - p_model||^2, a mean over examples and classes (TorchSSL's mse_loss agrees);
-L_X = mean over B of the cross-entropy against soft targets; the ramp-up counts steps from 0 (the steps done before
-this one), as TorchSSL's `self.it` and the official global step do.
-
-BatchNorm. The official code runs the mixed batch as 1 + K forward passes of B rows each and, so that each pass sees
-both kinds of data, first interleaves them (`interleave` below: chunk 0 is X' with a proportional slice of every
-U' chunk swapped in, and so on), keeps only chunk 0's update of the running statistics, and interleaves the logits
-back. Without it, the pass over X' alone would normalise labelled rows by labelled-only batch statistics, and the
-running statistics used at evaluation would be X''s alone although U' (K muB rows) is most of the batch. TorchSSL
-copies this (models/mixmatch/mixmatch.py:146-160, its Bn_Controller restoring the buffers after chunk 0). A
-training step here should either (a) do the same: interleave into 1 + K muB / B chunks of B rows, forward each,
-keep chunk 0's running-statistics update, interleave the logits back; or (b) run ONE forward over all N mixed rows:
-every row is then normalised by statistics of the whole mix, which is what interleaving approximates, from N rows
-instead of B, with one running-statistics update from all of them. Either way the label-guessing forward runs in
-training mode (batch statistics: official classifier(training=True), TorchSSL model.train()) without gradient and
-must NOT update the running statistics (official: its update ops are skipped; TorchSSL: buffers saved and
-restored); both references guess with one forward per view (muB rows each). Our step (own_impl/algorithms.py) does
-(a), with one forward per view for the guesses.
+Settings by source (official code, TorchSSL's config, ours): docs/mixmatch.md.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from contract.spec import MIXMATCH_VIEWS, RunSpec
+from own_impl.augment import WeakParams, flip_and_shift, sample_weak_params
+from own_impl.data import DeviceData, Samplers, normalization_table, normalize, to_device
+from own_impl.device import autocast
+from own_impl.recipes import RECIPES
+
+STATISTICS = ("loss", "loss_x", "loss_u", "lambda_u", "guess_acc", "mix_lambda")  # forward_loss's, in metrics.jsonl
+SETTINGS = {  # how the algorithm is realised, for the report's side-by-side settings
+    "label_guessing": "K = 2 weak views; mean of the live model's softmax over them, sharpened at T; no "
+                      "gradient; one train-mode pass per view, BatchNorm running statistics untouched",
+    "mixup_pairing": "one shuffle over Concat(labelled, view 1, view 2), inputs and targets mixed alike",
+    "batchnorm_of_the_mixed_batch": "interleaved: 1 + K mu passes of B rows, each mixing labelled and "
+                                    "unlabelled rows; running statistics from the first pass only",
+    "unlabelled_loss": "squared error between softmax and mixed guesses, mean over examples and classes",
+    "lambda_u_ramp_up": "linear from 0 at step 0 to lambda_u at step ramp_up x steps",
+}
 # draw_mixup_params draws enough rejection rounds that P(every round rejected) stays below this, for any alpha
 MAX_REJECT_PROB = 1e-12
 
@@ -88,15 +58,16 @@ def guess_labels(logits_u_views: torch.Tensor | Sequence[torch.Tensor], T: float
     if not isinstance(logits_u_views, torch.Tensor):
         logits_u_views = torch.stack(list(logits_u_views))  # (K, muB, C)
     q_bar = torch.softmax(logits_u_views.detach(), dim=-1, dtype=torch.float32).mean(dim=0)  # (muB, C)
+    q_bar = q_bar / q_bar.sum(dim=-1, keepdim=True)  # TorchSSL renormalises here: a no-op but for the last bit
     return sharpen(q_bar, T)
 
 
 def draw_mixup_params(n: int, alpha: float, generator: torch.Generator | None = None,
                       device: torch.device | str = "cpu", per: str = "example") -> tuple[torch.Tensor, torch.Tensor]:
-    """The random numbers of one MixUp over n rows: lam (n,) float32 ~ Beta(alpha, alpha), and perm (n,) long.
+    """The random numbers of one MixUp over n rows: lam ~ Beta(alpha, alpha), and perm (n,) long.
 
-    per "example": n iid draws (the paper's and the official code's); "batch": ONE draw repeated over the n rows
-    (TorchSSL's), drawn the same way, so both have one shape and a compiled step serves either.
+    per "example": lam (n,) float32, n iid draws (the paper's and the official code's); "batch": lam 0-d float64, ONE
+    draw for the batch (TorchSSL's np.random.beta), which mixup uses as TorchSSL uses its Python float.
 
     torch's Beta sampler takes no generator, so lam comes from Johnk's method, which needs only uniforms: with
     X = U^(1/alpha), Y = V^(1/alpha), X / (X + Y) given X + Y <= 1 is Beta(alpha, alpha). Enough rounds for
@@ -108,17 +79,19 @@ def draw_mixup_params(n: int, alpha: float, generator: torch.Generator | None = 
         raise ValueError(f"MixUp needs alpha > 0 for Beta(alpha, alpha); got {alpha}")
     if per not in ("example", "batch"):
         raise ValueError(f"one lambda per {per!r} is not accepted; accepted: 'example', 'batch'")
-    draws = n if per == "example" else 1
+    draws, dtype = (n, torch.float32) if per == "example" else (1, torch.float64)
     accept = math.exp(2 * math.lgamma(alpha + 1) - math.lgamma(2 * alpha + 1))
     rounds = 1 if accept >= 1 else max(1, math.ceil(math.log(MAX_REJECT_PROB) / math.log1p(-accept)))
-    # In logs (U^(1/alpha) underflows for small alpha); 1 - rand lies in (0, 1], so every log is finite.
-    log_x = torch.log1p(-torch.rand(rounds, draws, generator=generator, device=device)) / alpha  # (rounds, draws)
-    log_y = torch.log1p(-torch.rand(rounds, draws, generator=generator, device=device)) / alpha
+
+    def log_uniform_root() -> torch.Tensor:  # log(U^(1/alpha)), (rounds, draws); 1 - rand lies in (0, 1]
+        return torch.log1p(-torch.rand(rounds, draws, generator=generator, device=device, dtype=dtype)) / alpha
+
+    log_x, log_y = log_uniform_root(), log_uniform_root()  # in logs: U^(1/alpha) underflows for small alpha
     accepted = torch.logaddexp(log_x, log_y) <= 0  # X + Y <= 1
     first = accepted.to(torch.uint8).argmax(dim=0, keepdim=True)  # (1, draws): first accepted round (0 if none)
-    lam = torch.sigmoid(log_x - log_y).gather(0, first).squeeze(0).expand(n).contiguous()  # X / (X + Y), (n,)
+    lam = torch.sigmoid(log_x - log_y).gather(0, first).squeeze(0)  # X / (X + Y), (draws,)
     perm = torch.randperm(n, generator=generator, device=device)
-    return lam, perm
+    return (lam if per == "example" else lam[0]), perm
 
 
 def mixup(x: torch.Tensor, y: torch.Tensor, perm: torch.Tensor,
@@ -128,15 +101,16 @@ def mixup(x: torch.Tensor, y: torch.Tensor, perm: torch.Tensor,
     x (N, ...): W = Concat(x_hat, u_hat) (inputs); y (N, C): Concat(p, q, ..., q) (targets); perm (N,) long: the
     Shuffle; lam (N,) drawn from Beta(alpha, alpha), or 0-d for one lambda per batch (TorchSSL's way).
     lam' = max(lam, 1 - lam) >= 1/2 keeps row i closer to its own input, so rows [:B] are X' = MixUp(x_hat_i, W_i)
-    and rows [B:] are U' = MixUp(u_hat_i, W_{i+B}). lam' = 1 or perm(i) = i return row i exactly (lerp computes
-    end - (end - start) (1 - w) for w >= 1/2).
+    and rows [B:] are U' = MixUp(u_hat_i, W_{i+B}). Computed as both references write it, lam' v + (1 - lam') v[perm]
+    (official: x * mix + x[::-1] * (1 - mix); TorchSSL's mixup_one_target); a 0-d lam' is used as TorchSSL uses its
+    Python float (1 - lam' in its own precision, each factor rounded to v's dtype).
     """
     n = x.shape[0]
-    lam_p = torch.maximum(lam, 1 - lam).expand(n)  # (N,) lam'
+    lam_p = torch.maximum(lam, 1 - lam)  # lam', (N,) or 0-d
 
     def mix(v: torch.Tensor) -> torch.Tensor:
-        w = lam_p.to(v.dtype).view(n, *[1] * (v.dim() - 1))  # (N, 1, ...) broadcast over the row
-        return torch.lerp(v[perm], v, w)  # v[perm] + w (v - v[perm])
+        w = lam_p if lam_p.dim() == 0 else lam_p.to(v.dtype).view(n, *[1] * (v.dim() - 1))  # (N, 1, ...) per row
+        return w * v + (1 - w) * v[perm]
 
     return mix(x), mix(y)
 
@@ -168,9 +142,9 @@ def mixmatch_loss(logits_x: torch.Tensor, targets_x: torch.Tensor, logits_u: tor
         raise ValueError(f"logits and targets differ in shape: x {tuple(logits_x.shape)} vs "
                          f"{tuple(targets_x.shape)}, u {tuple(logits_u.shape)} vs {tuple(targets_u.shape)}")
     # L_X = 1/|X'| sum_{x,p in X'} H(p, p_model(y | x; theta)): cross-entropy against soft targets, mean over B
-    loss_x = F.cross_entropy(logits_x.float(), targets_x.detach().float())
+    loss_x = (-targets_x.detach().float() * F.log_softmax(logits_x.float(), dim=-1)).sum(dim=-1).mean()
     # L_U = 1/(L |U'|) sum_{u,q in U'} ||q - p_model(y | u; theta)||_2^2: mean over examples AND classes
-    loss_u = (torch.softmax(logits_u.float(), dim=-1) - targets_u.detach().float()).square().mean()
+    loss_u = F.mse_loss(torch.softmax(logits_u.float(), dim=-1), targets_u.detach().float())
     loss = loss_x + lambda_u * loss_u
 
     lam_u = lambda_u.detach() if isinstance(lambda_u, torch.Tensor) else torch.tensor(float(lambda_u))
@@ -194,3 +168,82 @@ def interleave(chunks: Sequence[torch.Tensor], batch: int) -> list[torch.Tensor]
     for i in range(1, n + 1):
         groups[0][i], groups[i][i] = groups[i][i], groups[0][i]
     return [torch.cat(g) for g in groups]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The step: batch, forward, stand-ins
+
+
+@functools.cache
+def augmenter(recipe: str):
+    """Weak augmentation and normalization of every image of a step: (B + K muB) uint8 images and their drawn flip
+    and shift -> float32 input. The same for every recipe (TorchSSL's weak augmentation is the paper's)."""
+    def augment_and_normalize(images: torch.Tensor, p_weak: WeakParams, table: torch.Tensor,
+                              channels_last: bool) -> torch.Tensor:
+        return normalize(flip_and_shift(images, p_weak), channels_last, table)
+
+    return augment_and_normalize
+
+
+def make_batch(data: DeviceData, samplers: Samplers, spec: RunSpec, step: int, augment_fn=None) -> tuple:
+    """(x, y_x, y_u, lam, perm, lambda_u); step: the optimizer steps done before this one. Draws, in order: the
+    labelled then unlabelled indices, the weak augmentation of the B + K muB images (independent per row: K distinct
+    views), lam, perm. lambda_u is a 0-d tensor, so a compiled step does not specialise on it as it ramps."""
+    device = data.train_x.device
+    n_x, n_u = spec.batch_size, spec.batch_size * spec.uratio
+    idx = to_device(torch.cat([samplers.labelled.next(n_x), samplers.unlabelled.next(n_u)]), device)
+    idx_x, idx_u = idx[:n_x], idx[n_x:]  # (B,), (muB,)
+    images = data.train_x[torch.cat([idx_x] + [idx_u] * MIXMATCH_VIEWS)]  # (N, 3, H, W): x_b, then u_b K times
+    p_weak = sample_weak_params(len(images), samplers.augment, device)
+    x = (augment_fn or augmenter(spec.recipe))(images, p_weak, normalization_table(device), spec.channels_last)
+    lam, perm = draw_mixup_params(len(images), spec.mixup_alpha, samplers.augment, device,
+                                  per=RECIPES[spec.recipe].mixup_lambda_per)
+    ramped = spec.lambda_u * linear_rampup(step, spec.steps, spec.ramp_up)  # TorchSSL's formula, in float64
+    lambda_u = to_device(torch.tensor(ramped, dtype=torch.float32), device)
+    return x, data.train_y[idx_x], data.train_y[idx_u], lam, perm, lambda_u
+
+
+def forward_with_scratch_statistics(model: torch.nn.Module, scratch: dict[str, torch.Tensor],
+                                    x: torch.Tensor) -> torch.Tensor:
+    """model(x) in its current (train) mode, BatchNorm's running statistics read from and written to `scratch`
+    (copies of its buffers, dropped after the step) instead of its own; parameters and gradients are the model's."""
+    return torch.func.functional_call(model, scratch, (x,))
+
+
+def forward_loss(model: torch.nn.Module, x: torch.Tensor, y_x: torch.Tensor, y_u: torch.Tensor, lam: torch.Tensor,
+                 perm: torch.Tensor, lambda_u: torch.Tensor, spec: RunSpec) -> tuple[torch.Tensor, dict]:
+    """Guess, sharpen, mix, the interleaved forward of the mixed batch, then the loss.
+
+    x (N, 3, H, W) = [x_hat; u_hat_1; u_hat_2]; y_x (B,) labels; y_u (muB,) the unlabelled images' true labels, for
+    the guess_acc diagnostic only; lam, perm (N,) MixUp's numbers; lambda_u 0-d: this step's ramped weight."""
+    b, n_u = y_x.shape[0], y_u.shape[0]
+    scratch = {name: buf.clone() for name, buf in model.named_buffers()}  # running statistics the step drops
+    with torch.no_grad(), autocast(spec, x.device):
+        views = [forward_with_scratch_statistics(model, scratch, v) for v in x[b:].split(n_u)]  # K x (muB, C)
+    q = guess_labels(views, spec.temperature)  # (muB, C) float32, sharpened, no gradient
+    targets = torch.cat([F.one_hot(y_x, spec.num_classes).float()] + [q] * MIXMATCH_VIEWS)  # (N, C): p, q, q
+    x_mix, t_mix = mixup(x, targets, perm, lam)  # rows [:B] are X', rows [B:] are U'
+    chunks = interleave(list(x_mix.split(b)), b)  # 1 + K mu chunks of B rows, each mixing X' and U' rows
+    with autocast(spec, x.device):
+        logits = [model(chunks[0])]  # the one pass that updates the running statistics
+        logits += [forward_with_scratch_statistics(model, scratch, c) for c in chunks[1:]]
+    logits = torch.cat(interleave(logits, b)).float()  # (N, C), rows back in x_mix's order; the loss in fp32
+    loss, stats = mixmatch_loss(logits[:b], t_mix[:b], logits[b:], t_mix[b:], lambda_u)
+    stats["guess_acc"] = (q.argmax(dim=-1) == y_u).float().mean()  # guessed label (argmax q) = true label
+    stats["mix_lambda"] = torch.maximum(lam, 1 - lam).mean().float()  # mean lambda': weight of each row's own input
+    return loss, stats
+
+
+def stand_ins(spec: RunSpec, image_shape: torch.Size, device: torch.device) -> tuple[tuple, tuple]:
+    """Zeros of a step's shapes, to compile on: (augment_fn's arguments, forward_loss's inputs); the augmentation's
+    and MixUp's numbers from a throwaway generator."""
+    n_x, n_u = spec.batch_size, spec.batch_size * spec.uratio
+    n = n_x + MIXMATCH_VIEWS * n_u
+    g = torch.Generator(device=device).manual_seed(0)
+    images = torch.zeros((n, *image_shape), dtype=torch.uint8, device=device)
+    augment_args = (images, sample_weak_params(n, g, device), normalization_table(device), spec.channels_last)
+    lam, perm = draw_mixup_params(n, spec.mixup_alpha, g, device, per=RECIPES[spec.recipe].mixup_lambda_per)
+    inputs = (normalize(images, spec.channels_last), torch.zeros(n_x, dtype=torch.int64, device=device),
+              torch.zeros(n_u, dtype=torch.int64, device=device), lam, perm,
+              torch.tensor(float(spec.lambda_u), device=device))
+    return augment_args, inputs

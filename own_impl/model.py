@@ -11,12 +11,17 @@ TorchSSL's WideResNet against the official code's (the defaults here), part by p
 | conv1 of the first block of  | leaky_relu(bn1(x))                                  | the raw x; bn1 still runs (its  |
 | groups 2 and 3               |                                                     | running statistics move in      |
 |                              |                                                     | training) but gets no gradient  |
+| group 1's shortcut           | leaky_relu(bn1(x)) (activate_before_residual), at   | the same where group 1 widens   |
+|                              | every width                                         | (16 -> 16w, w > 1); the raw x   |
+|                              |                                                     | at w = 1 (16 -> 16: BasicBlock  |
+|                              |                                                     | activates only when not         |
+|                              |                                                     | equalInOut)                     |
 | conv biases                  | 0                                                   | nn.Conv2d's default: U(-b, b),  |
 |                              |                                                     | b = 1 / sqrt(fan_in)            |
 | conv weights                 | He normal, fan-out, gain sqrt(2)                    | the same ('leaky_relu', a = 0)  |
 | BatchNorm momentum, eps;     | 0.001, 1e-3; weight 1, bias 0                       | the same                        |
 | affine init                  |                                                     |                                 |
-| activation                   | leaky ReLU 0.1; group 1's shortcut sees it too      | the same                        |
+| activation                   | leaky ReLU 0.1                                      | the same                        |
 | shortcut                     | 1x1 conv with bias on a width change, else identity | the same                        |
 | head                         | leaky_relu(bn(x)), mean over H and W, linear        | the same (adaptive_avg_pool2d   |
 |                              |                                                     | to 1x1 computes that mean)      |
@@ -90,7 +95,9 @@ class WideResNet(nn.Module):
         self.conv = nn.Conv2d(3, 16, 3, padding=1, bias=True)
         groups, c_in = [], 16
         for g, width in enumerate(widths):
-            blocks = [ResidualBlock(c_in, width, stride=1 if g == 0 else 2, activate_before_residual=g == 0,
+            # TorchSSL's BasicBlock takes the activated input for its shortcut only where the width changes
+            activate = g == 0 and (wiring == "official" or c_in != width)
+            blocks = [ResidualBlock(c_in, width, stride=1 if g == 0 else 2, activate_before_residual=activate,
                                     bn_momentum=bn_momentum, conv1_sees_raw_input=wiring == "torchssl" and g > 0)]
             blocks += [ResidualBlock(width, width, stride=1, bn_momentum=bn_momentum) for _ in range(n - 1)]
             groups.append(nn.Sequential(*blocks))

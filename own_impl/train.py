@@ -1,8 +1,8 @@
 """Training entry point: python -m own_impl.train --spec RUN/spec.json --run-dir RUN [--device D] [--[no-]compile].
 
-Reads the run folder's spec.json and the arrays it names, trains the spec's algorithm (FixMatch or MixMatch, as
-own_impl/algorithms.py defines them) for exactly spec.steps optimizer steps, and writes metrics.jsonl, result.json,
-log.txt and checkpoint.pt into the run folder (see contract/).
+Reads the run folder's spec.json and the arrays it names, trains the spec's algorithm (own_impl/fixmatch.py or
+own_impl/mixmatch.py) for exactly spec.steps optimizer steps, and writes metrics.jsonl, result.json, log.txt and
+checkpoint.pt into the run folder (see contract/).
 """
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ from contract.recorder import RunRecorder, check_belongs, check_finite_weights, 
 from contract.results import finished_result, truncate_metrics, write_result
 from contract.runtime import StopFlag, StoppedAfter, entry_main, make_log, resolve_device
 from contract.spec import RunFiles, RunSpec
-from own_impl.algorithms import ALGORITHMS
-from own_impl.algorithms import fixmatch_forward_loss as forward_loss  # noqa: F401 (FixMatch's, importable here)
+from own_impl import fixmatch, mixmatch
 from own_impl.compile import compile_step
 from own_impl.data import DeviceData, Samplers, load_device_data, normalize
 from own_impl.device import restore_cuda_rng, use_device
@@ -31,6 +30,9 @@ from own_impl.recipes import RECIPES
 CHECKPOINT_FILE = "checkpoint.pt"  # and checkpoint.prev.pt, the one before it
 CHECKPOINT_KEYS = ("spec_hash", "step", "model", "ema", "optimizer", "rng", "train_seconds", "wall_seconds")
 FUSED_SGD_DEVICES = ("cpu", "cuda")  # where torch.optim.SGD(fused=True) exists (CPU since torch 2.4)
+# The algorithms, one module each, with what the loop needs: make_batch, forward_loss, augmenter, stand_ins,
+# STATISTICS, SETTINGS.
+ALGORITHMS = {"fixmatch": fixmatch, "mixmatch": mixmatch}
 # How this implementation realises the spec whatever the recipe, for the report's side-by-side settings (TorchSSL's
 # entry writes the same keys; third_party/torchssl/README.md explains each difference). The recipe's own rows are
 # in own_impl/recipes.py.
@@ -50,20 +52,25 @@ IMPL_SETTINGS = {
 # The model, one step, one evaluation
 
 
-def build(spec: RunSpec, device: torch.device) -> tuple[torch.nn.Module, EMA, torch.optim.Optimizer]:
+def build(spec: RunSpec, device: torch.device,
+          reference_arithmetic: bool = False) -> tuple[torch.nn.Module, EMA, torch.optim.Optimizer]:
     """The live model (train mode, wired as the recipe says), its EMA copy and the SGD optimizer, freshly initialized
-    from the global RNG."""
+    from the global RNG. reference_arithmetic: SGD as the per-parameter loop and the EMA as one expression per
+    tensor, the arithmetic of TorchSSL's (the identity check's exact mode; one kernel per tensor, slow on a GPU)."""
     recipe = RECIPES[spec.recipe]
     model = WideResNet(spec.num_classes, spec.depth, spec.widen_factor, bn_momentum=spec.bn_momentum,
                        wiring=recipe.wiring, conv_bias_init=recipe.conv_bias_init).to(device)
     if spec.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    ema = EMA(model, spec.ema_decay)
-    # fused: one multi-tensor kernel for the whole update, same arithmetic as the per-parameter loop. Parameters stay
-    # float32 (bf16 is autocast only): fused CPU SGD skipped bf16/fp16 updates in torch 2.12-2.13 (pytorch#191763).
+    ema = EMA(model, spec.ema_decay, per_tensor=reference_arithmetic)
+    # fused: one multi-tensor kernel for the whole update, the same formula as the per-parameter loop, rounded
+    # differently (its vectorised body and its tail can fuse a multiply-add: ~1 ulp on some elements; the identity
+    # check measures it). Parameters stay float32 (bf16 is autocast only): fused CPU SGD skipped bf16/fp16 updates
+    # in torch 2.12-2.13 (pytorch#191763).
+    fused = device.type in FUSED_SGD_DEVICES and not reference_arithmetic
     optimizer = torch.optim.SGD(param_groups(model, spec.weight_decay), lr=spec.lr, momentum=spec.momentum,
-                                nesterov=spec.nesterov, fused=device.type in FUSED_SGD_DEVICES)
+                                nesterov=spec.nesterov, fused=fused, foreach=False if reference_arithmetic else None)
     return model, ema, optimizer
 
 
@@ -79,6 +86,14 @@ def train_step(model: torch.nn.Module, ema: EMA, optimizer: torch.optim.Optimize
     optimizer.step()
     ema.update(model)
     return stats
+
+
+def advance(s: "RunState", spec: RunSpec, loss_fn, inputs: tuple) -> tuple[dict[str, torch.Tensor], float]:
+    """Optimizer step s.step + 1 of the run on `inputs`, at the schedule's rate; returns its statistics and the rate."""
+    lr = cosine_lr(spec.lr, s.step, spec.steps)
+    stats = train_step(s.model, s.ema, s.optimizer, loss_fn, inputs, lr)
+    s.step += 1
+    return stats, lr
 
 
 @torch.inference_mode()
@@ -190,8 +205,7 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device | 
     log = make_log(run_dir)
     s = start(spec, files, run_dir, device, log)
     algorithm = ALGORITHMS[spec.algorithm]
-    c = compile_step(algorithm.forward_loss, s.model, spec, device, s.data.train_x.shape[1:], compile, log,
-                     compile_binding)
+    c = compile_step(algorithm, s.model, spec, device, s.data.train_x.shape[1:], compile, log, compile_binding)
     ckpt_path = run_dir / CHECKPOINT_FILE
 
     def wall_s() -> float:
@@ -203,14 +217,12 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device | 
         rec.count_optimizer_steps(s.optimizer)
         try:
             while s.step < spec.steps:  # the one place that bounds the number of optimizer steps
-                lr = cosine_lr(spec.lr, s.step, spec.steps)
                 rec.begin_step()
                 # FixMatch: x = [weak x; weak u; strong u], y_x, y_u; MixMatch: x = [weak x; weak u; weak u], y_x,
-                # y_u, MixUp's lam and perm, the ramped lambda_u (own_impl/algorithms.py)
+                # y_u, MixUp's lam and perm, the ramped lambda_u
                 inputs = algorithm.make_batch(s.data, s.samplers, spec, s.step, c.augment_fn)
                 rec.data_ready()
-                stats = train_step(s.model, s.ema, s.optimizer, c.loss_fn, inputs, lr)
-                s.step += 1
+                stats, lr = advance(s, spec, c.loss_fn, inputs)
                 due = rec.step_done(s.step, stats, lr)
                 if due.evaluate:
                     with rec.paused():
@@ -234,7 +246,7 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device | 
         compiled=c.step_compiled,  # torch.compile of forward + loss + backward in the last process
         augmentation_compiled=c.augmentation_compiled,  # and of the augmentation
         compile_seconds=s.prior_compile_s + c.seconds,  # summed over processes, kept out of train_seconds
-        impl_settings={**IMPL_SETTINGS, **RECIPES[spec.recipe].settings_for(spec.algorithm), **algorithm.settings})
+        impl_settings={**IMPL_SETTINGS, **RECIPES[spec.recipe].settings_for(spec.algorithm), **algorithm.SETTINGS})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from contract.spec import RunSpec, read_spec
 from own_impl import augment as A
 from own_impl import compile as compile_mod
 from own_impl import data as data_mod
+from own_impl import fixmatch
 from own_impl import train as train_mod
 
 from conftest import copy_run, cuda_param
@@ -54,10 +55,10 @@ def three_steps(spec: RunSpec, compiled: bool, dtype=torch.float32, device: str 
         model.double(), ema.model.double()
         optimizer = torch.optim.SGD(train_mod.param_groups(model, spec.weight_decay), lr=spec.lr,
                                     momentum=spec.momentum, nesterov=spec.nesterov)
-    loss_fn = compile_mod.make_loss_fn(train_mod.forward_loss, model, spec, compiled)
+    loss_fn = compile_mod.make_loss_fn(fixmatch.forward_loss, model, spec, compiled)
     if compiled:
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        compile_mod.warm_up_loss(model, loss_fn, spec, torch.Size((3, 32, 32)))
+        compile_mod.warm_up_loss(fixmatch, model, loss_fn, spec, torch.Size((3, 32, 32)))
         # the warm-up leaves weights, BatchNorm statistics and gradients as they were
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
         assert all(p.grad is None for p in model.parameters())
@@ -147,13 +148,13 @@ def test_step_and_augmentation_trace_as_one_graph_each():
     torch.manual_seed(0)
     model, _, _ = train_mod.build(spec, CPU)
     x, y_x, y_u = batch(spec)
-    explained = torch._dynamo.explain(lambda *a: train_mod.forward_loss(model, *a, spec))(x, y_x, y_u)
+    explained = torch._dynamo.explain(lambda *a: fixmatch.forward_loss(model, *a, spec))(x, y_x, y_u)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g)
     args = (images, A.sample_weak_params(6, g), images[2:], A.sample_strong_params(4, 32, 32, g),
             data_mod.normalization_table(CPU), False)
-    explained = torch._dynamo.explain(data_mod.augmenter("paper"))(*args)
+    explained = torch._dynamo.explain(fixmatch.augmenter("paper"))(*args)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
@@ -172,7 +173,7 @@ def samplers(data: data_mod.DeviceData) -> data_mod.Samplers:
 
 def batches(data: data_mod.DeviceData, spec: RunSpec, augment_fn, n: int = 2) -> list:
     s = samplers(data)
-    return [data_mod.make_batch(data, s, spec, augment_fn) for _ in range(n)]
+    return [fixmatch.make_batch(data, s, spec, augment_fn=augment_fn) for _ in range(n)]
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
@@ -182,7 +183,7 @@ def test_compiled_batches_are_the_eager_batches(channels_last, recipe, device):
     GPU against the GPU's eager batches, which draw from a CUDA generator), for either recipe."""
     spec = tiny_spec(channels_last=channels_last, recipe=recipe)
     data = tiny_data(device)
-    compiled = compile_mod.make_augment_fn(recipe, True)
+    compiled = compile_mod.make_augment_fn(fixmatch, recipe, True)
     eager, comp, again = (batches(data, spec, fn) for fn in (None, compiled, compiled))
     for e, c in zip(eager, comp):
         for a, b in zip(e, c):

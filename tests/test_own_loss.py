@@ -1,10 +1,10 @@
-"""own_impl.loss.fixmatch_loss on hand-made logits, against values worked out by hand."""
+"""own_impl.fixmatch.fixmatch_loss on hand-made logits, against values worked out by hand."""
 import math
 
 import numpy as np
 import torch
 
-from own_impl.loss import fixmatch_loss
+from own_impl.fixmatch import fixmatch_loss
 
 LN3 = math.log(3.0)
 

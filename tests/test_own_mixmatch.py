@@ -100,11 +100,25 @@ def test_mixup_returns_inputs_when_lambda_is_one_or_perm_is_identity():
     x = torch.randn(6, 3, 4, 4, generator=g)  # (N, C, H, W) images
     y = torch.softmax(torch.randn(6, 10, generator=g), -1)
     perm = torch.randperm(6, generator=g)
-    for lam in (torch.ones(6), torch.zeros(6), torch.tensor(1.0)):  # lam' = 1, per row or for the batch
+    for lam in (torch.ones(6), torch.zeros(6), torch.tensor(1.0, dtype=torch.float64)):  # lam' = 1, per row or batch
         xm, ym = mixup(x, y, perm, lam)
-        assert torch.equal(xm, x) and torch.equal(ym, y)
+        assert torch.equal(xm, x) and torch.equal(ym, y)  # 1 * v + 0 * v[perm] is v exactly
+    # lam' v + (1 - lam') v, the references' expression, is v within one rounding
     xm, ym = mixup(x, y, torch.arange(6), torch.rand(6, generator=g))
-    assert torch.equal(xm, x) and torch.equal(ym, y)
+    torch.testing.assert_close(xm, x, rtol=2e-7, atol=1e-7)
+    torch.testing.assert_close(ym, y, rtol=2e-7, atol=1e-7)
+
+
+def test_mixup_with_one_batch_lambda_is_torchssls_expression_bit_for_bit():
+    """A 0-d float64 lambda is used as TorchSSL's mixup_one_target uses its Python float: lam * x + (1 - lam) *
+    x[index], each factor rounded to float32."""
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(8, 3, 4, 4, generator=g), torch.softmax(torch.randn(8, 10, generator=g), -1)
+    perm = torch.randperm(8, generator=g)
+    lam = 0.3141592653589793  # lam' = 1 - lam, computed in float64 as Python computes max(lam, 1 - lam)
+    xm, ym = mixup(x, y, perm, torch.tensor(lam, dtype=torch.float64))
+    lam_p = max(lam, 1 - lam)
+    assert torch.equal(xm, lam_p * x + (1 - lam_p) * x[perm]) and torch.equal(ym, lam_p * y + (1 - lam_p) * y[perm])
 
 
 def test_mixup_one_lambda_per_batch():
@@ -136,6 +150,11 @@ def test_draw_mixup_params_distribution_and_determinism():
     assert abs(b.mean().item() - 0.5) < 0.01 and abs(b.var().item() - 0.1) < 0.005
     with pytest.raises(ValueError):
         draw_mixup_params(4, 0.0)
+    # one lambda per batch: a 0-d float64 (TorchSSL's np.random.beta), from the same law
+    g = torch.Generator().manual_seed(7)
+    per_batch = [draw_mixup_params(6, 0.5, g, per="batch") for _ in range(4000)]
+    assert all(lam.dim() == 0 and lam.dtype == torch.float64 and len(p) == 6 for lam, p in per_batch)
+    assert ks(torch.stack([lam for lam, _ in per_batch]), lambda s: 2 / math.pi * torch.asin(s.sqrt())) < 0.026
 
 
 def test_linear_rampup():

@@ -1,4 +1,4 @@
-"""Our MixMatch step and run (own_impl/algorithms.py through own_impl.train): its batch, its forward against
+"""Our MixMatch step and run (own_impl/mixmatch.py through own_impl.train): its batch, its forward against
 TorchSSL's procedure, a run folder on the real data, resume, and the compiled step."""
 import copy
 import functools
@@ -15,7 +15,7 @@ from own_impl import augment as A
 from own_impl import compile as compile_mod
 from own_impl import data as data_mod
 from own_impl import train as train_mod
-from own_impl.algorithms import ALGORITHMS
+from own_impl import mixmatch
 from own_impl.mixmatch import draw_mixup_params
 
 from conftest import copy_run, run_module, torchssl_modules
@@ -48,7 +48,7 @@ def test_batch_holds_two_independent_weak_views_and_the_mixup_draws(recipe):
     samplers, reference = (data_mod.Samplers.seeded(0, data, with_replacement=recipe == "torchssl")
                            for _ in range(2))
     for step, ramped in ((0, 0.0), (3, 75.0), (4, 100.0)):
-        x, y_x, y_u, lam, perm, lambda_u = ALGORITHMS["mixmatch"].make_batch(data, samplers, spec, step)
+        x, y_x, y_u, lam, perm, lambda_u = mixmatch.make_batch(data, samplers, spec, step)
         idx_x, idx_u = reference.labelled.next(4), reference.unlabelled.next(8)
         images = data.train_x[torch.cat([idx_x, idx_u, idx_u])]
         weak = A.weak_augment(images, reference.augment)
@@ -103,7 +103,7 @@ def test_forward_loss_equals_torchssls_procedure(torchssl_checkout, one_thread):
     x = torch.randn(20, 3, 32, 32, generator=g)
     y_x, y_u = torch.randint(0, 10, (4,), generator=g), torch.randint(0, 10, (8,), generator=g)
     lam, perm = draw_mixup_params(20, 0.5, g)
-    loss, stats = ALGORITHMS["mixmatch"].forward_loss(model, x, y_x, y_u, lam, perm, torch.tensor(30.0), spec)
+    loss, stats = mixmatch.forward_loss(model, x, y_x, y_u, lam, perm, torch.tensor(30.0), spec)
     loss.backward()
     with torchssl_modules(torchssl_checkout, "train_utils", "models.mixmatch.mixmatch") as (tu, mm):
         interleave = functools.partial(mm.MixMatch.interleave, mm.MixMatch.__new__(mm.MixMatch))
@@ -179,18 +179,18 @@ def test_compiled_step_matches_the_eager_step(one_thread):
     model as it was); two compiled steps equal two eager ones within float tolerance."""
     torch.compiler.reset()
     spec = tiny_spec(batch_size=2, uratio=1)  # 2 guessing passes and 3 mixed ones: the fewest MixMatch has
-    algorithm = ALGORITHMS["mixmatch"]
+    algorithm = mixmatch
     data = tiny_data()
     out = {}
     for compiled in (False, True):
         torch.manual_seed(0)
         model, ema, optimizer = train_mod.build(spec, CPU)
         loss_fn = compile_mod.make_loss_fn(algorithm.forward_loss, model, spec, compiled)
-        augment_fn = compile_mod.make_augment_fn(spec.recipe, compiled, algorithm="mixmatch")
+        augment_fn = compile_mod.make_augment_fn(mixmatch, spec.recipe, compiled)
         if compiled:
             before = {k: v.clone() for k, v in model.state_dict().items()}
-            compile_mod.warm_up_loss(model, loss_fn, spec, torch.Size((3, 32, 32)))
-            compile_mod.warm_up_augment(augment_fn, spec, torch.Size((3, 32, 32)), CPU)
+            compile_mod.warm_up_loss(mixmatch, model, loss_fn, spec, torch.Size((3, 32, 32)))
+            compile_mod.warm_up_augment(mixmatch, augment_fn, spec, torch.Size((3, 32, 32)), CPU)
             assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
         samplers = data_mod.Samplers.seeded(0, data)
         stats = [train_mod.train_step(model, ema, optimizer, loss_fn,
@@ -200,7 +200,7 @@ def test_compiled_step_matches_the_eager_step(one_thread):
     torch.compiler.reset()
     (eager_stats, eager_state), (comp_stats, comp_state) = out[False], out[True]
     for e, c in zip(eager_stats, comp_stats):
-        assert e.keys() == c.keys() == set(algorithm.statistics)
+        assert e.keys() == c.keys() == set(algorithm.STATISTICS)
         for k in e:
             torch.testing.assert_close(c[k], e[k], rtol=1e-4, atol=1e-5)
     for k in eager_state:

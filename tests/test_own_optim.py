@@ -55,28 +55,57 @@ def test_weight_decay_only_on_conv_and_linear_weights():
     assert math.isclose(sum(p.numel() for p in decay["params"]), 1_463_984)
 
 
-def test_training_optimizer_is_fused_and_matches_the_plain_loop():
-    # own_impl.train builds SGD with fused=True; its update must be the per-parameter loop's (here: bit for bit)
+def plain_loop_twin(model: nn.Module, spec) -> tuple[nn.Module, torch.optim.Optimizer]:
+    twin = WideResNet(spec.num_classes, spec.depth, spec.widen_factor)
+    twin.load_state_dict(model.state_dict())
+    return twin, torch.optim.SGD(param_groups(twin, spec.weight_decay), lr=spec.lr, momentum=spec.momentum,
+                                 nesterov=spec.nesterov, foreach=False)
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_training_optimizer_against_the_per_parameter_loop(reference):
+    """As shipped, SGD is fused: the loop's formula, rounded differently (equal within float tolerance, not bit for
+    bit: its vectorised body and tail may fuse a multiply-add). With reference_arithmetic it is the loop itself."""
     from contract.spec import RunSpec
     from own_impl.train import build
 
     spec = RunSpec(impl="own", n_labels=40, seed=0, data_kind="-", data_sha256="-", split_sha256="-", depth=10,
                    widen_factor=1)
     torch.manual_seed(0)
-    model, _, fused = build(spec, torch.device("cpu"))
-    assert all(g["fused"] for g in fused.param_groups)
-    twin = WideResNet(spec.num_classes, spec.depth, spec.widen_factor)
-    twin.load_state_dict(model.state_dict())
-    plain = torch.optim.SGD(param_groups(twin, spec.weight_decay), lr=spec.lr, momentum=spec.momentum,
-                            nesterov=spec.nesterov, foreach=False)
+    model, _, opt = build(spec, torch.device("cpu"), reference_arithmetic=reference)
+    assert all(g["fused"] is (not reference) for g in opt.param_groups)
+    twin, plain = plain_loop_twin(model, spec)
     g = torch.Generator().manual_seed(1)
-    for _ in range(3):
+    for _ in range(20):
         for p, q in zip(model.parameters(), twin.parameters()):
             p.grad = torch.randn(p.shape, generator=g)
             q.grad = p.grad.clone()
-        fused.step(), plain.step()
+        opt.step(), plain.step()
     for p, q in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
+        if reference:
+            assert torch.equal(p, q)
+        else:
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
+
+
+def test_per_tensor_ema_is_torchssls_expression_bit_for_bit():
+    """EMA(per_tensor=True) computes TorchSSL's (1 - d) * p + d * s (train_utils.EMA.update) to the last bit; the
+    default lerp differs from it by at most a few ulps per step."""
+    torch.manual_seed(0)
+    live = WideResNet(num_classes=10, depth=10, widen_factor=1)
+    exact, fast = EMA(live, 0.9, per_tensor=True), EMA(live, 0.9)
+    shadow = {n: p.detach().clone() for n, p in live.named_parameters()}
+    g = torch.Generator().manual_seed(2)
+    for _ in range(10):
+        with torch.no_grad():
+            for p in live.parameters():
+                p.add_(torch.randn(p.shape, generator=g))
+        exact.update(live), fast.update(live)
+        for n, p in live.named_parameters():
+            shadow[n] = ((1.0 - 0.9) * p.data + 0.9 * shadow[n]).clone()
+    for (n, e), f in zip(exact.model.named_parameters(), fast.model.parameters()):
+        assert torch.equal(e, shadow[n]), n
+        torch.testing.assert_close(f, e, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("device", ["cpu", cuda_param()])

@@ -14,7 +14,7 @@ from contract.results import RESULT_KEYS, read_metrics
 from contract.runtime import NonFiniteLoss
 from contract.spec import read_spec
 from own_impl import device as device_mod
-from own_impl import algorithms as algorithms_mod
+from own_impl import fixmatch
 from own_impl import train as train_mod
 
 from conftest import REPO, copy_run, run_module
@@ -99,7 +99,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(make_run_dir, monk
     run = make_run_dir("own", steps=5, checkpoint_every=1, log_every=2, eval_every=5)
     spec, files = read_spec(run / "spec.json")
     calls = []
-    real_loss = algorithms_mod.fixmatch_loss
+    real_loss = fixmatch.fixmatch_loss
 
     def loss_turning_nan_at_step_3(*args, **kwargs):
         calls.append(1)
@@ -108,7 +108,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(make_run_dir, monk
             loss, stats["loss"] = loss * float("nan"), stats["loss"] * float("nan")
         return loss, stats
 
-    monkeypatch.setattr(algorithms_mod, "fixmatch_loss", loss_turning_nan_at_step_3)
+    monkeypatch.setattr(fixmatch, "fixmatch_loss", loss_turning_nan_at_step_3)
     with pytest.raises(NonFiniteLoss, match="non-finite loss between steps 3 and 3.*step 2"):
         train_mod.train(spec, files, run, CPU)
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)

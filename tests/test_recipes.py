@@ -10,6 +10,7 @@ from contract.spec import RunSpec, read_spec
 from own_impl import augment as A
 from own_impl import augment_torchssl as T
 from own_impl import data as data_mod
+from own_impl import fixmatch
 from own_impl import train as train_mod
 from own_impl.recipes import RECIPES
 
@@ -45,7 +46,7 @@ def test_make_batch_with_the_torchssl_recipe_draws_and_applies_torchssls_augment
     data = data_mod.DeviceData(images, labels, np.arange(40), images[:0], labels[:0], "-")
     samplers = data_mod.Samplers(data_mod.ReplacementSampler(data.labelled, 1),
                                  data_mod.ReplacementSampler(np.arange(64), 2), torch.Generator().manual_seed(3))
-    x, y_x, y_u = data_mod.make_batch(data, samplers, spec)
+    x, y_x, y_u = fixmatch.make_batch(data, samplers, spec)
     lab, unl = data_mod.ReplacementSampler(data.labelled, 1), data_mod.ReplacementSampler(np.arange(64), 2)
     gen = torch.Generator().manual_seed(3)
     idx_x, idx_u = lab.next(2), unl.next(6)

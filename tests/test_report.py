@@ -249,3 +249,48 @@ def test_algorithms_on_different_protocols_are_not_set_side_by_side(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "## FixMatch against MixMatch: 200 steps" in text
     assert "Not set side by side: FixMatch and MixMatch each have several studies here" in text
+
+
+def fake_identity(out, algorithm="fixmatch", *, exact_ok=True, error=None):
+    """An OUT/identity/<algorithm>.json as python -m identity writes it: one stress case of 3 steps, one bug."""
+    (out / "identity").mkdir(exist_ok=True)
+    if error:
+        write_json_atomic(out / "identity" / f"{algorithm}.json", {"algorithm": algorithm, "error": error})
+        return
+    zero = {q: [0.0] * 3 for q in ("logits", "loss", "params", "ema")}
+    first = None if exact_ok else {"step": 2, "quantity": "logits", "where": "forward 0", "rel": 1e-3, "n_diff": 5}
+    shipped_first = {"step": 1, "quantity": "ema", "where": "fc.weight", "rel": 4e-8, "n_diff": 9}
+    case = {"setting": "stress", "network": "WRN-28-2", "steps": 3, "seconds": 1.0, "spec": {"threshold": 0.35},
+            "exercised": {"mask_rate": [0.0, 0.5, 1.0], "loss_u": [0, 1, 1], "steps_with_some_accepted": 2,
+                          "steps_with_some_rejected": 2},
+            "exact": {"identical": exact_ok, "first_difference": first, "eval_logits_identical": exact_ok},
+            "shipped": {"first_difference": shipped_first, "from": ["multi-tensor EMA (lerp)"], "above_noise": None,
+                        "max_rel": {"ema": 1e-7, "params": 0.0}},
+            "power": [{"bug": "no Nesterov momentum", "caught": True, "above_noise": True,
+                       "first_difference": {"step": 1, "quantity": "update", "rel": 0.47, "where": "conv.weight"}}],
+            "per_step": {"exact": zero, "as shipped": {**zero, "ema": [4e-8, 6e-8, 1e-7]},
+                         "noise": {q: [1e-7, 1e-5, 1e-3] for q in zero}}}
+    exact = ("identical in exact mode for 3 steps" if exact_ok else "DIFFERENT in exact mode: first at step 2 in logits")
+    write_json_atomic(out / "identity" / f"{algorithm}.json", {
+        "algorithm": algorithm, "cases": [case], "command": "python -m identity ...", "torch_version": "x",
+        "verdict": {"passed": exact_ok, "exact": exact, "shipped": "as shipped, first difference at step 1 in ema",
+                    "power": "1 of 1 planted bugs caught"}})
+
+
+def test_report_opens_with_the_identity_verdict(tmp_path):
+    """Before any accuracy table: each algorithm's verdict, its cases and bugs, its figure; a failing check is
+    the first line, and a check that could not run says why."""
+    fake_run(tmp_path, "own-tssl", 40, 0, [40.0, 42.0])
+    fake_run(tmp_path, "torchssl", 40, 0, [41.0, 43.0])
+    fake_identity(tmp_path, "fixmatch", exact_ok=False)
+    fake_identity(tmp_path, "mixmatch", error="TorchSSL checkout /x does not exist")
+    text = write_report(tmp_path).read_text()
+    body = text.split("## Same computation? The identity check\n\n", 1)[1]
+    assert body.startswith("❌ **FixMatch**: DIFFERENT in exact mode: first at step 2 in logits")
+    assert "**MixMatch: the identity check could not run** (TorchSSL checkout /x does not exist" in body
+    assert text.index("identity check") < text.index("| labels | run |")  # before every accuracy table
+    assert "| no Nesterov momentum | yes | 1 | update | 4.7e-01 | yes |" in text
+    assert "(figures/identity-fixmatch.png)" in text and (tmp_path / "figures" / "identity-fixmatch.png").exists()
+    assert "✅ 2 finished runs: 1 pixel checksum(s)" in text  # the data side, from the runs' checksums
+    fake_identity(tmp_path, "fixmatch", exact_ok=True)
+    assert "✅ **FixMatch**: identical in exact mode for 3 steps" in write_report(tmp_path).read_text()

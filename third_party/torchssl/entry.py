@@ -364,22 +364,12 @@ def main_worker(tssl, args, spec: RunSpec, device, inputs, save_path: Path, log,
     tb_log = tssl.train_utils.TBLog(str(save_path), "tensorboard", use_tensorboard=args.use_tensorboard)
     logger = tssl.utils.get_logger(args.save_name, str(save_path), "INFO")
     logger.warning(f"USE GPU: {args.gpu} for training")
-    args.bn_momentum = 1.0 - 0.999
-    _net_builder = tssl.utils.net_builder(args.net, args.net_from_name,
-                                          {"first_stride": 2 if "stl" in args.dataset else 1,
-                                           "depth": args.depth, "widen_factor": args.widen_factor,
-                                           "leaky_slope": args.leaky_slope, "bn_momentum": args.bn_momentum,
-                                           "dropRate": args.dropout, "use_embed": False, "is_remix": False})
     Algorithm = patches.bench_class(getattr(tssl.alg, alg.class_name), own_checkpoint=alg.own_checkpoint)
-    model = Algorithm(_net_builder, args.num_classes, args.ema_m, *alg.constructor(args),
+    model = Algorithm(network_builder(tssl, args), args.num_classes, args.ema_m, *alg.constructor(args),
                       num_eval_iter=args.num_eval_iter, tb_log=tb_log, logger=logger)
     param_count = tssl.utils.count_parameters(model.model)
     logger.info(f"Number of Trainable Params: {param_count}")
-    optimizer = tssl.train_utils.get_optimizer(model.model, args.optim, args.lr, args.momentum, args.weight_decay,
-                                               nesterov=spec.nesterov)
-    scheduler = tssl.train_utils.get_cosine_schedule_with_warmup(optimizer, args.num_train_iter,
-                                                                 num_warmup_steps=args.num_train_iter * 0)
-    model.set_optimizer(optimizer, scheduler)
+    optimizer = set_optimizer(tssl, model, args, spec)
     if device.type == "cuda":
         torch.cuda.set_device(args.gpu)
     model.model = model.model.to(device)  # main_worker's .cuda(args.gpu), with the device as a parameter
@@ -412,6 +402,27 @@ def main_worker(tssl, args, spec: RunSpec, device, inputs, save_path: Path, log,
     return SimpleNamespace(model=model, optimizer=optimizer, logger=logger, param_count=param_count,
                            start_step=start_step, prior=prior,
                            train_y=torch.as_tensor(arrays.train_y).to(device))
+
+
+def network_builder(tssl, args):
+    """main_worker's net_builder: TorchSSL's WideResNet of the arguments' depth and width."""
+    args.bn_momentum = 1.0 - 0.999
+    return tssl.utils.net_builder(args.net, args.net_from_name,
+                                  {"first_stride": 2 if "stl" in args.dataset else 1,
+                                   "depth": args.depth, "widen_factor": args.widen_factor,
+                                   "leaky_slope": args.leaky_slope, "bn_momentum": args.bn_momentum,
+                                   "dropRate": args.dropout, "use_embed": False, "is_remix": False})
+
+
+def set_optimizer(tssl, model, args, spec: RunSpec):
+    """main_worker's get_optimizer (its weight-decay grouping, Nesterov as the spec says) and cosine schedule, set on
+    the algorithm object `model`; returns the optimizer."""
+    optimizer = tssl.train_utils.get_optimizer(model.model, args.optim, args.lr, args.momentum, args.weight_decay,
+                                               nesterov=spec.nesterov)
+    scheduler = tssl.train_utils.get_cosine_schedule_with_warmup(optimizer, args.num_train_iter,
+                                                                 num_warmup_steps=args.num_train_iter * 0)
+    model.set_optimizer(optimizer, scheduler)
+    return optimizer
 
 
 def data_loaders(tssl, args, arrays, split: np.ndarray, eval_idx: np.ndarray, alg: str = "fixmatch") -> dict:
