@@ -11,7 +11,8 @@ from typing import Any
 
 from contract.results import read_json, write_json_atomic
 
-IMPLS = ("own", "torchssl")
+IMPLS = ("own", "torchssl", "usb")
+REFERENCES = ("torchssl", "usb")  # implementations we compare against: each runs its own recipe (recipe == impl)
 ALGORITHMS = ("fixmatch", "mixmatch")
 # The settings only one algorithm uses: set (not None) for its runs, None for every other algorithm's, so that they
 # are left out of the other runs' hashes (RunSpec.hash) and adding an algorithm renames no run of another.
@@ -19,7 +20,7 @@ ALGORITHM_SETTINGS = {"fixmatch": ("threshold",), "mixmatch": ("mixup_alpha", "t
 MIXMATCH_VIEWS = 2  # K, weak views of each unlabelled image (the paper's, the official code's and TorchSSL's)
 # Which augmentation, sampling and network wiring a run follows: the paper's (our implementation's default) or
 # TorchSSL's, which our implementation reproduces and TorchSSL always runs (own_impl/recipes.py has the table).
-RECIPES = ("paper", "torchssl")
+RECIPES = ("paper", "torchssl", "usb")
 PRECISIONS = ("fp32", "tf32", "bf16")  # what each means on CUDA: contract/precision.py
 SPEC_FILE = "spec.json"
 # The fields that place a run in a study (what it is run on); every other field is a setting a preset gives.
@@ -32,14 +33,14 @@ MAX_SEED = 2**32 - 1  # numpy's SeedSequence and torch.manual_seed accept any in
 class RunSpec:
     """Everything that defines one run. The device is not part of it: it is where a run executes, not what it is."""
 
-    impl: str  # "own" | "torchssl"
+    impl: str  # "own" | "torchssl" | "usb"
     n_labels: int  # labelled images in total (n/num_classes per class)
     seed: int  # seeds the split and the run's own random generators
     data_kind: str  # source kind of the data set, e.g. "image-folder-tar"
     data_sha256: str  # sha256 of the decoded arrays (train_x, train_y, test_x, test_y)
     split_sha256: str  # sha256 of the sorted labelled indices (int64 little endian)
     algorithm: str = "fixmatch"
-    recipe: str = "paper"  # "paper" | "torchssl"; a TorchSSL run's is always "torchssl"
+    recipe: str = "paper"  # "paper" | "torchssl" | "usb"; a reference's run is always its own (recipe == impl)
     dataset: str = "cifar10"
     num_classes: int = 10
     steps: int = 2**20  # optimizer steps, exactly
@@ -92,7 +93,7 @@ class RunSpec:
 
     @property
     def name(self) -> str:
-        arm = self.impl if self.impl == "torchssl" else f"{self.impl}-{self.recipe}"
+        arm = self.impl if self.impl in REFERENCES else f"{self.impl}-{self.recipe}"
         return f"{self.dataset}-{self.algorithm}-{self.n_labels}-seed{self.seed}-{arm}-{self.hash()}"
 
     @property
@@ -189,8 +190,8 @@ def spec_problems(d: dict[str, Any]) -> list[str]:
         problems.append(f"impl {d['impl']!r} is not one of {IMPLS}")
     if d["recipe"] not in RECIPES:
         problems.append(f"recipe {d['recipe']!r} is not one of {RECIPES}")
-    elif d["impl"] == "torchssl" and d["recipe"] != "torchssl":
-        problems.append(f"TorchSSL runs its own recipe only (recipe 'torchssl'), not {d['recipe']!r}")
+    elif d["impl"] in REFERENCES and d["recipe"] != d["impl"]:
+        problems.append(f"{d['impl']} runs its own recipe only (recipe {d['impl']!r}), not {d['recipe']!r}")
     problem = budget_problem(d["n_labels"], d["num_classes"])
     if problem:
         problems.append(problem)
@@ -214,6 +215,7 @@ class RunFiles:
     compile_binding: bool = True  # own: an asked-for compile that fails fails the run; False: falls back to eager
     num_workers: int | None = None  # torchssl: its DataLoader workers (None: TorchSSL's config)
     torchssl_checkout: str | None = None  # torchssl: the verified checkout to import TorchSSL from
+    usb_checkout: str | None = None  # usb: the verified checkout to import USB (semilearn) from
 
 
 def write_spec(run_dir: Path, spec: RunSpec, files: RunFiles) -> Path:

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help=f"seeds (0..{MAX_SEED}); each draws its split")
     p.add_argument("--algorithms", nargs="+", default=["fixmatch"], choices=list(ALGORITHMS),
                    help="algorithms to run, each with its own defaults (harness/plan.py ALGORITHM_DEFAULTS)")
-    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS), help="implementations to run")
+    p.add_argument("--impls", nargs="+", default=["own", "torchssl"], choices=list(IMPLS),
+                   help="implementations to run")
     p.add_argument("--recipes", nargs="+", default=["paper"], choices=list(RECIPES),
                    help="recipes our implementation runs, once each (TorchSSL always runs its own): paper, and "
                         "torchssl to check the implementation against TorchSSL on one recipe")

@@ -167,7 +167,7 @@ def test_spec_validation_names_the_bad_value():
         _spec(depth=27)
     with pytest.raises(ValueError, match="recipe 'official' is not one of"):
         _spec(recipe="official")
-    with pytest.raises(ValueError, match="TorchSSL runs its own recipe only"):
+    with pytest.raises(ValueError, match="torchssl runs its own recipe only"):
         _spec(impl="torchssl", recipe="paper")
     with pytest.raises(ValueError, match="bn_momentum must lie in"):
         _spec(bn_momentum=0.0)
