@@ -23,18 +23,16 @@ def run_main(prog: str, main) -> None:
 
 def run_context(data, impls, torchssl_source: str | None, compile_own: bool | None,
                 torchssl_workers: int | None = None):
-    """harness.runner's RunContext for runs made by a benchmark: the cached data, this code's version, and a
-    verified TorchSSL checkout when TorchSSL is among `impls`. compile_own None: ours compiles as a paper-length
-    run on that device would (own_impl/compile.py's policy), falling back to eager per part if that fails;
-    True/False: as asked, binding."""
+    """The RunFiles every run a benchmark makes shares (harness.launch.shared_files): the cached data, this code's
+    version, and a verified TorchSSL checkout when TorchSSL is among `impls`. compile_own None: ours compiles as a
+    paper-length run on that device would (own_impl/compile.py's policy), falling back to eager per part if that
+    fails; True/False: as asked, binding."""
     import dataclasses
 
-    from harness.runner import RunOptions
-    from harness.runner import run_context as harness_context
+    from harness.launch import shared_files
 
-    options = RunOptions(devices=["-"], torchssl_source=torchssl_source, compile_own=compile_own,
-                         torchssl_workers=torchssl_workers)
-    ctx = harness_context(data, options, "torchssl" in impls)
+    shared = shared_files(data.data_dir, compile=compile_own, num_workers=torchssl_workers,
+                          torchssl_source=torchssl_source, need_torchssl="torchssl" in impls)
     if compile_own is None:
-        ctx = dataclasses.replace(ctx, compile_own=True, compile_binding=False)
-    return ctx
+        shared = dataclasses.replace(shared, compile=True, compile_binding=False)
+    return shared

@@ -44,8 +44,8 @@ import common
 from harness.lifeline import processes_naming  # common puts the checkout on sys.path)
 
 STEPS, EVAL_EVERY, CHECKPOINT_EVERY = 12, 4, 2
-TINY = ["--budgets", "40", "--preset", "smoke", "--batch-size", "2", "--uratio", "1", "--eval-subset", "200",
-        "--eval-batch-size", "100", "--device", "cpu", "--log-every", "1", "--steps", str(STEPS), "--eval-every",
+TINY = ["--no-identity", "--budgets", "40", "--preset", "smoke", "--batch-size", "2", "--uratio", "1",
+        "--eval-subset", "200",        "--eval-batch-size", "100", "--device", "cpu", "--log-every", "1", "--steps", str(STEPS), "--eval-every",
         str(EVAL_EVERY), "--checkpoint-every", str(CHECKPOINT_EVERY)]
 GONE_LIMIT_S = 10.0  # a killed runner's training process must be gone within this
 CHECKPOINT_TMP = {"own": "checkpoint.pt.tmp", "torchssl": "torchssl/latest_model.pth.tmp"}

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import common
-from harness.runner import child_env  # contract and harness only: no torch in this process
+from harness.launch import child_env  # contract and harness only: no torch in this process
 
 REPO = common.REPO
 PYTEST = [sys.executable, "-m", "pytest", "-v", "-rA", "-p", "no:cacheprovider", "--durations=0"]

@@ -29,7 +29,7 @@ from contract.results import read_metrics, read_result
 from contract.spec import PRECISIONS, RunSpec
 from harness.env import machine_info
 from harness.plan import PlannedRun
-from harness.runner import child_env, command, prepare
+from harness.launch import child_env, command, prepare
 
 # Dense peak of the device in TFLOP/s, where known (bf16 and TF32 tensor cores; fp32 without TF32 is far lower).
 PEAK_TFLOPS = {"H200": {"bf16": 989.0, "tf32": 494.0, "fp32": 67.0},
@@ -106,7 +106,7 @@ def run_impl(impl: str, args, ctx, data, split_file: Path, split_sha: str, workd
                    checkpoint_every=steps, log_every=args.window)
     label = impl if torchssl_workers is None else f"{impl}-w{torchssl_workers}"
     run = PlannedRun(spec, workdir / label, split_file)
-    prepare(run, dataclasses.replace(ctx, torchssl_workers=torchssl_workers), args.device)
+    prepare(run, dataclasses.replace(ctx, num_workers=torchssl_workers), args.device)
     t0 = time.perf_counter()
     proc = subprocess.run(command(run), cwd=run.run_dir, capture_output=True, text=True, env=child_env())
     wall = time.perf_counter() - t0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ RESULT_KEYS = (
     "tf32_conv", "tf32_matmul",  # TF32 allowed for float32 convolutions, matmuls on CUDA (contract/precision.py)
 )
 MEDIAN_WINDOW = 20  # the paper's statistic: the median of the last 20 evaluations
+TAIL_BYTES = 64 * 1024  # the end of a metrics.jsonl read for a run's progress: a few hundred lines
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -69,6 +71,66 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:  # a line cut short by a kill: everything before it stands
                 continue
     return out
+
+
+class MetricsTail:
+    """The records appended to a run's metrics.jsonl since the last call; a line still being written waits for its
+    newline, a line cut short by a kill is skipped, and a rewritten file (a resume truncates it through a new file)
+    is read again from its start. Costs what was appended, not the file's size, so it can be polled."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / METRICS_FILE
+        self.file_id, self.offset = None, 0
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            f = open(self.path, "rb")
+        except FileNotFoundError:
+            self.file_id, self.offset = None, 0
+            return []
+        with f:
+            st = os.fstat(f.fileno())
+            if (st.st_dev, st.st_ino) != self.file_id or st.st_size < self.offset:
+                self.file_id, self.offset = (st.st_dev, st.st_ino), 0
+            if self.offset == 0 and st.st_size > TAIL_BYTES:  # a long run's first read: only its end matters
+                self.offset = st.st_size - TAIL_BYTES
+                f.seek(self.offset)
+                f.readline()  # a line cut by the seek
+                self.offset = f.tell()
+            f.seek(self.offset)
+            chunk = f.read()
+        end = chunk.rfind(b"\n") + 1  # complete lines only
+        self.offset += end
+        records = []
+        for line in chunk[:end].decode(errors="replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+
+@dataclass
+class Progress:
+    """How far a run is, from the end of its metrics.jsonl."""
+
+    step: int = 0  # last step logged
+    train_seconds: float | None = None  # training time up to the last training record
+    top1: float | None = None  # last evaluation's top-1, %
+
+    def add(self, records: list[dict[str, Any]]) -> "Progress":
+        for rec in records:
+            self.step = max(self.step, rec.get("step", 0))
+            if rec.get("kind") == "train":
+                self.train_seconds = rec.get("train_seconds", self.train_seconds)
+            elif rec.get("kind") == "eval":
+                self.top1 = rec.get("top1")
+        return self
+
+
+def latest_progress(run_dir: Path) -> Progress:
+    """A run's progress from the end of its metrics.jsonl (its last TAIL_BYTES at most)."""
+    return Progress().add(MetricsTail(run_dir).read())
 
 
 def truncate_metrics(run_dir: Path, after_step: int) -> None:

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
 from pathlib import Path
 
 from contract.spec import ALGORITHMS, IMPLS, MAX_SEED, PRECISIONS, RECIPES, SETTING_FIELDS
-from harness.plan import PRESETS, Plan, make_plan
-from harness.slurm import add_flags as add_launcher_flags
+from harness.plan import PRESETS, Plan, UsageError, make_plan
+from harness.slurm_options import DEFAULT_MAX_REQUEUES, SlurmRequest
 
 # Flags that override one preset value each: (spec field, type, help).
 OVERRIDES = [
@@ -101,6 +102,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_launcher_flags(p: argparse.ArgumentParser) -> None:
+    """--launcher, --status, and the Slurm launcher's flags (SlurmRequest's fields)."""
+    p.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                   help="where runs execute: subprocesses on this machine, or one Slurm job each (docs/slurm.md)")
+    p.add_argument("--status", action="store_true",
+                   help="print the state of every run under --out (done, queued, running, failed, ...) and exit")
+    g = p.add_argument_group("Slurm (with --launcher slurm; every value is checked before any job is submitted)")
+    g.add_argument("--partition", help="partition for the jobs (default: the cluster's default partition)")
+    g.add_argument("--account", help="account to charge the jobs to")
+    g.add_argument("--qos", help="quality of service of the jobs")
+    g.add_argument("--time", help="time limit per job: minutes, or D-HH:MM:SS (default: the partition's default); "
+                                  "a run longer than that is requeued and resumes")
+    g.add_argument("--gpus-per-job", type=int, default=None, help="GPUs per job (default: 1; 0 with --device cpu)")
+    g.add_argument("--cpus-per-job", type=int, default=None, help="CPUs per job (default: the cluster's)")
+    g.add_argument("--mem", help="memory per job, e.g. 32G (default: the cluster's)")
+    g.add_argument("--sbatch", action="append", default=None, metavar="KEY=VALUE",
+                   help="one more sbatch option, e.g. constraint=a100 or exclusive (repeatable)")
+    g.add_argument("--max-jobs", type=int, default=None, help="most jobs queued or running at once (default: all)")
+    g.add_argument("--max-requeues", type=int, default=None,
+                   help=f"most times a job is requeued after a time limit or pre-emption "
+                        f"(default: {DEFAULT_MAX_REQUEUES}); a later call submits the run again")
+    g.add_argument("--no-wait", action="store_true", help="submit the jobs and return (see --status)")
+    g.add_argument("--allow-local-out", action="store_true",
+                   help="accept an --out or cache folder on storage that looks local to this machine (e.g. under "
+                        "/tmp), when the nodes do see it, as on a one-machine cluster")
+
+
+SLURM_FLAGS = tuple(f.name for f in dataclasses.fields(SlurmRequest) if f.name not in ("device", "gpus"))
+
+
+def slurm_request(args: argparse.Namespace) -> SlurmRequest | None:
+    """The Slurm flags as one typed object for --launcher slurm; None for the local launcher, which refuses them."""
+    given = {f: getattr(args, f) for f in SLURM_FLAGS if getattr(args, f) not in (None, False)}
+    if args.launcher == "local":
+        if given:
+            raise UsageError(f"--{next(iter(given)).replace('_', '-')} applies to Slurm jobs only; add --launcher "
+                             f"slurm")
+        return None
+    return SlurmRequest(device=args.device, gpus=args.gpus, **given)
+
+
 def overrides(args: argparse.Namespace) -> dict:
     """The preset values the flags override: only the flags given."""
     return {k: getattr(args, k) for k in SETTING_FIELDS if getattr(args, k, None) is not None}
@@ -152,10 +194,12 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--out {out} does not exist; --report-only rebuilds the report of an existing "
                              f"results folder")
         return _report(out)
-    from harness.slurm import slurm_options
+    request = slurm_request(args)
+    slurm = None
+    if request is not None:  # every Slurm option and the cluster checked before any work
+        from harness.slurm_options import slurm_options
 
-    # Slurm: every option and the cluster checked before any work; each job's device is resolved on its node
-    slurm = slurm_options(args, out, user_path(args.cache_dir) if args.cache_dir else default_cache_dir())
+        slurm = slurm_options(request, out, user_path(args.cache_dir) if args.cache_dir else default_cache_dir())
     plan = make_plan(budgets=args.budgets, seeds=args.seeds, impls=args.impls, recipes=args.recipes,
                      algorithms=args.algorithms, preset=args.preset,
                      overrides=overrides(args), out_dir=out, device=args.device, gpus=args.gpus,
@@ -167,25 +211,41 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     from harness.identity import algorithms_to_check, run_identity
-    from harness.runner import RunOptions, execute, is_done, run_context
+    from harness.launch import pending, shared_files
 
-    options = RunOptions(devices=plan.devices, torchssl_source=args.torchssl_source, cache_dir=plan.cache_dir,
-                         warmup=not args.no_warmup, compile_own=args.compile, torchssl_workers=args.torchssl_workers,
-                         slurm=slurm)
     check = [] if args.no_identity else algorithms_to_check(plan.runs)
-    need_torchssl = bool(check) or any(r.spec.impl == "torchssl" and not is_done(r) for r in plan.runs)
-    ctx = run_context(plan.data, options, need_torchssl, plan.data_source)
-    if check:  # before any training: seconds to minutes on the CPU; a failed check is reported, runs go on
-        run_identity(plan.runs, out, ctx)
-    if args.command == "identity":
-        return _report(out)
-    failed = execute(plan.runs, data=plan.data, options=options, ctx=ctx)
+    todo = [] if args.command == "identity" else pending(plan.runs)
+    shared = shared_files(plan.data.data_dir, data_source=plan.data_source, compile=args.compile,
+                          num_workers=args.torchssl_workers, torchssl_source=args.torchssl_source,
+                          cache_dir=plan.cache_dir,
+                          need_torchssl=bool(check) or any(r.spec.impl == "torchssl" for r in todo))
+    if check:  # before any training: a minute or two on the CPU; a failed check is reported, runs go on
+        run_identity(plan.runs, out, shared)
+    failed = execute(todo, shared, slurm, plan, warmup=not args.no_warmup) if todo else []
     _report(out)
     if failed:
         print(f"{len(failed)} of {len(plan.runs)} runs failed: {', '.join(r.spec.name for r in failed)}",
               file=sys.stderr)
         return 1
     return 0
+
+
+def execute(todo: list, shared, slurm, plan: Plan, warmup: bool) -> list:
+    """The runs not done yet, by the launcher asked for; returns those that failed."""
+    from harness.lifeline import clean_stale
+    from harness.runner import LocalScheduler, warmup_estimate, warmup_root
+
+    clean_stale(warmup_root(plan.runs))  # what a killed call's warm-up left
+    if slurm is not None:  # jobs on a cluster: nothing is timed on this machine
+        from harness.slurm import SlurmScheduler
+
+        return SlurmScheduler(todo, shared, slurm).run()
+    if warmup:
+        est = warmup_estimate(todo, shared, len(plan.data.test_y), plan.devices[0])
+        if est is not None:
+            print(f"estimated time for {len(todo)} runs on {len(plan.devices)} device(s): "
+                  f"{est / len(plan.devices) / 60:.1f} min")
+    return LocalScheduler(todo, shared, plan.devices).run()
 
 
 def _report(out: Path) -> int:

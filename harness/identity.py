@@ -11,8 +11,8 @@ from pathlib import Path
 from contract.results import read_json, write_json_atomic
 from contract.spec import RunFiles, write_spec
 from harness.env import PACKAGE_ROOT, machine_info
+from harness.launch import child_env
 from harness.plan import PlannedRun
-from harness.runner import child_env
 
 IDENTITY_DIR = "identity"
 STEPS = 20  # K, steps in lockstep
@@ -45,15 +45,15 @@ def identity_paths(out: Path, algorithm: str) -> tuple[Path, Path, Path]:
     return folder / algorithm, folder / f"{algorithm}.json", folder / f"{algorithm}.log"
 
 
-def run_identity(runs: list[PlannedRun], out: Path, ctx, steps: int = STEPS) -> dict[str, bool | None]:
+def run_identity(runs: list[PlannedRun], out: Path, shared: RunFiles, steps: int = STEPS) -> dict[str, bool | None]:
     """The check of every algorithm that has both implementations in `runs`; by algorithm, whether it passed (None:
-    it could not run; the JSON then holds the error). ctx: the runner's RunContext (data, checkout, code version)."""
+    it could not run; the JSON then holds the error). shared: harness.launch.shared_files (data, TorchSSL)."""
     verdicts = {}
     for algorithm in algorithms_to_check(runs):
         base = next(r for r in runs if r.spec.algorithm == algorithm and r.spec.impl == "torchssl")
         spec = dataclasses.replace(base.spec, impl="own", recipe="torchssl")
         spec_dir, result_path, log_path = identity_paths(out, algorithm)
-        key = hashlib.sha256(f"{spec.hash()} {steps} {code_fingerprint()} {ctx.torchssl_checkout}".encode()
+        key = hashlib.sha256(f"{spec.hash()} {steps} {code_fingerprint()} {shared.torchssl_checkout}".encode()
                              ).hexdigest()[:16]
         if result_path.exists():
             try:
@@ -65,9 +65,9 @@ def run_identity(runs: list[PlannedRun], out: Path, ctx, steps: int = STEPS) -> 
             except ValueError:
                 pass  # damaged: run again
         write_spec(spec_dir, spec, RunFiles(
-            data_dir=str(ctx.data_dir), split_file=str(base.split_file.resolve()), device="cpu",
-            code_version=ctx.code_version, machine=machine_info("cpu"), data_source=ctx.data_source,
-            torchssl_checkout=ctx.torchssl_checkout))
+            data_dir=shared.data_dir, split_file=str(base.split_file.resolve()), device="cpu",
+            code_version=shared.code_version, machine=machine_info("cpu"), data_source=shared.data_source,
+            torchssl_checkout=shared.torchssl_checkout))
         cmd = [sys.executable, "-m", "identity", "--spec", str(spec_dir / "spec.json"), "--out", str(result_path),
                "--steps", str(steps), "--key", key]
         print(f"identity check of {algorithm}: {steps} steps of ours and TorchSSL's in lockstep on the CPU ...",

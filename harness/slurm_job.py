@@ -26,9 +26,9 @@ from typing import Any, Callable
 
 import submitit
 
+from harness.launch import PROCESS_LOG, launch, prepare
 from harness.lifeline import die_with_parent
-from harness.runner import PROCESS_LOG, launch, prepare
-from harness.slurm import update_launch
+from harness.slurm_queue import cancelled, update_launch
 
 STOPPED = (128 + signal.SIGTERM, -signal.SIGTERM)  # the entry's exit status after SIGTERM (checkpoint written), or
 # its death by SIGTERM before it could install its handler (it resumes from its previous checkpoint)
@@ -54,8 +54,8 @@ def _child_setup(parent_death) -> Callable[[], None]:
 
 
 class RunJob(submitit.helpers.Checkpointable):
-    """One run as one Slurm job: `run` a harness.plan.PlannedRun, `ctx` the harness.runner.RunContext its spec.json
-    carries, `device` the job's torch device."""
+    """One run as one Slurm job: `run` a harness.plan.PlannedRun, `ctx` the RunFiles every run of the call shares
+    (harness.launch.shared_files), `device` the job's torch device."""
 
     def __init__(self, run, ctx, device: str, max_requeues: int):
         self.run, self.ctx, self.device, self.max_requeues = run, ctx, device, max_requeues
@@ -145,15 +145,6 @@ class RunJob(submitit.helpers.Checkpointable):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
-
-
-def cancelled(job_id: str) -> bool:
-    """The job is being cancelled (`scancel` without --signal: it ends whatever the run does), as opposed to a
-    signal only (`scancel --signal`, pre-emption) or its time limit (Reason=TimeLimit)."""
-    r = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-O", "State:|,Reason:|"], capture_output=True,
-                       text=True)
-    state, _, reason = r.stdout.strip().partition("|")
-    return state == "CANCELLED" or (state == "COMPLETING" and reason.strip("|") == "None")
 
 
 def _note_start(record: dict[str, Any], job_id: str, restarts: int) -> None:

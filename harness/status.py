@@ -2,41 +2,16 @@
 prints while it waits (pending, running with step and ETA, done, failed with the end of its log)."""
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections import Counter, deque
 from pathlib import Path
 
-from contract.results import METRICS_FILE, read_launch, read_result
+from contract.results import METRICS_FILE, latest_progress, read_launch, read_result
 from contract.spec import SPEC_FILE, read_spec
+from harness.launch import PROCESS_LOG
+from harness.slurm_queue import SlurmError, is_active, job_states, last_job
 
 PROGRESS_EVERY_S = 30  # while waiting, a running run's progress is printed at most this often (seconds)
-TAIL_BYTES = 64 * 1024  # the end of metrics.jsonl read for the latest step: a few hundred lines
-
-
-def latest_progress(run_dir: Path) -> tuple[int, float | None, float | None]:
-    """(last step logged, training seconds up to it, last top-1 in %) from the end of the run's metrics.jsonl, so
-    that polling a long run costs the same as polling a short one."""
-    try:
-        with open(Path(run_dir) / METRICS_FILE, "rb") as f:
-            start = max(0, os.fstat(f.fileno()).st_size - TAIL_BYTES)
-            f.seek(start)
-            lines = f.read().decode(errors="replace").splitlines()
-    except FileNotFoundError:
-        return 0, None, None
-    step, seconds, top1 = 0, None, None
-    for line in lines[1:] if start else lines:  # a line cut by the seek is skipped
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line still being written, or cut short by a kill
-            continue
-        step = max(step, rec.get("step", 0))
-        if rec.get("kind") == "train":
-            seconds = rec.get("train_seconds")
-        elif rec.get("kind") == "eval":
-            top1 = rec.get("top1")
-    return step, seconds, top1
 
 
 def clock(seconds: float) -> str:
@@ -66,12 +41,12 @@ class RunView:
         return result is not None and result.get("spec_hash") == self.spec.hash()
 
     def progress(self, eta: bool = True) -> str:
-        step, seconds, top1 = latest_progress(self.run_dir)
-        text = f"step {step}/{self.spec.steps}"
-        if top1 is not None:
-            text += f", top-1 {top1:.2f}%"
-        if eta and seconds and step and step < self.spec.steps:  # ETA at the training speed so far, evaluations aside
-            text += f", ETA {clock((self.spec.steps - step) * seconds / step)}"
+        p = latest_progress(self.run_dir)
+        text = f"step {p.step}/{self.spec.steps}"
+        if p.top1 is not None:
+            text += f", top-1 {p.top1:.2f}%"
+        if eta and p.train_seconds and p.step and p.step < self.spec.steps:  # at the training speed so far
+            text += f", ETA {clock((self.spec.steps - p.step) * p.train_seconds / p.step)}"
         return text
 
     def changed(self, state: tuple[str, str, int]) -> bool:
@@ -79,7 +54,7 @@ class RunView:
         if state != self.seen:
             self.seen = state
             return True
-        step = latest_progress(self.run_dir)[0]
+        step = latest_progress(self.run_dir).step
         if state[0] == "RUNNING" and step != self.step_shown and time.monotonic() - self.shown_at >= PROGRESS_EVERY_S:
             return True
         return False
@@ -97,7 +72,7 @@ class RunView:
             return head + f"{how} at {self.progress(eta=False)}; the next call submits it again and it resumes\n" + \
                 self.log_end(job, log_lines)
         name, reason, requeues = state
-        self.step_shown, self.shown_at = latest_progress(self.run_dir)[0], time.monotonic()
+        self.step_shown, self.shown_at = latest_progress(self.run_dir).step, time.monotonic()
         what = {"PENDING": f"pending ({reason})", "RUNNING": f"running, {self.progress()}",
                 "SUBMITTED": "submitted"}.get(name, name.lower() + (f" ({reason})" if reason not in ("", "None") else ""))
         if requeues:
@@ -110,8 +85,6 @@ class RunView:
 
     def log_end(self, job: str | None, lines: int) -> str:
         """The end of the run's process.log and of its job's error log, indented."""
-        from harness.runner import PROCESS_LOG
-
         parts = [f"  end of {self.run_dir / PROCESS_LOG}:"] + [f"    {x}" for x in file_tail(
             self.run_dir / PROCESS_LOG, lines)]
         if job:
@@ -127,7 +100,7 @@ class RunView:
         if self.done():
             return "done", f"{self.spec.name}  " + self.finished() + (f" (job {job})" if job else " (local)")
         if job is None:
-            step = latest_progress(self.run_dir)[0]
+            step = latest_progress(self.run_dir).step
             if step == 0:
                 return "new", f"{self.spec.name}  not started"
             metrics = self.run_dir / METRICS_FILE
@@ -136,8 +109,6 @@ class RunView:
                                   f"{self.progress()}, last logged {age} ago; the next call resumes it")
         if unknown is not None:
             return "unknown", f"{self.spec.name}  job {job}: state unknown ({unknown}); {self.progress()}"
-        from harness.slurm import is_active
-
         if is_active(state):
             return ("running" if state[0] == "RUNNING" else "queued"), self.line(job, state)
         kind = "ended" if state is None else "cancelled" if state[0] == "CANCELLED" else "failed"
@@ -146,8 +117,6 @@ class RunView:
 
 def print_status(out: Path) -> int:
     """One line per run folder under OUT/runs (and the end of the logs of failed ones), then a count by state."""
-    from harness.slurm import SlurmError, job_states, last_job
-
     runs_dir = Path(out) / "runs"
     folders = sorted(p.parent for p in runs_dir.glob(f"*/{SPEC_FILE}"))
     if not folders:

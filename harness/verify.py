@@ -3,7 +3,6 @@ evaluations in metrics.jsonl; what the runner does with a damaged one, and what 
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,30 +30,43 @@ def set_aside(path: Path) -> Path:
 
 
 def finished(run_dir: Path, spec_hash: str) -> bool:
-    """For the runner: whether the run in run_dir is done (a readable result.json of this spec and a readable
-    spec.json). A damaged result.json or spec.json is set aside with one line naming it, and the run is then not
-    done: the runner rewrites spec.json, and the entry finishes the run again from its last checkpoint."""
+    """Whether the run in run_dir is done: a readable result.json of this spec and a readable spec.json. Reads only;
+    set_aside_damaged is the step that moves damaged files away."""
     run_dir = Path(run_dir)
-    result = _readable(run_dir / RESULT_FILE, "result file", "the run is finished again from its checkpoint")
+    result, _ = _read_object(run_dir / RESULT_FILE, "result file")
     if result is None or result.get("spec_hash") != spec_hash:
         return False
-    return _readable(run_dir / SPEC_FILE, "run spec", "it is written again") is not None
+    spec, _ = _read_object(run_dir / SPEC_FILE, "run spec")
+    return spec is not None
 
 
-def _readable(path: Path, what: str, then: str) -> dict | None:
+def set_aside_damaged(run_dir: Path) -> list[str]:
+    """Before a run is (re)started: a result.json or spec.json that cannot be read is renamed NAME.damaged (kept for
+    a look); the runner writes spec.json again and the entry finishes the run again from its last checkpoint.
+    Returns one line per file set aside."""
+    lines = []
+    for name, what, then in ((RESULT_FILE, "result file", "the run is finished again from its checkpoint"),
+                             (SPEC_FILE, "run spec", "it is written again")):
+        _, problem = _read_object(Path(run_dir) / name, what)
+        if problem:
+            kept = set_aside(Path(run_dir) / name)
+            lines.append(f"warning: {problem}; kept as {kept.name}, and {then}")
+    return lines
+
+
+def _read_object(path: Path, what: str) -> tuple[dict | None, str | None]:
+    """(content, None) for a readable JSON object; (None, why) for a damaged one; (None, None) for none."""
     if not path.exists():
-        return None
+        return None, None
     try:
         content = read_json(path, what)
         if not isinstance(content, dict):
             raise ValueError(f"{what} {path} holds no JSON object")
         if what == "run spec":
             read_spec(path)
-        return content
+        return content, None
     except ValueError as e:  # read_json's and read_spec's messages name the file
-        kept = set_aside(path)
-        print(f"warning: {e}; kept as {kept.name}, and {then}", file=sys.stderr)
-        return None
+        return None, str(e)
 
 
 def load_run(run_dir: Path) -> dict | None:

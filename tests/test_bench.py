@@ -35,7 +35,7 @@ def test_a_benchmark_run_compiles_ours_without_binding_it(cifar, tmp_path):
     """Unasked, a benchmark compiles ours as a paper-length run would, and spec.json says the compile is not
     binding (a failure falls back to eager: tests/test_own_train.py); --compile / --no-compile bind."""
     from harness.plan import PlannedRun
-    from harness.runner import prepare
+    from harness.launch import prepare
     from harness.splits import ensure_split
 
     split_file, split_sha = ensure_split(tmp_path, "cifar10", cifar.train_y, 40, 0, cifar.identity.data_sha256)

@@ -91,8 +91,8 @@ def test_killed_run_resumes_and_finished_runs_are_skipped(shared_archive, cifar,
 
 
 def test_a_failed_run_is_reported_and_the_others_go_on(cifar, tmp_path, capsys):
-    from harness.runner import RunOptions, execute
-    from harness.runner import run_context
+    from harness.launch import pending, shared_files
+    from harness.runner import LocalScheduler
     from harness.splits import ensure_split
 
     splits = {(n, 0): ensure_split(tmp_path, "cifar10", cifar.train_y, n, 0, cifar.identity.data_sha256)
@@ -104,8 +104,7 @@ def test_a_failed_run_is_reported_and_the_others_go_on(cifar, tmp_path, capsys):
     payload = json.loads(broken.read_text())
     payload["labeled_indices"][0] += 1  # the split file no longer matches its checksum: the run must refuse it
     broken.write_text(json.dumps(payload))
-    options = RunOptions(devices=["cpu"], warmup=False)
-    failed = execute(runs, data=cifar, options=options, ctx=run_context(cifar, options, need_torchssl=False))
+    failed = LocalScheduler(pending(runs), shared_files(cifar.data_dir), ["cpu"]).run()
     assert [r.spec.n_labels for r in failed] == [40]
     assert (runs[1].run_dir / "result.json").exists()
     err = capsys.readouterr()

@@ -15,8 +15,8 @@ import pytest
 from conftest import REPO
 
 SCRIPT = REPO / "scripts" / "local_slurm.sh"
-TINY = ["--preset", "smoke", "--budgets", "40", "--batch-size", "2", "--uratio", "1", "--eval-subset", "100",
-        "--eval-batch-size", "100", "--device", "cpu"]
+TINY = ["--no-identity", "--preset", "smoke", "--budgets", "40", "--batch-size", "2", "--uratio", "1",
+        "--eval-subset", "100",        "--eval-batch-size", "100", "--device", "cpu"]
 ON_CLUSTER = ["--launcher", "slurm", "--partition", "cpu", "--allow-local-out"]  # pytest's folders are under /tmp
 
 
@@ -60,9 +60,9 @@ def wait_for(what: str, check, timeout: float = 180):
 
 
 def last_step(run_dir: Path) -> int:
-    from harness.status import latest_progress
+    from contract.results import latest_progress
 
-    return latest_progress(run_dir)[0]
+    return latest_progress(run_dir).step
 
 
 def launch_record(run_dir: Path) -> dict:
@@ -105,14 +105,14 @@ def cluster(slurm_cluster):
     ("0", 0), ("infinite", None), ("UNLIMITED", None),
 ])
 def test_time_limits_read_as_slurm_does(text, minutes):
-    from harness.slurm import parse_time
+    from harness.slurm_options import parse_time
 
     assert parse_time(text, "--time") == minutes
 
 
 def test_bad_time_and_sbatch_options_are_refused():
     from harness.plan import UsageError
-    from harness.slurm import parse_sbatch, parse_time
+    from harness.slurm_options import parse_sbatch, parse_time
 
     for bad in ("abc", "1:2:3:4", "-5", "1h"):
         with pytest.raises(UsageError, match="not accepted; accepted: minutes, or D-HH:MM:SS"):
@@ -132,13 +132,13 @@ def test_bad_time_and_sbatch_options_are_refused():
     ("cuda:0", 2, ("cuda", 2)), ("cpu", 1, ("cpu", 1)),
 ])
 def test_job_device_is_decided_by_gpus_per_job(device, gpus, want):
-    from harness.slurm import job_device
+    from harness.slurm_options import job_device
 
     assert job_device(device, gpus) == want
 
 
 def test_local_storage_is_recognized():
-    from harness.slurm import local_storage
+    from harness.slurm_options import local_storage
 
     assert "under /tmp" in local_storage(Path("/tmp/x/y"))
     assert "under /dev/shm" in local_storage(Path("/dev/shm"))

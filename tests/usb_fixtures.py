@@ -1,0 +1,103 @@
+"""What the USB tests share (imported by tests/test_usb_*.py; conftest.py's helpers stay where they are): the USB
+checkout fixture, USB's modules imported for a while, and the checks every USB result owes the spec."""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from conftest import run_module, wrn_count_by_hand
+
+ENTRY = "third_party.usb.entry"
+
+
+@pytest.fixture(scope="session")
+def usb_checkout() -> Path:
+    """The cached verified USB checkout, else one cloned from $USB_SOURCE; else skip with the reason."""
+    from harness.env import default_cache_dir
+    from third_party.usb import checkout as co
+
+    found = co.find_checkout(default_cache_dir())  # a modified cached checkout fails here, with what to do
+    if found is not None:
+        return found
+    if os.environ.get(co.SOURCE_ENV):
+        return co.ensure_checkout(os.environ[co.SOURCE_ENV], default_cache_dir())
+    pytest.skip(f"no USB checkout: none cached at {co.checkout_path(default_cache_dir())} and {co.SOURCE_ENV} is "
+                f"not set (set it to a git URL or a local clone/mirror of microsoft/Semi-supervised-learning)")
+
+
+@contextmanager
+def usb_modules(checkout: Path, *names: str):
+    """USB's modules `names`, imported from the checkout with the import stand-ins installed and no bytecode read
+    from the checkout or written; sys.path, the bytecode settings and sys.modules are restored afterwards, so
+    neither semilearn nor a stand-in outlives the caller."""
+    from third_party.usb import stand_ins
+
+    checkout = Path(checkout).resolve()
+    saved = list(sys.path), sys.dont_write_bytecode, sys.pycache_prefix
+    before = set(sys.modules)
+    with stand_ins.installed():
+        sys.dont_write_bytecode, sys.pycache_prefix = True, str(Path(os.devnull) / "no-bytecode")
+        sys.path.insert(0, str(checkout))
+        try:
+            modules = [importlib.import_module(name) for name in names]
+            for module in modules:
+                assert Path(module.__file__).resolve().is_relative_to(checkout), module.__file__
+            yield modules
+        finally:
+            sys.path[:], sys.dont_write_bytecode, sys.pycache_prefix = saved
+            for name in set(sys.modules) - before:
+                if name.split(".")[0] == "semilearn":
+                    del sys.modules[name]
+
+
+def usb_wrn_count_by_hand(depth: int = 28, k: int = 2, classes: int = 10) -> int:
+    """Parameters of USB's WideResNet: conftest's count (a bias on every conv, as TorchSSL's) less the biases USB's
+    residual blocks leave out: conv1 and conv2 of every block and each group's 1x1 shortcut (semilearn/nets/wrn/
+    wrn.py:35-44); the stem conv and the classifier keep theirs."""
+    n = (depth - 4) // 6
+    block_biases, c_in = 0, 16
+    for width in (16 * k, 32 * k, 64 * k):
+        block_biases += 2 * n * width + (width if c_in != width else 0)
+        c_in = width
+    return wrn_count_by_hand(depth, k, classes)[0] - block_biases
+
+
+def usb_checkpoint(run_dir: Path) -> dict:
+    """The adapter's resume checkpoint of a USB run folder (USB's save_model content), on the CPU."""
+    import torch
+
+    from third_party.usb.patches import numpy_scalar_types
+
+    with torch.serialization.safe_globals(numpy_scalar_types()):
+        return torch.load(Path(run_dir) / "usb" / "resume.pth", map_location="cpu", weights_only=True)
+
+
+def usb_result_on_our_split(run_dir: Path) -> tuple:
+    """Run USB's entry on a prepared run folder and check what every USB result owes the spec: our schema, our split
+    (its checksum recomputed), our data, the spec's hash, USB's pinned clean checkout, the stand-ins never used, and
+    USB's WideResNet-28-2's parameter count. Returns (spec, result)."""
+    import json
+
+    from contract.arrays import indices_sha256
+    from contract.results import RESULT_KEYS
+    from contract.spec import read_spec
+    from third_party.usb import checkout as co
+
+    spec, files = read_spec(run_dir / "spec.json")
+    proc = run_module(ENTRY, run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert set(RESULT_KEYS) <= set(result)
+    split = json.loads(Path(files.split_file).read_text())
+    assert result["split_sha256"] == split["sha256"] == indices_sha256(split["labeled_indices"]) == spec.split_sha256
+    assert result["data_sha256"] == spec.data_sha256 and result["spec_hash"] == spec.hash()
+    assert result["param_count"] == usb_wrn_count_by_hand(28, 2, 10) == 1_467_626
+    assert result["usb_commit"] == co.COMMIT and result["usb_checkout_clean"] is True
+    assert result["usb_stand_ins_used"] == []  # no stand-in was called, read or iterated
+    assert co.problems(files.usb_checkout) == []  # nothing was written into the checkout
+    return spec, result
