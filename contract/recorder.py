@@ -1,6 +1,6 @@
 """What every entry point records the same way: when to log, evaluate and checkpoint; the log window's named
-statistics; training time; the stop that ends a process's share of a run; and the checks that a run folder
-belongs to this run.
+statistics (metrics.jsonl, and the same numbers as TensorBoard events); training time; the stop that ends a
+process's share of a run; and the checks that a run folder belongs to this run.
 
 A training loop calls, per step: begin_step(), data_ready(), then step_done(step, stats, lr), which writes the
 training record when one is due and says what else is due (evaluate, checkpoint, stop). Evaluations, checkpoints
@@ -20,6 +20,7 @@ from typing import Any, Callable
 from contract.results import append_metrics
 from contract.runtime import NonFiniteLoss, RunInterrupted, StopFlag, StoppedAfter
 
+TENSORBOARD_DIR = "tensorboard"  # in the run folder: event files of every record, tags train/<name>, eval/<name>
 # A statistic reported as a weighted mean over the window: pseudo_acc is the accuracy among ACCEPTED pseudo-labels,
 # so each step's value counts with that step's accepted fraction (a window where none was accepted gives None).
 WEIGHTED_BY = {"pseudo_acc": "mask_rate"}
@@ -108,6 +109,7 @@ class RunRecorder:
         self.optimizer_steps = None  # optimizer updates applied in the window, if counted (count_optimizer_steps)
         if start_step > 0:  # a resumed run says where, so a reader knows which steps a restart may have touched
             append_metrics(self.run_dir, {"kind": "resume", "step": start_step})
+        self.events = event_writer(self.run_dir / TENSORBOARD_DIR, start_step, log)
 
     def count_optimizer_steps(self, optimizer) -> None:
         """Count the updates `optimizer` actually applies (a post-step hook: a step a gradient scaler skips is not
@@ -197,6 +199,7 @@ class RunRecorder:
             record["optimizer_steps"] = self.optimizer_steps
             self.optimizer_steps = 0
         append_metrics(self.run_dir, record)
+        self._events("train", record)
         self.log(train_log_line(record, self.spec.steps))
         self.window_first, self.window_train_s, self.sums = step + 1, record["train_seconds"], None
 
@@ -216,9 +219,20 @@ class RunRecorder:
         record = {"kind": "eval", "step": step, "top1": metrics["top1"], "top5": metrics["top5"],
                   "loss": metrics["loss"]}
         append_metrics(self.run_dir, record)
+        self._events("eval", record)
         self.log(f"eval step {step}: top1 {record['top1']:.2f} top5 {record['top5']:.2f} loss {record['loss']:.4f} "
                  f"({what})")
         return record
+
+    def _events(self, kind: str, record: dict[str, Any]) -> None:
+        """The record's numbers as TensorBoard scalars, tag kind/name, at its step; flushed so a live view shows them
+        (metrics.jsonl stays the source of truth)."""
+        if self.events is None:
+            return
+        for name, value in record.items():
+            if name not in ("kind", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.events.add_scalar(f"{kind}/{name}", value, record["step"])
+        self.events.flush()
 
     def checkpointed(self, step: int, path: Path) -> None:
         self.last_good = f"step {step} ({path})"
@@ -231,6 +245,17 @@ class RunRecorder:
         if step == self.stop_after and step != self.spec.steps:
             self.log(f"stopping after step {step} (stop_after); checkpoint written")
             raise StoppedAfter()
+
+
+def event_writer(folder: Path, start_step: int, log: Callable[[str], None]):
+    """A TensorBoard SummaryWriter on `folder` that drops events past start_step (a resumed run logs those steps
+    again); None, with a log line, where tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        log(f"note: no TensorBoard events ({e}); metrics.jsonl has every record")
+        return None
+    return SummaryWriter(str(folder), purge_step=start_step + 1 if start_step else None)
 
 
 def train_log_line(record: dict[str, Any], total_steps: int) -> str:

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
@@ -20,17 +22,45 @@ RESULT_KEYS = (
     "wall_seconds", "steps_per_second", "device", "torch_version", "code_version", "evals",
     "tf32_conv", "tf32_matmul",  # TF32 allowed for float32 convolutions, matmuls on CUDA (contract/precision.py)
 )
-MEDIAN_WINDOW = 20  # the paper's statistic: the median of the last 20 evaluations
+MEDIAN_WINDOW = 20  # the paper's statistic: the median of the last 20 evaluations ...
+MEDIAN_SHARE = 0.2  # ... and of at most the last fifth of them, so that a short run's median is of its end
 TAIL_BYTES = 64 * 1024  # the end of a metrics.jsonl read for a run's progress: a few hundred lines
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) into a temporary file of this process's own beside `path`, then put it in place durably and
+    atomically: a reader sees the old file or the whole new one, and processes writing the same path at once never
+    share a temporary name. A failure (a full disk, a read-only folder) leaves no temporary file and is an OSError
+    that names `path`."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    replace_durably(tmp, path)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        replace_durably(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    write_atomic(path, write)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def replace_durably(tmp: Path, path: Path) -> None:
@@ -137,19 +167,23 @@ def truncate_metrics(run_dir: Path, after_step: int) -> None:
     """On resume, drop records past the checkpoint's step so no step is logged twice."""
     path = Path(run_dir) / METRICS_FILE
     keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= after_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
 
 
-def summarize_evals(evals: list[dict[str, Any]]) -> dict[str, float]:
-    """final, best (chosen on the test set) and the paper's median of the last 20 evaluations, all top-1 in %;
-    median_window says how many evaluations the median really covers (fewer than 20 when fewer were made)."""
+def median_window(n_evals: int) -> int:
+    """How many of a run's last evaluations its median covers: the paper's 20 (2% of its 1,024), never more than
+    the last MEDIAN_SHARE of them, at least one."""
+    return max(1, min(MEDIAN_WINDOW, math.ceil(MEDIAN_SHARE * n_evals)))
+
+
+def summarize_evals(evals: list[dict[str, Any]], window: int | None = None) -> dict[str, float]:
+    """final, best (chosen on the test set) and the median of the last `window` evaluations (median_window's by
+    default), all top-1 in %; median_window says how many it covers."""
     if not evals:
         raise ValueError("no evaluation was recorded")
     evals = sorted(evals, key=lambda r: r["step"])
     top1 = [r["top1"] for r in evals]
-    window = top1[-MEDIAN_WINDOW:]
+    window = top1[-(window or median_window(len(top1))):]
     return {
         "final_top1": top1[-1],
         "best_top1": max(top1),

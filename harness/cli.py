@@ -31,6 +31,36 @@ OVERRIDES = [
 ]
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown once: only where a flag has one and its help does not already say it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def preset_text(field: str) -> str:
+    """What every preset gives `field`, per algorithm where they differ: 'paper 7, MixMatch 1; smoke 2, ...'."""
+    from dataclasses import fields as dataclass_fields
+
+    from contract.spec import RunSpec
+    from harness.plan import preset_values
+
+    default = {f.name: f.default for f in dataclass_fields(RunSpec)}[field]
+    parts = []
+    for preset in PRESETS:
+        values = {a: preset_values(preset, {}, a).get(field, default) for a in ALGORITHMS}
+        values = {a: v for a, v in values.items() if v is not None}
+        shown = set(map(str, values.values()))
+        if len(shown) == 1:
+            parts.append(f"{preset} {shown.pop()}")
+        else:
+            parts.append(f"{preset} " + ", ".join(f"{a} {v}" for a, v in values.items()))
+    values = {p.split(" ", 1)[1] for p in parts}
+    return f"every preset {values.pop()}" if len(values) == 1 else "; ".join(parts)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """A bad flag is reported in one line (the usage block is for --help)."""
 
@@ -47,7 +77,7 @@ def non_negative_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="fixmatch-bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = OneLineParser(prog="fixmatch-bench", formatter_class=HelpFormatter,
                       description="Run our FixMatch and MixMatch and TorchSSL's side by side on CIFAR-10 and write "
                                   "the report.", allow_abbrev=False)
     p.add_argument("command", nargs="?", default="run", choices=["run", "identity"],
@@ -57,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label budgets: labelled images in total, positive multiples of 10")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help=f"seeds (0..{MAX_SEED}); each draws its split")
     p.add_argument("--algorithms", nargs="+", default=["fixmatch"], choices=list(ALGORITHMS),
-                   help="algorithms to run, each with its own defaults (harness/plan.py ALGORITHM_DEFAULTS)")
+                   help="algorithms to run, each with its own defaults (contract/spec.py ALGORITHM_DEFAULTS) "
+                        "(default: fixmatch)")
     p.add_argument("--impls", nargs="+", default=["own", "torchssl"], choices=list(IMPLS),
                    help="implementations to run")
     p.add_argument("--recipes", nargs="+", default=["paper"], choices=list(RECIPES),
@@ -93,12 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "each applies to every algorithm's runs, except an algorithm's own setting (--threshold; "
                              "--mixup-alpha, --temperature, --ramp-up), which applies to that algorithm's runs only")
     for name, typ, hint in OVERRIDES:
-        g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=hint)
+        g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
+                       help=f"{hint} (presets: {preset_text(name)})")
     g.add_argument("--precision", choices=list(PRECISIONS), default=None,
-                   help="fp32 (full fp32), tf32 (TF32 on CUDA) or bf16 autocast")
-    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum")
+                   help=f"fp32 (full fp32), tf32 (TF32 on CUDA) or bf16 autocast (presets: {preset_text('precision')})")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"Nesterov momentum (presets: {preset_text('nesterov')})")
     g.add_argument("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last memory format")
+                   help=f"channels_last memory format (presets: {preset_text('channels_last')})")
     return p
 
 

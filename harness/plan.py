@@ -7,21 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from contract.spec import ALGORITHM_SETTINGS, ALGORITHMS, MAX_SEED, RECIPES, RunSpec, settings_problems
+from contract.spec import ALGORITHM_DEFAULTS, ALGORITHM_SETTINGS, ALGORITHMS, MAX_SEED, RECIPES, RunSpec, \
+    settings_problems
 from harness.data import CIFAR10_COUNTS
 from harness.splits import check_budget
-
-# Each algorithm's own settings, over RunSpec's defaults (which are FixMatch's, Sohn et al. 2020: mu 7, tau 0.95,
-# lambda_u 1). MixMatch follows TorchSSL's CIFAR-10 config (config/mixmatch/mixmatch_cifar10_{40,250,4000}_0.yaml at
-# the pin), so that ours and TorchSSL's are compared on one recipe: B 64, uratio 1, alpha 0.5, T 0.5, lambda_u 100
-# ramped up linearly over the first 40% of the steps, SGD lr 0.03 Nesterov 0.9, weight decay 5e-4, cosine decay, EMA
-# 0.999 (the last four as FixMatch's, i.e. RunSpec's defaults). The MixMatch paper and its official code instead use
-# Adam lr 0.002 (constant, decoupled weight decay 0.02 * lr per step), alpha 0.75, lambda_u 75 and a ramp-up over
-# the first 16,384 steps (ramp_up 1/64 of 2^20); the optimizer is not a setting here, the rest can be given by flag.
-ALGORITHM_DEFAULTS: dict[str, dict] = {
-    "fixmatch": {},
-    "mixmatch": dict(uratio=1, lambda_u=100.0, threshold=None, mixup_alpha=0.5, temperature=0.5, ramp_up=0.4),
-}
 
 # Each preset is a set of RunSpec setting values, for every algorithm unless "per_algorithm" gives an algorithm its
 # own; every value can be overridden by a flag of the same name.

@@ -147,8 +147,9 @@ def _eval_problems(run_dir: Path, result: dict[str, Any], spec: RunSpec) -> list
     listed = [e.get("step") for e in result.get("evals") or [] if isinstance(e, dict)]
     problems = [] if listed == logged else [f"its evals are at steps {_steps(listed)}, metrics.jsonl's at "
                                             f"{_steps(logged)}"]
-    try:
-        summary = summarize_evals(evals)
+    try:  # over the window the result says it used: a result written under an earlier rule stays checkable
+        window = result.get("median_window")
+        summary = summarize_evals(evals, window if isinstance(window, int) and window > 0 else None)
     except (KeyError, TypeError, ValueError) as e:
         return problems + [f"metrics.jsonl's evaluations cannot be summarized ({type(e).__name__}: {e})"]
     for key in FROM_EVALS:

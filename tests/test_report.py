@@ -1,6 +1,7 @@
 """The report: numbers worked out by hand from result files written here, pairing on common seeds, the paired
 statistics and their intervals, the mismatch check, the figures."""
 import json
+import re
 import subprocess
 import sys
 
@@ -27,8 +28,12 @@ TRAIN_STATS = {"fixmatch": {"mask_rate": 0.5, "pseudo_acc": 0.9},
 def fake_run(out, who, n, seed, evals_top1, *, steps=100, split="s", data="d", sps=2.0, wall=50.0,
              optimizer_steps=None, algorithm="fixmatch", **settings):
     """A finished run whose files agree (harness/verify.py checks them): evaluations spread evenly over `steps`,
-    ending at the last step; a split file per letter `split`; final, median and best as the evaluations give them
-    (with two evaluations [a, b]: final b, median (a + b) / 2, best max(a, b)). `settings`: spec values."""
+    ending at the last step; a split file per letter `split`; final, median and best as the evaluations give them.
+    Two evaluations [a, b] stand for the last two of ten, eight at 0 before them, so that the median's window (the
+    last fifth of the evaluations: 2 of 10) is [a, b]: final b, median (a + b) / 2, best max(a, b).
+    `settings`: spec values."""
+    if len(evals_top1) == 2:
+        evals_top1 = [0.0] * 8 + list(evals_top1)
     impl, recipe = ARM[who]
     indices = [ord(split) * 100 + i for i in range(n)]
     split_file = out / "splits" / f"cifar10-{n}-seed{seed}-{split}.json"
@@ -55,8 +60,20 @@ def fake_run(out, who, n, seed, evals_top1, *, steps=100, split="s", data="d", s
     return run_dir
 
 
+def flat(text: str) -> str:
+    """Markdown table lines with the padding tabulate adds taken out: '| a | b |'."""
+    def cells(line: str) -> str:
+        return "|" + "|".join(f" {c.strip()} " if c.strip() else " " for c in line.strip()[1:-1].split("|")) + "|"
+
+    return "\n".join(cells(line) if line.startswith("|") else line for line in text.splitlines())
+
+
+def report(out) -> str:
+    return flat(write_report(out).read_text())
+
+
 def row(text, n, name):
-    return next(line for line in text.splitlines() if line.startswith(f"| {n} | {name} |"))
+    return next(line for line in flat(text).splitlines() if line.startswith(f"| {n} | {name} |"))
 
 
 def test_table_mean_std_over_seeds_worked_by_hand(tmp_path):
@@ -65,26 +82,27 @@ def test_table_mean_std_over_seeds_worked_by_hand(tmp_path):
     fake_run(tmp_path, "own", 40, 1, [61.0, 60.0], split="b")
     fake_run(tmp_path, "torchssl", 40, 0, [41.0, 40.0], split="a", sps=1.0, wall=100.0)
     fake_run(tmp_path, "torchssl", 40, 1, [47.0, 44.0], split="b", sps=1.0, wall=100.0)
-    text = write_report(tmp_path).read_text()
+    text = report(tmp_path)
     ours = row(text, 40, "ours (paper recipe)")
     assert "| 0, 1 | 55.00 ± 7.07 (n=2) |" in ours and "| 56.50 ± 6.36 (n=2) |" in ours  # best: 52, 61
     assert "| 50 s | 2.00 |" in ours
     theirs = row(text, 40, "TorchSSL")
     assert "| 42.00 ± 2.83 (n=2) |" in theirs and "| 44.00 ± 4.24 (n=2) |" in theirs
     assert "MISMATCH" not in text and "Unpaired" not in text
-    assert "chosen on the test set" in text and "median of the last 20 evaluations" in text
-    # fewer than 20 evaluations: the heading says how many the median really covers, and how often
-    assert "| median of last 2 evaluations (every 50 steps) (%) |" in text
-    assert (tmp_path / "figures" / "curves-40.png").stat().st_size > 10_000
-    assert (tmp_path / "figures" / "throughput.png").exists()
-    assert "![40 labels" in text
+    assert "chosen on the test set" in text and "over its last 20 (2% of training)" in text
+    # ten evaluations: the median covers the last fifth of them, and the report says so
+    assert "The median below is the median of the last 2 evaluations (every 10 steps: the last 20% of training)" \
+        in text
+    for name in ("curves-40.png", "throughput.png", "labels.png"):
+        assert (tmp_path / "figures" / name).stat().st_size > 10_000 and f"(figures/{name})" in text
+    assert "![40 labels" in text and "*Figure: FixMatch, 40 labels: top-1 of the EMA model" in text
 
 
 def test_only_common_seeds_are_compared_and_the_rest_is_listed_as_unpaired(tmp_path):
     fake_run(tmp_path, "own", 40, 0, [50.0], split="a")
     fake_run(tmp_path, "own", 40, 1, [90.0], split="b")  # TorchSSL lacks seed 1
     fake_run(tmp_path, "torchssl", 40, 0, [40.0], split="a")
-    text = write_report(tmp_path).read_text()
+    text = report(tmp_path)
     assert "| 0 | 50.00 (n=1) |" in row(text, 40, "ours (paper recipe)")  # not the mean of 50 and 90
     assert "| 0 | 40.00 (n=1) |" in row(text, 40, "TorchSSL")
     unpaired = text.split("### Unpaired runs")[1].split("###")[0]
@@ -101,7 +119,7 @@ def test_paired_differences_and_intervals_worked_by_hand(tmp_path):
                                            ([73.0, 73.0], [70.0, 70.0])]):
         fake_run(tmp_path, "own-tssl", 250, seed, ours, split="abc"[seed])
         fake_run(tmp_path, "torchssl", 250, seed, theirs, split="abc"[seed])
-    text = write_report(tmp_path).read_text()
+    text = report(tmp_path)
     section = text.split("### Implementation check")[1].split("###")[0]
     final = row(section, 250, "final")
     assert "| 0: +1.00, 1: +2.00, 2: +3.00 | +2.00 | 1.00 | 3 | [-0.48, +4.48] |" in final
@@ -120,8 +138,8 @@ def test_a_spec_written_before_a_field_existed_is_in_the_same_study(tmp_path):
     for name in ("mixup_alpha", "temperature", "ramp_up"):
         assert spec["spec"].pop(name) is None
     (old / "spec.json").write_text(json.dumps(spec))
-    text = write_report(tmp_path).read_text()
-    assert text.count("## FixMatch") == 1 and "Unpaired" not in text
+    text = report(tmp_path)
+    assert text.count("\n## FixMatch") == 1 and "Unpaired" not in text
     assert "| 0: +10.00 |" in row(text.split("### Implementation check")[1], 250, "final")
 
 
@@ -133,11 +151,12 @@ def test_figures_of_an_earlier_build_that_the_report_no_longer_shows_are_removed
     for name in ("fixmatch-s1-curves-40.png", "curves-250.png", "fixmatch-throughput.png", "mine.png"):
         (figures / name).write_bytes(b"x")
     write_report(tmp_path)
-    assert sorted(p.name for p in figures.iterdir()) == ["curves-40.png", "mine.png", "throughput.png"]
+    assert sorted(p.name for p in figures.iterdir()) == ["curves-40.png", "labels.png", "mine.png", "throughput.png"]
 
 
 def test_student_t_quantiles():
-    assert t975(1) == 12.7062 and t975(2) == 4.3027 and t975(30) == 2.0423
+    assert t975(1) == pytest.approx(12.7062, abs=1e-4) and t975(2) == pytest.approx(4.3027, abs=1e-4)
+    assert t975(30) == pytest.approx(2.0423, abs=1e-4)
     for df, exact in ((31, 2.0395), (40, 2.0211), (60, 2.0003), (120, 1.9799)):
         assert t975(df) == pytest.approx(exact, abs=1.5e-4)
     p = paired([5.0])
@@ -149,7 +168,7 @@ def test_mismatched_split_is_loud_and_excluded(tmp_path):
     fake_run(tmp_path, "torchssl", 250, 0, [71.0], split="z")  # another split: not comparable
     fake_run(tmp_path, "own", 250, 1, [90.0], split="b")
     fake_run(tmp_path, "torchssl", 250, 1, [85.0], split="b")
-    text = write_report(tmp_path).read_text()
+    text = report(tmp_path)
     assert "MISMATCHED RUNS" in text and "250 labels, seed 0: the runs differ in split_sha256" in text
     assert "| 1 | 90.00 (n=1) |" in row(text, 250, "ours (paper recipe)")  # seed 0 left out
 
@@ -160,7 +179,7 @@ def test_a_result_that_disagrees_with_its_spec_is_flagged_and_left_out(tmp_path)
     res = json.loads((run / "result.json").read_text())
     res["steps"] = 101  # TorchSSL's loop runs one step too many unless stopped
     write_json_atomic(run / "result.json", res)
-    text = write_report(tmp_path).read_text()
+    text = report(tmp_path)
     assert "RUN(S) WHOSE FILES DO NOT CHECK OUT" in text
     assert f"{run / 'result.json'}: steps 101 is not spec.json's 100" in text
     assert "| 40 | TorchSSL |" not in text  # excluded from the table
@@ -169,12 +188,12 @@ def test_a_result_that_disagrees_with_its_spec_is_flagged_and_left_out(tmp_path)
 def test_applied_optimizer_steps_that_differ_exclude_the_seed(tmp_path):
     fake_run(tmp_path, "own", 40, 0, [50.0], steps=100)
     fake_run(tmp_path, "torchssl", 40, 0, [50.0], steps=100, optimizer_steps=99)  # a scaler skipped an update
-    text = write_report(tmp_path).read_text()
+    text = report(tmp_path)
     assert "40 labels, seed 0: the runs differ in optimizer_steps" in text
 
 
 def test_empty_results_folder(tmp_path):
-    assert "No finished runs yet" in write_report(tmp_path).read_text()
+    assert "No finished runs yet" in report(tmp_path)
 
 
 @pytest.mark.parametrize("who", [("own",), ("own", "torchssl")])
@@ -185,7 +204,7 @@ def test_report_only_cli(tmp_path, who):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "| 4000 | ours (paper recipe) | 0 | 93.00 (n=1) |" in text
+    assert "| 4000 | ours (paper recipe) | 0 | 93.00 (n=1) |" in flat(text)
     assert ("### Implementation check" in text) is False  # ours with the paper recipe against TorchSSL: no pair
 
 
@@ -198,18 +217,20 @@ def test_one_table_per_algorithm_and_one_across_algorithms_worked_by_hand(tmp_pa
             fake_run(tmp_path, who, 40, seed, [float(final)], split="ab"[seed],
                      algorithm=algorithm)
     fake_run(tmp_path, "own", 40, 2, [70.0], split="c", algorithm="mixmatch")  # no FixMatch seed 2
-    text = write_report(tmp_path).read_text()
+    text = report(tmp_path)
     assert text.startswith("# FixMatch and MixMatch on CIFAR-10: ours against TorchSSL")
-    across, rest = text.split("## FixMatch against MixMatch: 100 steps, B=64, fp32")[1].split("## FixMatch: 100")
-    fixmatch, mixmatch = rest.split("## MixMatch: 100 steps, B=64, μ=1")
+    across, rest = text.split("\n## FixMatch against MixMatch: 100 steps, B=64, fp32")[1].split("\n## FixMatch: 100")
+    fixmatch, mixmatch = rest.split("\n## MixMatch: 100 steps, B=64, μ=1")
+    mixmatch, settings = mixmatch.split("\n## Settings, machines and patches")
+    fixmatch_settings, mixmatch_settings = settings.split("### MixMatch: 100 steps")
 
     # one table per algorithm, each with its own paired sections
     assert "| 40 | ours (paper recipe) | 0, 1 | 55.00 ± 7.07 (n=2) |" in fixmatch  # sd sqrt(50)
     assert "| 40 | ours (paper recipe) | 0, 1 | 51.00 ± 8.49 (n=2) |" in mixmatch  # sd sqrt(72); seed 2 apart
     assert "| 40 | TorchSSL | 0, 1 | 42.00 ± 1.41 (n=2) |" in mixmatch
     assert "### Implementation check" in fixmatch and "### Implementation check" in mixmatch
-    assert "| threshold | 0.95 |" in fixmatch and "mixup_alpha" not in fixmatch
-    assert "| mixup_alpha | 0.5 |" in mixmatch and "| threshold |" not in mixmatch
+    assert "| threshold | 0.95 |" in fixmatch_settings and "mixup_alpha" not in fixmatch_settings
+    assert "| mixup_alpha | 0.5 |" in mixmatch_settings and "| threshold |" not in mixmatch_settings
 
     # across algorithms: seeds 0, 1 (seed 2 has no FixMatch run); MixMatch - FixMatch per arm, t(0.975, 1) = 12.7062
     # ours (paper): -5, -3 -> -4, sd sqrt(2), half-width 12.7062 sqrt(2) / sqrt(2) -> [-16.71, +8.71]
@@ -232,21 +253,21 @@ def test_one_table_per_algorithm_and_one_across_algorithms_worked_by_hand(tmp_pa
     for name in ("fixmatch-curves-40.png", "mixmatch-curves-40.png", "fixmatch-throughput.png",
                  "mixmatch-throughput.png"):
         assert (tmp_path / "figures" / name).stat().st_size > 10_000 and f"(figures/{name})" in text
-    assert "![40 labels, MixMatch: accuracy, λu(t), the ramped weight of L_U" in mixmatch
+    assert "λu(t), the ramped weight of L_U" in mixmatch and "(figures/mixmatch-labels.png)" in mixmatch
     assert "mask rate" in fixmatch and "mask rate" not in mixmatch
 
 
 def test_algorithms_on_different_protocols_are_not_set_side_by_side(tmp_path):
     fake_run(tmp_path, "own", 40, 0, [50.0])
     fake_run(tmp_path, "own", 40, 0, [45.0], steps=200, algorithm="mixmatch")  # another step budget
-    text = write_report(tmp_path).read_text()
+    text = report(tmp_path)
     assert " against MixMatch" not in text
     assert "## FixMatch: 100 steps" in text and "## MixMatch: 200 steps" in text
     # one protocol, but two FixMatch studies (another threshold): which one stands for FixMatch is not chosen
     fake_run(tmp_path, "own", 40, 0, [47.0], steps=200, algorithm="mixmatch", temperature=0.25)
     fake_run(tmp_path, "own", 40, 0, [52.0], steps=200)
     fake_run(tmp_path, "own", 40, 0, [53.0], steps=200, threshold=0.9)
-    text = write_report(tmp_path).read_text()
+    text = report(tmp_path)
     assert "## FixMatch against MixMatch: 200 steps" in text
     assert "Not set side by side: FixMatch and MixMatch each have several studies here" in text
 
@@ -284,7 +305,7 @@ def test_report_opens_with_the_identity_verdict(tmp_path):
     fake_run(tmp_path, "torchssl", 40, 0, [41.0, 43.0])
     fake_identity(tmp_path, "fixmatch", exact_ok=False)
     fake_identity(tmp_path, "mixmatch", error="TorchSSL checkout /x does not exist")
-    text = write_report(tmp_path).read_text()
+    text = report(tmp_path)
     body = text.split("## Same computation? The identity check\n\n", 1)[1]
     assert body.startswith("❌ **FixMatch**: DIFFERENT in exact mode: first at step 2 in logits")
     assert "**MixMatch: the identity check could not run** (TorchSSL checkout /x does not exist" in body
@@ -293,4 +314,4 @@ def test_report_opens_with_the_identity_verdict(tmp_path):
     assert "(figures/identity-fixmatch.png)" in text and (tmp_path / "figures" / "identity-fixmatch.png").exists()
     assert "✅ 2 finished runs: 1 pixel checksum(s)" in text  # the data side, from the runs' checksums
     fake_identity(tmp_path, "fixmatch", exact_ok=True)
-    assert "✅ **FixMatch**: identical in exact mode for 3 steps" in write_report(tmp_path).read_text()
+    assert "✅ **FixMatch**: identical in exact mode for 3 steps" in report(tmp_path)
