@@ -31,7 +31,8 @@ ALGORITHM_DEFAULTS: dict[str, dict] = {
 MIXMATCH_VIEWS = 2  # K, weak views of each unlabelled image (the paper's, the official code's and TorchSSL's)
 # Which augmentation, sampling and network wiring a run follows: the paper's (our implementation's default) or
 # TorchSSL's, which our implementation reproduces and TorchSSL always runs (own_impl/recipes.py has the table).
-RECIPES = ("paper", "torchssl", "usb")
+RECIPES = ("paper", "torchssl", "usb", "paper-cta")
+STRONG_AUGMENTATION_RECIPES = ("paper-cta",)  # recipes that only change the strong augmentation: FixMatch's alone
 PRECISIONS = ("fp32", "tf32", "bf16")  # what each means on CUDA: contract/precision.py
 SPEC_FILE = "spec.json"
 # The fields that place a run in a study (what it is run on); every other field is a setting a preset gives.
@@ -203,6 +204,8 @@ def spec_problems(d: dict[str, Any]) -> list[str]:
         problems.append(f"recipe {d['recipe']!r} is not one of {RECIPES}")
     elif d["impl"] in REFERENCES and d["recipe"] != d["impl"]:
         problems.append(f"{d['impl']} runs its own recipe only (recipe {d['impl']!r}), not {d['recipe']!r}")
+    elif d["recipe"] in STRONG_AUGMENTATION_RECIPES and d["algorithm"] != "fixmatch":
+        problems.append(f"recipe {d['recipe']!r} changes FixMatch's strong augmentation; {d['algorithm']} has none")
     problem = budget_problem(d["n_labels"], d["num_classes"])
     if problem:
         problems.append(problem)

@@ -92,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impls", nargs="+", default=["own", "torchssl"], choices=list(IMPLS),
                    help="implementations to run")
     p.add_argument("--recipes", nargs="+", default=["paper"], choices=list(RECIPES),
-                   help="recipes our implementation runs, once each (TorchSSL always runs its own): paper, and "
-                        "torchssl to check the implementation against TorchSSL on one recipe")
+                   help="recipes our implementation runs, once each (each reference runs its own): paper; "
+                        "torchssl (or usb) to check the implementation against TorchSSL (USB) on one recipe; "
+                        "paper-cta: the paper with CTAugment (FixMatch only)")
     p.add_argument("--preset", default="paper", choices=list(PRESETS), help="settings preset")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--gpus", type=int, nargs="+", default=None,

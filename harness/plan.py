@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from contract.spec import ALGORITHM_DEFAULTS, ALGORITHM_SETTINGS, ALGORITHMS, MAX_SEED, RECIPES, RunSpec, \
-    settings_problems
+from contract.spec import (ALGORITHM_DEFAULTS, ALGORITHM_SETTINGS, ALGORITHMS, MAX_SEED, RECIPES,
+                           STRONG_AUGMENTATION_RECIPES, RunSpec, settings_problems)
 from harness.data import CIFAR10_COUNTS
 from harness.splits import check_budget
 
@@ -114,6 +114,10 @@ def check_request(budgets, seeds, impls, values: dict, recipes=("paper",), algor
     bad = [r for r in recipes if r not in RECIPES]
     if bad:
         raise UsageError(f"--recipes {bad[0]} is not accepted; accepted: {', '.join(RECIPES)}")
+    unused = [r for r in recipes if r in STRONG_AUGMENTATION_RECIPES and "fixmatch" not in algorithms]
+    if unused and "own" in impls:
+        raise UsageError(f"--recipes {unused[0]} changes FixMatch's strong augmentation, and --algorithms "
+                         f"{' '.join(algorithms)} runs no FixMatch; add fixmatch or leave it out")
 
 
 def check_settings(values: dict, impls, algorithm: str) -> None:
@@ -153,11 +157,15 @@ def resolve_devices(device: str, gpus: list[int] | None) -> list[str]:
     raise UsageError(f"--device {device!r} is not accepted; accepted: auto, cpu, cuda, cuda:N")
 
 
-def arms(impls, recipes) -> list[tuple[str, str]]:
-    """(implementation, recipe) of each run per (budget, seed): ours once per recipe, TorchSSL with its own."""
+def arms(impls, recipes, algorithm: str = "fixmatch") -> list[tuple[str, str]]:
+    """(implementation, recipe) of each run per (budget, seed): ours once per recipe that applies to the algorithm
+    (CTAugment only to FixMatch), each reference implementation with its own."""
     out = []
     for impl in impls:
-        out += [(impl, r) for r in recipes] if impl == "own" else [(impl, "torchssl")]
+        if impl == "own":
+            out += [(impl, r) for r in recipes if algorithm == "fixmatch" or r not in STRONG_AUGMENTATION_RECIPES]
+        else:
+            out.append((impl, impl))
     return out
 
 
@@ -170,7 +178,7 @@ def plan_runs(*, budgets, seeds, impls, values: dict, out_dir: Path, data_kind: 
     for n in budgets:
         for seed in seeds:
             split_file, split_sha = splits[(n, seed)]
-            for impl, recipe in arms(impls, recipes):
+            for impl, recipe in arms(impls, recipes, algorithm):
                 spec = RunSpec(algorithm=algorithm, impl=impl, recipe=recipe, n_labels=n, seed=seed,
                                data_kind=data_kind, data_sha256=data_sha256, split_sha256=split_sha, **values)
                 runs.append(PlannedRun(spec, Path(out_dir) / "runs" / spec.name, split_file))

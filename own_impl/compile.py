@@ -25,6 +25,8 @@ from typing import Callable
 import torch
 
 from contract.spec import RunSpec
+from own_impl.device import autocast
+from own_impl.recipes import RECIPES
 
 CPU_COMPILE_MIN_STEPS = 1000
 COMPILE_MODE = None  # torch.compile's default mode
@@ -80,33 +82,50 @@ def warm_up_loss(algorithm: ModuleType, model: torch.nn.Module, loss_fn, spec: R
         model.load_state_dict(saved)  # copies into the same tensors: the optimizer and the compiled code keep them
 
 
+def make_probe_fn(ema_model: torch.nn.Module, spec: RunSpec, compile: bool, mode: str | None = COMPILE_MODE):
+    """CTAugment's probe: the EMA model's float32 logits on probe images, no gradient, eval mode (as the official
+    code's classify op), compiled if `compile`."""
+    def probe_fn(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), autocast(spec, x.device):
+            return ema_model(x).float()
+
+    return torch.compile(probe_fn, mode=mode, dynamic=False) if compile else probe_fn
+
+
 @dataclass
 class Compiled:
-    """The step's two parts as they will run, and what compiling them took."""
+    """The step's parts as they will run, and what compiling them took."""
 
     augment_fn: Callable
     loss_fn: Callable
     augmentation_compiled: bool
     step_compiled: bool
     seconds: float  # compilation before the first step, kept out of training time
+    probe_fn: Callable | None = None  # CTAugment recipes: the probe forward (compiled with the step)
 
 
 def compile_step(algorithm: ModuleType, model: torch.nn.Module, spec: RunSpec, device: torch.device,
                  image_shape: torch.Size, choice: bool | None, log: Callable[[str], None],
-                 binding: bool = True) -> Compiled:
-    """Both parts of `algorithm`'s step (its module), compiled or eager by the policy above, each compiled before
-    the first step; the fallback."""
+                 binding: bool = True, ema_model: torch.nn.Module | None = None) -> Compiled:
+    """The parts of `algorithm`'s step (its module), compiled or eager by the policy above, each compiled before
+    the first step; the fallback. ema_model: the run's EMA model, whose probe forward a CTAugment recipe needs."""
     wanted, asked = use_compile(device, choice, spec.steps, binding)
+    probe = RECIPES[spec.recipe].ctaugment and ema_model is not None
     eager = Compiled(make_augment_fn(algorithm, spec.recipe, False),
-                     make_loss_fn(algorithm.forward_loss, model, spec, False), False, False, 0.0)
+                     make_loss_fn(algorithm.forward_loss, model, spec, False), False, False, 0.0,
+                     make_probe_fn(ema_model, spec, False) if probe else None)
     if not wanted:
         return eager
     out = Compiled(make_augment_fn(algorithm, spec.recipe, True),
-                   make_loss_fn(algorithm.forward_loss, model, spec, True), True, True, 0.0)
+                   make_loss_fn(algorithm.forward_loss, model, spec, True), True, True, 0.0,
+                   make_probe_fn(ema_model, spec, True) if probe else None)
     parts = (("the augmentation", lambda: warm_up_augment(algorithm, out.augment_fn, spec, image_shape, device),
               "augment_fn", "augmentation_compiled"),
              ("forward + loss + backward", lambda: warm_up_loss(algorithm, model, out.loss_fn, spec, image_shape),
               "loss_fn", "step_compiled"))
+    if probe:
+        parts += (("the CTAugment probe", lambda: out.probe_fn(torch.zeros(
+            (spec.batch_size, *image_shape), device=device)), "probe_fn", "step_compiled"),)
     for what, warm_up, fn_field, flag_field in parts:
         t = time.perf_counter()
         try:

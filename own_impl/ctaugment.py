@@ -114,6 +114,13 @@ class CTAPolicy(NamedTuple):
     cutout_cx: torch.Tensor  # (N, depth) int64 column, in [0, W)
 
 
+class Probe(NamedTuple):
+    """A step's probe: the labelled batch under probe policies, whose predictions update the rates after the step."""
+    images: torch.Tensor     # (B, 3, H, W) float32, normalised as the model's input
+    policy: CTAPolicy        # the probe draw that made them
+    labels: torch.Tensor     # (B,) int64
+
+
 class CTAStrongParams(NamedTuple):
     weak: A.WeakParams       # flip and shift, drawn independently of the weak view's
     policy: CTAPolicy        # a training draw
@@ -132,6 +139,7 @@ class CTAugment:
         self.n_bins = _bin_counts(torch.device(device))                         # (19, 2) int64, 0 = no parameter
         self.valid = torch.arange(MAX_BINS, device=device) < self.n_bins[..., None]   # (19, 2, 17) bool
         self.rates = self.valid.float()                                         # 1 in every real bin, 0 padding
+        self.probe: Probe | None = None  # the step being made's probe, set by its batch, spent by the loop
 
     # ------------------------------------------------------------ state
 

@@ -9,6 +9,7 @@ import torch
 
 from contract.arrays import load_run_inputs
 from contract.spec import RunFiles, RunSpec
+from own_impl.ctaugment import CTAugment
 
 # CIFAR-10 per-channel mean and std of the training pixels, in [0, 1] units (the constants TorchSSL uses).
 CIFAR10_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
@@ -89,22 +90,27 @@ class Samplers:
     labelled: EpochSampler | ReplacementSampler  # from the split
     unlabelled: EpochSampler | ReplacementSampler  # from all N train images, the labelled ones included (as the paper)
     augment: torch.Generator  # on the device
+    cta: CTAugment | None = None  # the learnt policy of a CTAugment recipe: its rates are training state
 
     @classmethod
-    def seeded(cls, seed: int, data: DeviceData, with_replacement: bool = False) -> "Samplers":
+    def seeded(cls, seed: int, data: DeviceData, with_replacement: bool = False, cta: bool = False) -> "Samplers":
         seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(3, dtype=np.uint64)]
         sampler = ReplacementSampler if with_replacement else EpochSampler
+        device = data.train_x.device
         return cls(sampler(data.labelled, seeds[0]), sampler(np.arange(len(data.train_y)), seeds[1]),
-                   torch.Generator(device=data.train_x.device).manual_seed(seeds[2]))
+                   torch.Generator(device=device).manual_seed(seeds[2]), CTAugment(device=device) if cta else None)
 
     def state_dict(self) -> dict:
         return {"augment": self.augment.get_state(), "labelled": self.labelled.state_dict(),
-                "unlabelled": self.unlabelled.state_dict()}
+                "unlabelled": self.unlabelled.state_dict(),
+                **({"cta": self.cta.state_dict()} if self.cta is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         self.augment.set_state(state["augment"])
         self.labelled.load_state_dict(state["labelled"])
         self.unlabelled.load_state_dict(state["unlabelled"])
+        if self.cta is not None:
+            self.cta.load_state_dict(state["cta"])
 
 
 def normalize(x: torch.Tensor, channels_last: bool, table: torch.Tensor | None = None) -> torch.Tensor:

@@ -2,7 +2,8 @@
 MixUp draws lambda (MixMatch), how batches are sampled, the network's wiring and initialization, and how each is
 described in a result.
 
-`paper` is each algorithm's paper and official code (Sohn et al. 2020; Berthelot et al. 2019); `torchssl`
+`paper` is each algorithm's paper and official code (Sohn et al. 2020; Berthelot et al. 2019), and `paper-cta` the
+same with the FixMatch paper's other strong augmentation, CTAugment (own_impl/ctaugment.py); `torchssl`
 reproduces TorchSSL's recipe for it exactly (third_party/torchssl/README.md explains each difference), so that our
 code run with it beside TorchSSL itself checks the implementation, and beside the `paper` recipe measures the
 recipe's effect.
@@ -12,14 +13,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from own_impl import ctaugment
 from own_impl.augment import apply_strong, sample_strong_params
 from own_impl.augment_torchssl import apply_torchssl_strong, sample_torchssl_strong_params
+
+
+def sample_cta_strong(n: int, height: int, width: int, generator, device, cta: ctaugment.CTAugment):
+    return ctaugment.sample_strong_params(cta, n, height, width, generator)
+
+
+def stateless(sample: Callable) -> Callable:
+    """A recipe's sampler that needs no augmentation state (all but CTAugment's)."""
+    def sample_strong(n, height, width, generator, device, cta=None):
+        return sample(n, height, width, generator, device)
+
+    return sample_strong
 
 
 @dataclass(frozen=True)
 class Recipe:
     name: str
-    sample_strong: Callable  # (n, height, width, generator, device) -> parameters of apply_strong
+    # (n, height, width, generator, device, cta) -> parameters of apply_strong; cta: the run's CTAugment or None
+    sample_strong: Callable
     apply_strong: Callable  # (uint8 images (N, 3, H, W), parameters) -> uint8 images; draws no random numbers
     with_replacement: bool  # batches drawn with replacement (else shuffled passes over each pool)
     wiring: str  # own_impl.model.WideResNet's wiring
@@ -27,6 +42,7 @@ class Recipe:
     mixup_lambda_per: str  # MixMatch: one lambda ~ Beta(alpha, alpha) per "example" or one per "batch"
     settings: dict[str, str]  # how the recipe realises the spec, for the report's side-by-side settings
     algorithm_settings: dict[str, dict[str, str]]  # and the rows that only one algorithm's runs have
+    ctaugment: bool = False  # the strong augmentation learns its policy (CTAugment): rates, probe and update
 
     def settings_for(self, algorithm: str) -> dict[str, str]:
         return {**self.settings, **self.algorithm_settings.get(algorithm, {})}
@@ -34,7 +50,7 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "paper": Recipe(
-        name="paper", sample_strong=sample_strong_params, apply_strong=apply_strong, with_replacement=False,
+        name="paper", sample_strong=stateless(sample_strong_params), apply_strong=apply_strong, with_replacement=False,
         wiring="official", conv_bias_init="zero", mixup_lambda_per="example",
         settings={
             "labelled_sampling": "shuffled passes over the split",
@@ -50,7 +66,7 @@ RECIPES: dict[str, Recipe] = {
                                          "1 - lambda), as the official code"},
         }),
     "torchssl": Recipe(
-        name="torchssl", sample_strong=sample_torchssl_strong_params, apply_strong=apply_torchssl_strong,
+        name="torchssl", sample_strong=stateless(sample_torchssl_strong_params), apply_strong=apply_torchssl_strong,
         with_replacement=True, wiring="torchssl", conv_bias_init="pytorch", mixup_lambda_per="batch",
         settings={
             "labelled_sampling": "with replacement",
@@ -67,4 +83,19 @@ RECIPES: dict[str, Recipe] = {
             "mixmatch": {"mixup_lambda": "ONE lambda ~ Beta(alpha, alpha) per batch, lambda' = max(lambda, "
                                          "1 - lambda)"},
         }),
+    "paper-cta": Recipe(
+        name="paper-cta", sample_strong=sample_cta_strong, apply_strong=ctaugment.apply_strong,
+        with_replacement=False, wiring="official", conv_bias_init="zero", mixup_lambda_per="example", ctaugment=True,
+        settings={
+            "labelled_sampling": "shuffled passes over the split",
+            "unlabelled_sampling": "shuffled passes over all 50,000 train images",
+            "wrn_first_block_of_groups_2_3": "conv1 sees leaky_relu(bn1(x)), as the official code",
+            "conv_bias_init": "zero, as the official code",
+        },
+        algorithm_settings={
+            "fixmatch": {"strong_augmentation": "CTAugment as the official code: 2 of 19 ops, bins drawn from rates "
+                                                "learnt from a probe of the labelled batch (EMA model, eval mode; "
+                                                "decay 0.99, threshold 0.80); Cutout 16x16, fill 127; after an own "
+                                                "flip and shift"}},
+        ),
 }

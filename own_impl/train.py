@@ -16,11 +16,12 @@ import torch.nn.functional as F
 
 from contract.checkpoints import previous_path, read_with_fallback, save_rotating
 from contract.recorder import RunRecorder, check_belongs, check_finite_weights, check_impl
-from contract.results import finished_result, truncate_metrics, write_result
+from contract.results import append_metrics, finished_result, truncate_metrics, write_result
 from contract.runtime import StopFlag, StoppedAfter, entry_main, make_log, resolve_device
 from contract.spec import RunFiles, RunSpec
 from own_impl import fixmatch, mixmatch
-from own_impl.compile import compile_step
+from own_impl.compile import compile_step, make_probe_fn
+from own_impl.ctaugment import proximity
 from own_impl.data import DeviceData, Samplers, load_device_data, normalize
 from own_impl.device import restore_cuda_rng, use_device
 from own_impl.model import WideResNet
@@ -88,10 +89,20 @@ def train_step(model: torch.nn.Module, ema: EMA, optimizer: torch.optim.Optimize
     return stats
 
 
-def advance(s: "RunState", spec: RunSpec, loss_fn, inputs: tuple) -> tuple[dict[str, torch.Tensor], float]:
-    """Optimizer step s.step + 1 of the run on `inputs`, at the schedule's rate; returns its statistics and the rate."""
+def advance(s: "RunState", spec: RunSpec, loss_fn, inputs: tuple,
+            probe_fn=None) -> tuple[dict[str, torch.Tensor], float]:
+    """Optimizer step s.step + 1 of the run on `inputs`, at the schedule's rate; returns its statistics and the rate.
+    With CTAugment, the EMA model's predictions on the batch's probe images (probe_fn; its weights before the step,
+    as the official code runs the probe beside the training op) update the rates after the step."""
     lr = cosine_lr(spec.lr, s.step, spec.steps)
+    cta = s.samplers.cta
+    probe = cta.probe if cta is not None else None
+    if probe is not None:
+        closeness = proximity((probe_fn or make_probe_fn(s.ema.model, spec, False))(probe.images), probe.labels)
     stats = train_step(s.model, s.ema, s.optimizer, loss_fn, inputs, lr)
+    if probe is not None:
+        cta.update_rates(probe.policy, closeness)
+        cta.probe = None
     s.step += 1
     return stats, lr
 
@@ -155,7 +166,8 @@ def start(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device, l
     use_device(spec, device)
     torch.manual_seed(spec.seed)  # the one global seeding: model initialization
     data = load_device_data(spec, files, device)
-    state = RunState(data, Samplers.seeded(spec.seed, data, RECIPES[spec.recipe].with_replacement),
+    recipe = RECIPES[spec.recipe]
+    state = RunState(data, Samplers.seeded(spec.seed, data, recipe.with_replacement, cta=recipe.ctaugment),
                      *build(spec, device))
     path = run_dir / CHECKPOINT_FILE
     if path.exists() or previous_path(path).exists():
@@ -205,7 +217,8 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device | 
     log = make_log(run_dir)
     s = start(spec, files, run_dir, device, log)
     algorithm = ALGORITHMS[spec.algorithm]
-    c = compile_step(algorithm, s.model, spec, device, s.data.train_x.shape[1:], compile, log, compile_binding)
+    c = compile_step(algorithm, s.model, spec, device, s.data.train_x.shape[1:], compile, log, compile_binding,
+                     ema_model=s.ema.model)
     ckpt_path = run_dir / CHECKPOINT_FILE
 
     def wall_s() -> float:
@@ -222,12 +235,15 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device | 
                 # y_u, MixUp's lam and perm, the ramped lambda_u
                 inputs = algorithm.make_batch(s.data, s.samplers, spec, s.step, c.augment_fn)
                 rec.data_ready()
-                stats, lr = advance(s, spec, c.loss_fn, inputs)
+                stats, lr = advance(s, spec, c.loss_fn, inputs, c.probe_fn)
                 due = rec.step_done(s.step, stats, lr)
                 if due.evaluate:
                     with rec.paused():
                         rec.record_eval(s.step, evaluate(s.ema.model, s.data.eval_x, s.data.eval_y, spec),
                                         f"EMA model, {len(s.data.eval_y)} test images")
+                        if s.samplers.cta is not None:  # the learnt policy, as it stands at each evaluation
+                            append_metrics(run_dir, {"kind": "cta", "step": s.step,
+                                                     "rates": s.samplers.cta.rate_table()})
                 if due.checkpoint:
                     with rec.paused():
                         rec.check_finite(s.step)
@@ -246,7 +262,8 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device | 
         compiled=c.step_compiled,  # torch.compile of forward + loss + backward in the last process
         augmentation_compiled=c.augmentation_compiled,  # and of the augmentation
         compile_seconds=s.prior_compile_s + c.seconds,  # summed over processes, kept out of train_seconds
-        impl_settings={**IMPL_SETTINGS, **RECIPES[spec.recipe].settings_for(spec.algorithm), **algorithm.SETTINGS})
+        impl_settings={**IMPL_SETTINGS, **RECIPES[spec.recipe].settings_for(spec.algorithm), **algorithm.SETTINGS},
+        **({"cta_rates": s.samplers.cta.rate_table()} if s.samplers.cta is not None else {}))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ import torch
 
 from contract.spec import RunSpec, read_spec
 from own_impl import augment as A
+from own_impl import ctaugment
 from own_impl import compile as compile_mod
 from own_impl import data as data_mod
 from own_impl import fixmatch
@@ -165,19 +166,27 @@ def tiny_data(device: str = "cpu") -> data_mod.DeviceData:
     return data_mod.DeviceData(images, labels, np.arange(40), images[:0], labels[:0], "-")
 
 
-def samplers(data: data_mod.DeviceData) -> data_mod.Samplers:
+def samplers(data: data_mod.DeviceData, cta: bool = False) -> data_mod.Samplers:
+    device = data.train_x.device
     return data_mod.Samplers(data_mod.EpochSampler(data.labelled, 1),
                              data_mod.EpochSampler(np.arange(len(data.train_y)), 2),
-                             torch.Generator(device=data.train_x.device).manual_seed(3))
+                             torch.Generator(device=device).manual_seed(3),
+                             ctaugment.CTAugment(device=device) if cta else None)
 
 
 def batches(data: data_mod.DeviceData, spec: RunSpec, augment_fn, n: int = 2) -> list:
-    s = samplers(data)
-    return [fixmatch.make_batch(data, s, spec, augment_fn=augment_fn) for _ in range(n)]
+    """n batches; with CTAugment, each batch's probe images appended."""
+    s = samplers(data, cta=spec.recipe == "paper-cta")
+    out = []
+    for _ in range(n):
+        batch = fixmatch.make_batch(data, s, spec, augment_fn=augment_fn)
+        out.append((*batch, s.cta.probe.images) if s.cta else batch)
+    return out
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-@pytest.mark.parametrize("channels_last, recipe", [(False, "paper"), (True, "paper"), (False, "torchssl")])
+@pytest.mark.parametrize("channels_last, recipe", [(False, "paper"), (True, "paper"), (False, "torchssl"),
+                                                   (False, "paper-cta")])
 def test_compiled_batches_are_the_eager_batches(channels_last, recipe, device):
     """make_batch with the compiled augmentation: the same random draws, the same float inputs, bit for bit (on a
     GPU against the GPU's eager batches, which draw from a CUDA generator), for either recipe."""

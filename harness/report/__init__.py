@@ -70,7 +70,7 @@ def study_section(runs: list[dict], figs: Figures, tag: str) -> list[str]:
         rows = T.comparison_rows(budgets, c)
         if rows:
             compared.append(c)
-            lines += [f"### {c.title.capitalize()}: {c.what}", "",
+            lines += [f"### {c.title[0].upper() + c.title[1:]}: {c.what}", "",
                       "Per-seed differences in top-1 percentage points, on the seeds both finished with matching "
                       "split, data and steps; mean, sample std, n and the 95% Student-t confidence interval of the "
                       "mean.", "", *T.comparison_table(rows), ""]
@@ -83,6 +83,11 @@ def study_section(runs: list[dict], figs: Figures, tag: str) -> list[str]:
     for b in budgets:
         fig = figs.path(f"{tag}curves-{b.n}.png")
         lines += figs.shown(fig.name, f"{b.n} labels, {name}: curves", F.curves_figure(b, algorithm, s, fig))
+    fig_path = figs.folder / f"{tag}cta-rates.png"
+    caption = F.cta_rates_figure(budgets, fig_path)
+    if caption:
+        figs.path(fig_path.name)
+        lines += ["### CTAugment's policy", "", *figs.shown(fig_path.name, f"{name}: CTAugment rates", caption)]
     fig_path = figs.folder / f"{tag}throughput.png"
     caption = F.throughput_figure(budgets, fig_path)
     if caption:
@@ -171,7 +176,7 @@ def write_report(out_dir: Path) -> Path:
 
 
 STALE_FIGURE = re.compile(rf"(({'|'.join(ALGORITHMS)})-)?(s\d+-)?(curves-\d+|throughput|labels|differences|"
-                          rf"algorithm-gap)\.png|identity-\w+\.png")
+                          rf"algorithm-gap|cta-rates)\.png|identity-\w+\.png")
 
 
 def remove_stale_figures(fig_dir: Path, shown: set[str]) -> None:

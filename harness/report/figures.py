@@ -242,3 +242,37 @@ def throughput_figure(budgets: list[Budget], path: Path) -> str | None:
     return ("Training steps per second (training only, evaluations and checkpoints excluded) of each arm divided "
             "by TorchSSL's on the same seed and device: bars are the mean, dots the single runs. On a shared CPU "
             "these ratios are rough; absolute numbers are in the table above.")
+
+
+def cta_rates_figure(budgets: list[Budget], path: Path) -> str | None:
+    """Which ops CTAugment learns to favour: per op, its rates' mean over bins and parameters at each evaluation
+    (mean over the seeds of the CTAugment arm), one panel per budget; None without CTAugment runs."""
+    panels = []
+    for b in budgets:
+        runs = [r for a, by_seed in b.by_arm.items() if a.recipe == "paper-cta" for r in by_seed.values()]
+        records = [[m for m in r["metrics"] if m.get("kind") == "cta"] for r in runs]
+        if records and all(records):
+            panels.append((b.n, records))
+    if not panels:
+        return None
+    import numpy as np
+
+    plt = _plt()
+    ops = list(panels[0][1][0][0]["rates"])
+    low = min(np.nanmin([[np.mean([v for p in m["rates"][op] for v in p]) for op in ops if m["rates"][op]]
+                         for _, records in panels for rs in records for m in rs]), 0.99)  # colours span what moved
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels) + 1, 5.5), squeeze=False, sharey=True)
+    for ax, (n, records) in zip(axes[0], panels):
+        steps = [m["step"] for m in records[0]]
+        grid = np.mean([[[np.mean([v for param in m["rates"][op] for v in param]) if m["rates"][op] else np.nan
+                          for m in rs] for op in ops] for rs in records], axis=0)  # (ops, evaluations)
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=low, vmax=1)
+        ax.set_xticks(range(len(steps)), [str(s) for s in steps], rotation=90, fontsize=7)
+        ax.set(title=f"{n} labels ({len(records)} seed{'s' if len(records) > 1 else ''})", xlabel="step")
+    axes[0][0].set_yticks(range(len(ops)), ops, fontsize=8)
+    fig.colorbar(im, ax=axes[0].tolist(), label="mean rate over the op's bins")
+    _save(fig, path)
+    return ("CTAugment's learnt policy: for each of its 19 ops, the mean of its bin rates (1 at the start; each "
+            "probe moves a bin towards how well the EMA model still recognises the image under that op) at each "
+            "evaluation, averaged over seeds (the colour scale spans the values reached). Ops whose rates stay high "
+            "are the ones the policy keeps drawing strongly; identity has no bins (blank).")

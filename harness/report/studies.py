@@ -25,12 +25,13 @@ class Cell(NamedTuple):
     arm: Arm
 
 
-OURS_PAPER, OURS_TORCHSSL, OURS_USB = Arm("own", "paper"), Arm("own", "torchssl"), Arm("own", "usb")
+OURS_PAPER, OURS_CTA = Arm("own", "paper"), Arm("own", "paper-cta")
+OURS_TORCHSSL, OURS_USB = Arm("own", "torchssl"), Arm("own", "usb")
 TORCHSSL, USB = Arm("torchssl", "torchssl"), Arm("usb", "usb")
-ARMS = {OURS_PAPER: "ours (paper recipe)", OURS_TORCHSSL: "ours (TorchSSL recipe)", OURS_USB: "ours (USB recipe)",
-        TORCHSSL: "TorchSSL", USB: "USB"}
-COLORS = {OURS_PAPER: "tab:blue", OURS_TORCHSSL: "tab:green", OURS_USB: "tab:olive", TORCHSSL: "tab:orange",
-          USB: "tab:red"}
+ARMS = {OURS_PAPER: "ours (paper recipe)", OURS_CTA: "ours (paper recipe, CTAugment)",
+        OURS_TORCHSSL: "ours (TorchSSL recipe)", OURS_USB: "ours (USB recipe)", TORCHSSL: "TorchSSL", USB: "USB"}
+COLORS = {OURS_PAPER: "tab:blue", OURS_CTA: "tab:cyan", OURS_TORCHSSL: "tab:green", OURS_USB: "tab:olive",
+          TORCHSSL: "tab:orange", USB: "tab:red"}
 
 
 class Comparison(NamedTuple):
@@ -52,6 +53,9 @@ COMPARISONS = (
                "ours (paper recipe) − ours (USB recipe): one implementation, two recipes"),
     Comparison("USB against TorchSSL", USB, TORCHSSL, "USB − TorchSSL: the two reference codebases, each its own "
                                                       "recipe"),
+    Comparison("CTAugment against RandAugment", OURS_CTA, OURS_PAPER,
+               "ours, paper recipe with CTAugment − with RandAugment: the paper's two strong augmentations in one "
+               "implementation (TorchSSL and USB have no CTAugment, so this arm pairs with ours only)"),
 )
 # Spec fields that differ between the runs of one study by design; every other field defines the study.
 PER_RUN_FIELDS = ("impl", "recipe", "n_labels", "seed", "split_sha256")
