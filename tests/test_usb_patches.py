@@ -10,8 +10,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from contract.spec import RunSpec
-from harness.plan import ALGORITHM_DEFAULTS, preset_values
+from contract.spec import ALGORITHM_DEFAULTS, RunSpec
+from harness.plan import preset_values
 from third_party.usb import patches, stand_ins
 from third_party.usb.entry import (USB_ALGORITHMS, config_differences, config_path, epoch_iters, usb_args)
 
@@ -209,3 +209,15 @@ def test_get_cifar_builds_usbs_datasets_on_our_arrays_and_split(usb_checkout):  
         assert item["idx_ulb"] == 5 and item["x_ulb_w"].shape == item["x_ulb_s"].shape == (3, 32, 32)
         with pytest.raises(ValueError, match="our split serves 10"):
             cifar.get_cifar(args, "fixmatch", "cifar10", 20, 10)
+
+
+def test_both_adapters_share_one_copy_of_each_common_piece():
+    from third_party import adapter, checkout
+    from third_party.torchssl import checkout as torchssl_checkout, patches as torchssl_patches
+
+    for name in ("Patch", "cpu_device_shim", "set_bn_momentum", "amp_bf16", "save_atomically",
+                 "refuse_non_finite"):
+        assert getattr(torchssl_patches, name) is getattr(patches, name) is getattr(adapter, name), name
+    for name in ("CheckoutError", "CheckoutModified", "CheckoutNotTrusted", "SourceUnreachable",
+                 "PinnedCommitMissing"):
+        assert getattr(torchssl_checkout, name) is getattr(checkout, name), name

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from contract.results import read_metrics
-from harness.plan import ALGORITHM_DEFAULTS
+from contract.spec import ALGORITHM_DEFAULTS
 
 from conftest import run_module
 from usb_fixtures import ENTRY, usb_checkout, usb_checkpoint, usb_result_on_our_split  # noqa: F401 (a fixture)
@@ -112,3 +112,28 @@ def test_interrupted_run_resumes_to_exactly_the_budget(make_run_dir, usb_checkou
     assert result["usb_checkout_clean"] is True and result["usb_stand_ins_used"] == []
     # At momentum 0.001, four steps move a running mean by at most 0.4% of the batch means; at 0.5 it follows them
     assert ckpt["model"]["block1.layer.0.bn1.running_mean"].abs().max() > 0.02
+
+
+def test_mixmatch_resumes_from_the_previous_checkpoint_when_the_latest_is_damaged(make_run_dir,
+                                                                                  usb_checkout):  # noqa: F811
+    """Checkpoints after steps 2 and 3 (the stop); the latest is then damaged: the resume reads resume.prev.pth,
+    redoes step 3 and still ends at exactly step 4."""
+    run_dir = usb_run_dir(make_run_dir, usb_checkout, steps=4, eval_every=2, checkpoint_every=2, **MIXMATCH)
+    first = entry(run_dir, "--stop-after", "3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    latest = run_dir / "usb" / "resume.pth"
+    assert usb_checkpoint(run_dir)["it"] == 3
+    latest.write_bytes(b"\0" * 100)
+
+    second = entry(run_dir)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from the previous checkpoint" in second.stdout
+    assert "at step 2 of 4 (USB epoch 0, 2 of its 4 batches done)" in second.stdout
+    assert (run_dir / "usb" / "resume.pth.damaged").read_bytes() == b"\0" * 100
+    train = [r for r in read_metrics(run_dir) if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    # the resumed process ramps from the checkpoint's step: 100 * min(it / 1.6, 1) at it = 0..3
+    assert [r["lambda_u"] for r in train] == pytest.approx([0.0, 62.5, 100.0, 100.0], rel=1e-6)
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["steps"] == result["optimizer_steps"] == 4 and result["resumed_at"] == [2]
+    assert usb_checkpoint(run_dir)["it"] == 4 and result["usb_stand_ins_used"] == []

@@ -11,38 +11,36 @@ RUN/metrics.jsonl, RUN/result.json and RUN/log.txt in our schema (contract/); To
 files, args.json and checkpoints go to RUN/torchssl/.
 
 The checkout is the one spec.json names (torchssl_checkout, made by the harness with checkout.py); it is verified
-before the run and checked again after it. Bytecode is not written, so the checkout stays clean.
+before the run and checked again after it. No bytecode is read from it or written (adapter.import_from_checkout).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import copy
-import importlib
 import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
-from contract.arrays import load_run_inputs
 from contract.checkpoints import previous_path, restore_readable
 from contract.precision import apply_precision
-from contract.recorder import RunRecorder, check_belongs, check_impl
-from contract.results import finished_result, read_evals, read_json, truncate_metrics, write_json_atomic, write_result
-from contract.runtime import StopFlag, StoppedAfter, entry_main, make_log, resolve_device
+from contract.recorder import RunRecorder
+from contract.results import read_evals, truncate_metrics, write_json_atomic
+from contract.runtime import StopFlag, StoppedAfter, entry_main
 from contract.spec import RunFiles, RunSpec
+from third_party import adapter
 from third_party.torchssl import patches
 from third_party.torchssl.checkout import COMMIT, URL, CheckoutError, problems, verify_checkout
 
 SAVE_NAME = "torchssl"  # TorchSSL's save folder: RUN/torchssl
 CHECKPOINT = patches.RESUME_FILE  # TorchSSL's latest_model.pth; its load_model resumes from it
-PROGRESS = "progress.json"  # beside the checkpoint: the step it holds and the seconds spent so far
 TORCHSSL_NUM_WORKERS = 1  # fixmatch.py's default: 1 worker for labelled and eval batches, 4 for unlabelled ones
 
 
@@ -69,18 +67,88 @@ def torch_tensor(value: float, device):
     return torch.tensor(value, dtype=torch.float32, device=device)
 
 
-def fixmatch_step_stats(hooks: "Hooks", model) -> dict:
-    return {"loss": hooks.sup + hooks.spec.lambda_u * hooks.unsup["loss_u"], "loss_x": hooks.sup, **hooks.unsup}
+@dataclass
+class FixMatchStep:
+    """What TorchSSL's FixMatch step shows the wrappers (patches observe_losses), filled anew every step: the
+    unlabelled batch's indices (its loader), then the labelled loss and the rate the step uses, then the
+    unlabelled loss with its mask."""
+
+    train_y: Any  # (N,) int64 on the device: true labels of the unlabelled images (all train images)
+    optimizer: Any
+    lambda_u: float
+    ulb_idx: Any = None  # (muB,) indices into the unlabelled set
+    loss_x: Any = None  # 0-d: mean labelled cross-entropy
+    lr: float | None = None  # the rate this step uses: the scheduler steps after the loss
+    loss_u: Any = None  # 0-d: the masked unlabelled cross-entropy
+    mask_rate: Any = None  # 0-d: the fraction of unlabelled images ACCEPTED (TorchSSL logs 1 - this)
+    pseudo_acc: Any = None  # 0-d: accuracy of the accepted pseudo-labels
+
+    def observe(self, module) -> None:
+        patches.observe_losses(module, self.sup_loss, self.unsup_loss)
+
+    def unlabelled_batch(self, batch) -> None:
+        self.ulb_idx = batch[0]
+
+    def sup_loss(self, loss) -> None:
+        self.loss_x, self.lr = loss.detach(), self.optimizer.param_groups[0]["lr"]
+
+    def unsup_loss(self, loss, mask_mean, select, pseudo_label) -> None:
+        y = self.train_y[self.ulb_idx.to(self.train_y.device)]
+        accepted = select.bool()
+        self.loss_u, self.mask_rate = loss.detach(), mask_mean.detach()
+        self.pseudo_acc = ((pseudo_label == y) & accepted).sum().float() / accepted.sum().clamp(min=1).float()
+
+    def stats(self, model) -> dict:
+        return {"loss": self.loss_x + self.lambda_u * self.loss_u, "loss_x": self.loss_x, "loss_u": self.loss_u,
+                "mask_rate": self.mask_rate, "pseudo_acc": self.pseudo_acc}
 
 
-def mixmatch_step_stats(hooks: "Hooks", model) -> dict:
-    """train() ramps lambda_u inline (models/mixmatch/mixmatch.py: rampup = float(np.clip(self.it / (args.ramp_up *
-    args.num_train_iter), 0.0, 1.0))), where no wrapper sees it: the same expression, with self.it still this step's
-    index here (end_of_step runs before `self.it += 1`)."""
-    args = hooks.args
-    lambda_u = args.ulb_loss_ratio * float(np.clip(model.it / (args.ramp_up * args.num_train_iter), 0.0, 1.0))
-    return {"loss": hooks.sup + lambda_u * hooks.unsup["loss_u"], "loss_x": hooks.sup, **hooks.unsup,
-            "lambda_u": torch_tensor(lambda_u, hooks.sup.device), **hooks.mix}
+@dataclass
+class MixMatchStep:
+    """What TorchSSL's MixMatch step shows the wrappers (patches observe_mixmatch), filled anew every step: the
+    unlabelled batch's indices, MixUp's targets and lambda', then the labelled and unlabelled losses."""
+
+    train_y: Any
+    optimizer: Any
+    args: argparse.Namespace  # its ulb_loss_ratio, ramp_up and num_train_iter ramp lambda_u
+    batch_size: int  # B
+    uratio: int  # mu
+    ulb_idx: Any = None
+    guess_acc: Any = None  # 0-d: accuracy of the guessed labels' argmax
+    mix_lambda: Any = None  # 0-d: this batch's lambda' = max(lambda, 1 - lambda)
+    loss_x: Any = None
+    lr: float | None = None
+    loss_u: Any = None  # 0-d: squared error between softmax and mixed guesses
+
+    def observe(self, module) -> None:
+        patches.observe_mixmatch(module, self.sup_loss, self.unsup_loss, self.mixed)
+
+    def unlabelled_batch(self, batch) -> None:
+        self.ulb_idx = batch[0]
+
+    def mixed(self, targets, lam: float) -> None:
+        """targets (B + 2 muB, C) = [one-hot labels; q; q]."""
+        b, n_u = self.batch_size, self.batch_size * self.uratio
+        guess = targets[b:b + n_u].argmax(dim=-1)  # (muB,): the guessed label of each unlabelled image
+        truth = self.train_y[self.ulb_idx.to(self.train_y.device)].to(guess.device)
+        self.guess_acc, self.mix_lambda = (guess == truth).float().mean(), torch_tensor(lam, guess.device)
+
+    def sup_loss(self, per_example) -> None:
+        self.loss_x = per_example.detach().mean()  # train(): sup_loss = ce_loss(...).mean()
+        self.lr = self.optimizer.param_groups[0]["lr"]
+
+    def unsup_loss(self, loss) -> None:
+        self.loss_u = loss.detach()
+
+    def stats(self, model) -> dict:
+        """train() ramps lambda_u inline (models/mixmatch/mixmatch.py: rampup = float(np.clip(self.it /
+        (args.ramp_up * args.num_train_iter), 0.0, 1.0))), where no wrapper sees it: the same expression, with
+        self.it still this step's index here (end_of_step runs before `self.it += 1`)."""
+        a = self.args
+        lambda_u = a.ulb_loss_ratio * float(np.clip(model.it / (a.ramp_up * a.num_train_iter), 0.0, 1.0))
+        return {"loss": self.loss_x + lambda_u * self.loss_u, "loss_x": self.loss_x, "loss_u": self.loss_u,
+                "lambda_u": torch_tensor(lambda_u, self.loss_x.device), "guess_acc": self.guess_acc,
+                "mix_lambda": self.mix_lambda}
 
 
 @dataclass(frozen=True)
@@ -95,8 +163,7 @@ class TorchSSLAlgorithm:
     dataset_alg: str  # BasicDataset's alg: what an unlabelled item holds
     set_dset: bool  # main_worker hands the unlabelled data set to the model
     own_checkpoint: bool  # the adapter writes its checkpoint dict (patch checkpoint_below_1m_steps)
-    observe: Callable  # (its module, Hooks) -> None: the wrappers that report its losses to the hooks
-    step_stats: Callable  # (Hooks, model) -> the step's named statistics, from what the wrappers kept
+    step: Callable[..., Any]  # (train_y, optimizer, args, spec) -> its per-step observer (FixMatchStep, ...)
     settings: dict[str, str]  # its rows of impl_settings
 
 
@@ -107,8 +174,7 @@ TORCHSSL_ALGORITHMS = {
         args=lambda spec: dict(hard_label=True, T=1.0, p_cutoff=spec.threshold),
         constructor=lambda a: (a.T, a.p_cutoff, a.ulb_loss_ratio, a.hard_label),
         dataset_alg="fixmatch", set_dset=True, own_checkpoint=False,
-        observe=lambda module, hooks: patches.observe_losses(module, hooks.sup_loss, hooks.unsup_loss),
-        step_stats=fixmatch_step_stats,
+        step=lambda train_y, optimizer, args, spec: FixMatchStep(train_y, optimizer, spec.lambda_u),
         settings={"strong_augmentation": "RandAugment(3, 5): 3 of 14 ops with replacement, each always applied, "
                                          "magnitude uniform in its range; then Cutout of side U[0, 16] px, fill "
                                          "(125, 123, 114); all of it BEFORE the flip and crop"}),
@@ -117,9 +183,8 @@ TORCHSSL_ALGORITHMS = {
         args=lambda spec: dict(alpha=spec.mixup_alpha, T=spec.temperature, ramp_up=spec.ramp_up),
         constructor=lambda a: (a.T, a.ulb_loss_ratio),
         dataset_alg="mixmatch", set_dset=False, own_checkpoint=True,
-        observe=lambda module, hooks: patches.observe_mixmatch(module, hooks.mixmatch_sup_loss,
-                                                               hooks.mixmatch_unsup_loss, hooks.mixed),
-        step_stats=mixmatch_step_stats,
+        step=lambda train_y, optimizer, args, spec: MixMatchStep(train_y, optimizer, args, spec.batch_size,
+                                                                 spec.uratio),
         settings={
             "mixup_lambda": "ONE lambda ~ Beta(alpha, alpha) per batch, lambda' = max(lambda, 1 - lambda)",
             "label_guessing": "K = 2 weak views; mean of the live model's softmax over them, sharpened at T; no "
@@ -165,36 +230,31 @@ def torchssl_args(spec: RunSpec, run_dir: Path, gpu: int | None, num_workers: in
     )
 
 
-def import_torchssl(checkout: Path, algorithm: str = "fixmatch") -> SimpleNamespace:
-    """TorchSSL's modules, imported from `checkout` (its folder goes first on sys.path; no bytecode is written);
-    `algorithm`: the module of the algorithm's class (models.fixmatch.fixmatch or models.mixmatch.mixmatch)."""
-    sys.dont_write_bytecode = True
-    sys.path.insert(0, str(checkout))
-    import train_utils
-    import utils
-    import datasets.data_utils as data_utils
-    import datasets.ssl_dataset as ssl_dataset
+# Imported before the checkout, while their own bytecode caches may still be used (adapter.import_from_checkout).
+PRELOAD = ("torch", "torchvision", "sklearn.metrics", "pandas", "torch.utils.tensorboard", "PIL.Image")
 
-    alg = importlib.import_module(TORCHSSL_ALGORITHMS[algorithm].module)
-    for mod in (utils, train_utils, data_utils, ssl_dataset, alg):
-        if not Path(mod.__file__).resolve().is_relative_to(checkout.resolve()):
-            raise ImportError(f"module {mod.__name__} came from {mod.__file__}, not from the checkout {checkout}")
+
+def import_torchssl(checkout: Path, algorithm: str = "fixmatch") -> SimpleNamespace:
+    """TorchSSL's modules, imported from `checkout` (first on sys.path; no bytecode read from it or written);
+    `algorithm`: the module of the algorithm's class (models.fixmatch.fixmatch or models.mixmatch.mixmatch)."""
+    utils, train_utils, data_utils, ssl_dataset, alg = adapter.import_from_checkout(
+        checkout, ["utils", "train_utils", "datasets.data_utils", "datasets.ssl_dataset",
+                   TORCHSSL_ALGORITHMS[algorithm].module], preload=PRELOAD)
     return SimpleNamespace(utils=utils, train_utils=train_utils, data_utils=data_utils, ssl_dataset=ssl_dataset,
                            alg=alg)
 
 
 class Hooks:
-    """What TorchSSL's loop calls through the patches: batch arrivals, its losses, the end of each step, its
-    evaluations and saves. Cadence, statistics, timing and stops are the shared RunRecorder's."""
+    """What TorchSSL's loop calls through the patches: batch arrivals, the end of each step, its evaluations and
+    saves; its losses go to `step` (the algorithm's FixMatchStep or MixMatchStep). Cadence, statistics, timing and
+    stops are the shared RunRecorder's (through adapter.StepEnd)."""
 
-    def __init__(self, rec: RunRecorder, spec: RunSpec, save_path: Path, optimizer, args, train_y, start_step: int,
-                 wall_seconds):
-        self.rec, self.spec, self.save_path, self.optimizer, self.args = rec, spec, save_path, optimizer, args
-        self.train_y = train_y  # (N,) int64 on the device: true labels of the unlabelled images, for pseudo_acc
+    def __init__(self, rec: RunRecorder, spec: RunSpec, save_path: Path, args, step, start_step: int,
+                 wall_seconds: Callable[[], float]):
+        self.rec, self.spec, self.save_path, self.args, self.step = rec, spec, save_path, args, step
         self.steps_done, self.wall_seconds = start_step, wall_seconds
         self.recorded = {r["step"] for r in read_evals(rec.run_dir)}
-        self.sup = self.lr = self.unsup = self.ulb_idx = self.mix = None
-        self.step_stats = TORCHSSL_ALGORITHMS[spec.algorithm].step_stats
+        self.step_end = adapter.StepEnd(rec)
 
     # loaders (patches.LimitedBatches) -----------------------------------------------------------------------
     def labelled_fetched(self, batch, t_request: float) -> None:
@@ -202,50 +262,23 @@ class Hooks:
 
     def unlabelled_fetched(self, batch, t_request: float) -> None:
         self.rec.data_ready()
-        self.ulb_idx = batch[0]  # (muB,) indices into the unlabelled set = all train images
-
-    # losses (patches.observe_losses) ------------------------------------------------------------------------
-    def sup_loss(self, loss) -> None:
-        self.sup = loss.detach()
-        self.lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses: the scheduler steps after it
-
-    def unsup_loss(self, loss, mask_mean, select, pseudo_label) -> None:
-        y = self.train_y[self.ulb_idx.to(self.train_y.device)]
-        accepted = select.bool()
-        correct = ((pseudo_label == y) & accepted).sum().float() / accepted.sum().clamp(min=1).float()
-        self.unsup = {"loss_u": loss.detach(), "mask_rate": mask_mean.detach(), "pseudo_acc": correct}
-
-    # MixMatch's (patches.observe_mixmatch) ------------------------------------------------------------------
-    def mixmatch_sup_loss(self, per_example) -> None:
-        self.sup_loss(per_example.detach().mean())  # train(): sup_loss = ce_loss(...).mean()
-
-    def mixmatch_unsup_loss(self, loss) -> None:
-        self.unsup = {"loss_u": loss.detach()}
-
-    def mixed(self, targets, lam: float) -> None:
-        """targets (B + 2 muB, C) = [one-hot labels; q; q]; lam: this batch's lambda' = max(lambda, 1 - lambda)."""
-        b, n_u = self.spec.batch_size, self.spec.batch_size * self.spec.uratio
-        guess = targets[b:b + n_u].argmax(dim=-1)  # (muB,): the guessed label of each unlabelled image
-        truth = self.train_y[self.ulb_idx.to(self.train_y.device)].to(guess.device)
-        self.mix = {"guess_acc": (guess == truth).float().mean(),
-                    "mix_lambda": torch_tensor(lam, guess.device)}
+        self.step.unlabelled_batch(batch)  # batch[0]: (muB,) indices into the unlabelled set = all train images
 
     # end of step (patches.spec_schedule) --------------------------------------------------------------------
     def end_of_step(self, model) -> bool:
         """After the update, scheduler and EMA of step model.it + 1: record it; True if TorchSSL should evaluate
         now (its closing evaluation after the last step is its own)."""
-        rec = self.rec
         step = self.steps_done = model.it + 1
-        due = rec.step_done(step, self.step_stats(self, model), self.lr)
-        if due.checkpoint:
-            with rec.paused():
-                rec.check_finite(step)
-                model.bench_save(CHECKPOINT, str(self.save_path))  # patches.atomic_checkpoint refuses bad weights
-                rec.checkpointed(step, self.save_path / CHECKPOINT)
-        if due.stop:
-            if due.evaluate and step not in self.recorded:  # TorchSSL would evaluate after this read: do it now
+
+        def save() -> Path:
+            model.bench_save(CHECKPOINT, str(self.save_path))  # patches.atomic_checkpoint refuses bad weights
+            return self.save_path / CHECKPOINT
+
+        def evaluate_now() -> None:  # TorchSSL would evaluate after this read, which a stop never reaches
+            if step not in self.recorded:
                 model.evaluate(args=self.args)
-            rec.end_if_stopping(step)
+
+        due = self.step_end(step, self.step.stats(model), self.step.lr, save, evaluate_now)
         return due.evaluate and step != self.spec.steps
 
     # evaluations and saves (patches.observe_evaluate, atomic_checkpoint) -----------------------------------
@@ -260,9 +293,7 @@ class Hooks:
 
     def saved(self, save_name: str, step: int, seconds: float) -> None:
         if save_name == CHECKPOINT:
-            write_json_atomic(self.save_path / PROGRESS, {
-                "spec_hash": self.spec.hash(), "step": step, "train_seconds": self.rec.train_seconds,
-                "wall_seconds": self.wall_seconds()})
+            adapter.write_progress(self.save_path, self.spec, step, self.rec.train_seconds, self.wall_seconds())
 
     def paused(self):
         return self.rec.paused()
@@ -270,57 +301,37 @@ class Hooks:
 
 def verify_data(lb_dset, ulb_dset, eval_dset, arrays, split: np.ndarray, eval_idx: np.ndarray) -> None:
     """Refuse to run unless TorchSSL's datasets hold exactly our images: train[split], all train, the eval set."""
-    checks = [
-        ("labelled images", lb_dset.data, arrays.train_x[split]),
-        ("labelled labels", np.asarray(lb_dset.targets), arrays.train_y[split]),
-        ("unlabelled images", ulb_dset.data, arrays.train_x),
-        ("evaluation images", eval_dset.data, arrays.test_x[eval_idx]),
-        ("evaluation labels", np.asarray(eval_dset.targets), arrays.test_y[eval_idx]),
-    ]
-    for what, held, ours in checks:
-        if np.shape(held) != ours.shape or not np.array_equal(held, ours):
-            raise ValueError(f"TorchSSL's {what} differ from ours (shape {np.shape(held)} vs {ours.shape}); "
-                             f"refusing to run")
+    adapter.verify_data("TorchSSL", lb_dset, ulb_dset, eval_dset, arrays, split, eval_idx)
 
 
 def run(spec: RunSpec, files: RunFiles, run_dir: Path, device_name: str, num_workers: int | None = None,
         stop_after: int | None = None) -> dict | None:
     """Run (or resume, or recognize as done) one run in run_dir with TorchSSL. Returns result.json's content, or
     None when stop_after=k (tests) stopped it after step k as an interruption would, with a checkpoint."""
-    t_start = time.perf_counter()
-    run_dir = Path(run_dir).resolve()
-    check_impl(spec, "torchssl")
-    done = finished_result(run_dir, spec)
-    if done is not None:
-        return done
-    if spec.channels_last:
-        raise ValueError("channels_last is not something TorchSSL does; run TorchSSL with --no-channels-last")
-    if not files.torchssl_checkout:
-        raise ValueError("spec.json names no TorchSSL checkout (torchssl_checkout); run_all.py makes and names one")
-    checkout = verify_checkout(Path(files.torchssl_checkout))
+    start = adapter.start_run(spec, files, run_dir, device_name, "torchssl", files.torchssl_checkout,
+                              verify_checkout, time.perf_counter())
+    if not isinstance(start, adapter.RunStart):
+        return start  # done already: its result
     num_workers = files.num_workers if num_workers is None else num_workers
     num_workers = TORCHSSL_NUM_WORKERS if num_workers is None else num_workers
-
-    device = resolve_device(device_name)
-    arrays, split, eval_idx = load_run_inputs(spec, files)
-    save_path = run_dir / SAVE_NAME
-    save_path.mkdir(parents=True, exist_ok=True)
-    log = make_log(run_dir)
-    tssl = import_torchssl(checkout, spec.algorithm)
+    device, log = start.device, start.log
+    tssl = import_torchssl(start.checkout, spec.algorithm)
     if spec.dataset not in tssl.ssl_dataset.mean:
         raise ValueError(f"TorchSSL has no normalization constants for data set {spec.dataset!r}")
-    os.chdir(save_path)  # TorchSSL writes ./data_statistics/ relative to the working directory
-    args = torchssl_args(spec, run_dir, device.index if device.type == "cuda" else None, num_workers)
+    os.chdir(start.save_path)  # TorchSSL writes ./data_statistics/ relative to the working directory
+    args = torchssl_args(spec, start.run_dir, device.index if device.type == "cuda" else None, num_workers)
     applied = patches.applied(device.type, spec.precision, spec.bn_momentum, spec.algorithm)
     apply_precision(spec.precision)  # patch precision_as_spec
 
     shim = patches.cpu_device_shim(device) if "cpu_device_shim" in applied else contextlib.nullcontext()
     with shim, StopFlag() as stop:
-        w = main_worker(tssl, args, spec, device, (arrays, split, eval_idx), save_path, log, applied)
-        rec = RunRecorder(spec, run_dir, log, stop, start_step=w.start_step,
+        w = main_worker(tssl, args, spec, device, (start.arrays, start.split, start.eval_idx), start.save_path, log,
+                        applied)
+        rec = RunRecorder(spec, start.run_dir, log, stop, start_step=w.start_step,
                           prior_train_seconds=w.prior.get("train_seconds", 0.0), stop_after=stop_after, device=device)
-        hooks = Hooks(rec, spec, save_path, w.optimizer, args, w.train_y, w.start_step,
-                      lambda: w.prior.get("wall_seconds", 0.0) + time.perf_counter() - t_start)
+        wall_seconds = lambda: w.prior.get("wall_seconds", 0.0) + time.perf_counter() - start.t_start  # noqa: E731
+        step = TORCHSSL_ALGORITHMS[spec.algorithm].step(w.train_y, w.optimizer, args, spec)
+        hooks = Hooks(rec, spec, start.save_path, args, step, w.start_step, wall_seconds)
         observe_and_bound(tssl, w, hooks, spec.steps - w.start_step, applied, device)
         rec.count_optimizer_steps(w.optimizer)
         try:  # ---- TorchSSL's training loop, unchanged -------------------------------------------------------
@@ -329,24 +340,29 @@ def run(spec: RunSpec, files: RunFiles, run_dir: Path, device_name: str, num_wor
         except StoppedAfter:
             return None
 
-    if hooks.steps_done != spec.steps:  # the step budget is a contract
-        raise RuntimeError(f"TorchSSL ran to step {hooks.steps_done}, the spec says {spec.steps}")
-    found = problems(checkout)
-    if found:
-        log(f"warning: the TorchSSL checkout {checkout} changed during the run: {found[0]}")
-    return write_result(
-        run_dir, spec, files, log, steps=hooks.steps_done, data_sha256=arrays.sha256, param_count=w.param_count,
-        wall_seconds=hooks.wall_seconds(), train_seconds=rec.train_seconds, device=str(device),
-        eval_images=len(eval_idx),
+    return adapter.finish_run(
+        start, hooks.steps_done, rec, wall_seconds(), w.param_count, problems,
         patches=patches.described(applied, spec.algorithm),
-        torchssl_url=URL, torchssl_commit=COMMIT, torchssl_checkout_clean=not found,
-        torchssl_args=vars(args), num_workers=num_workers,
+        torchssl_url=URL, torchssl_commit=COMMIT, torchssl_args=vars(args), num_workers=num_workers,
         impl_settings={**IMPL_SETTINGS, **TORCHSSL_ALGORITHMS[spec.algorithm].settings,
                        "data_pipeline": f"PIL transforms in DataLoader workers "
                        f"({num_workers} labelled, {4 * num_workers} unlabelled)"})
 
 
-def main_worker(tssl, args, spec: RunSpec, device, inputs, save_path: Path, log, applied) -> SimpleNamespace:
+@dataclass
+class Worker:
+    """What main_worker built that the loop and the result need."""
+
+    model: Any  # TorchSSL's algorithm object (FixMatch or MixMatch, subclassed by patches.bench_class)
+    optimizer: Any
+    logger: Any
+    param_count: int
+    start_step: int  # steps a resumed checkpoint holds (0: a fresh run)
+    train_y: Any  # (N,) int64 tensor on the device: every train image's label
+    prior: dict = field(default_factory=dict)  # progress.json of earlier processes ({} for a fresh run)
+
+
+def main_worker(tssl, args, spec: RunSpec, device, inputs, save_path: Path, log, applied) -> Worker:
     """fixmatch.py's (or mixmatch.py's) main_worker(), line by line, for one device: seeds, model, optimizer,
     schedule, data sets, loaders, and the resume from its checkpoint. Returns what the loop needs."""
     import torch
@@ -391,7 +407,7 @@ def main_worker(tssl, args, spec: RunSpec, device, inputs, save_path: Path, log,
         restore_readable(ckpt_path, read_checkpoint, log)  # a damaged latest: the previous one put in its place
         model.load_model(args.load_path)
         start_step = model.it
-        prior = _read_progress(save_path, spec, start_step, log)
+        prior = adapter.read_progress(save_path, ckpt_path, spec, start_step, log)
         log(f"resuming {spec.name} from {ckpt_path} at step {start_step} of {spec.steps}")
     else:
         log(f"starting {spec.name} with TorchSSL {COMMIT[:12]}: {spec.steps} steps on {device}, {param_count:,} "
@@ -399,9 +415,8 @@ def main_worker(tssl, args, spec: RunSpec, device, inputs, save_path: Path, log,
     if start_step > spec.steps:
         raise ValueError(f"checkpoint {ckpt_path} holds step {start_step}, past the spec's {spec.steps}")
     truncate_metrics(save_path.parent, start_step)
-    return SimpleNamespace(model=model, optimizer=optimizer, logger=logger, param_count=param_count,
-                           start_step=start_step, prior=prior,
-                           train_y=torch.as_tensor(arrays.train_y).to(device))
+    return Worker(model=model, optimizer=optimizer, logger=logger, param_count=param_count, start_step=start_step,
+                  train_y=torch.as_tensor(arrays.train_y).to(device), prior=prior)
 
 
 def network_builder(tssl, args):
@@ -450,38 +465,20 @@ def data_loaders(tssl, args, arrays, split: np.ndarray, eval_idx: np.ndarray, al
     }
 
 
-def observe_and_bound(tssl, w: SimpleNamespace, hooks: Hooks, remaining: int, applied: list[str], device) -> None:
+def observe_and_bound(tssl, w: Worker, hooks: Hooks, remaining: int, applied: list[str], device) -> None:
     """The patches that observe TorchSSL's loop and bound it to the steps still to do."""
     w.model.hooks = hooks
     loaders = w.model.loader_dict
     loaders["train_lb"] = patches.LimitedBatches(loaders["train_lb"], remaining, hooks.labelled_fetched)
     loaders["train_ulb"] = patches.LimitedBatches(loaders["train_ulb"], remaining, hooks.unlabelled_fetched)
-    TORCHSSL_ALGORITHMS[hooks.spec.algorithm].observe(tssl.alg, hooks)
+    hooks.step.observe(tssl.alg)
     if "amp_bf16" in applied:
         patches.amp_bf16(tssl.alg, device.type)
 
 
 def read_checkpoint(path: Path) -> dict:
     """TorchSSL's checkpoint file, as its load_model will read it; raises if it is not a whole one."""
-    import torch
-
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    missing = [k for k in ("model", "ema_model", "optimizer", "scheduler", "it") if k not in ckpt]
-    if missing:
-        raise KeyError(f"no {missing} in it")
-    return ckpt
-
-
-def _read_progress(save_path: Path, spec: RunSpec, step: int, log) -> dict:
-    path = save_path / PROGRESS
-    if not path.exists():
-        log(f"note: no {PROGRESS} beside the checkpoint; time before step {step} is not counted")
-        return {}
-    progress = read_json(path, "progress file")
-    check_belongs(progress.get("spec_hash"), spec, save_path / CHECKPOINT)
-    if progress.get("step") != step:
-        log(f"note: {PROGRESS} is for step {progress.get('step')}, the checkpoint for step {step}; times approximate")
-    return progress
+    return adapter.read_checkpoint(path, ("model", "ema_model", "optimizer", "scheduler", "it"))
 
 
 def main(argv: list[str] | None = None) -> int:

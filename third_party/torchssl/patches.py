@@ -11,28 +11,19 @@ recipe itself differs from the paper's is in README.md here.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from contract.checkpoints import rotate_in
-from contract.results import replace_durably
-from contract.runtime import NonFiniteLoss
+from third_party.adapter import (Patch, WallClockEvent, amp_bf16, applied_patches,  # noqa: F401 (re-exported)
+                                 cpu_device_shim, described_patches, refuse_non_finite, save_atomically,
+                                 set_bn_momentum, torch_load_to)
 
 RESUME_FILE = "latest_model.pth"  # the save TorchSSL's load_model resumes from: its previous version is kept too
 
 
-@dataclass(frozen=True)
-class Patch:
-    name: str
-    target: str  # what of TorchSSL it replaces or wraps
-    when: str  # "always", "cpu" (a device without CUDA), "bf16" (spec.precision == "bf16"), "bn_momentum"
-    # (spec.bn_momentum is not the 0.001 TorchSSL's network hard-codes), or an algorithm ("fixmatch", "mixmatch")
-    why: str
-
-
+# Patch.when: "always", "cpu" (a device without CUDA), "bf16" (spec.precision == "bf16"), "bn_momentum"
+# (spec.bn_momentum is not the 0.001 TorchSSL's network hard-codes), or an algorithm ("fixmatch", "mixmatch").
 PATCHES: tuple[Patch, ...] = (
     Patch("entry_replaces_main", "{script} main() / main_worker()", "always",
           "entry.py repeats main_worker's wiring line by line for ONE device (no mp.spawn, DDP or DataParallel; "
@@ -129,89 +120,17 @@ def applied(device_type: str, precision: str, bn_momentum: float = TORCHSSL_BN_M
             algorithm: str = "fixmatch") -> list[str]:
     """Names of the patches a run of `algorithm` on `device_type` ("cpu", "cuda", ...) with `precision` and
     `bn_momentum` gets, in table order."""
-    on = {"always": True, "cpu": device_type != "cuda", "bf16": precision == "bf16",
-          "bn_momentum": bn_momentum != TORCHSSL_BN_MOMENTUM, **{a: a == algorithm for a in TARGET_NAMES}}
-    return [p.name for p in PATCHES if on[p.when]]
+    return applied_patches(PATCHES, {"always": True, "cpu": device_type != "cuda", "bf16": precision == "bf16",
+                                     "bn_momentum": bn_momentum != TORCHSSL_BN_MOMENTUM,
+                                     **{a: a == algorithm for a in TARGET_NAMES}})
 
 
 def described(names: list[str], algorithm: str) -> list[dict[str, str]]:
     """The patches `names`, as result.json lists them: name, target (named for `algorithm`), why."""
-    return [{"name": p.name, "target": p.target.format(**TARGET_NAMES[algorithm]), "why": p.why}
-            for p in PATCHES if p.name in names]
+    return described_patches(PATCHES, names, TARGET_NAMES[algorithm])
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# cpu_device_shim
-
-
-class WallClockEvent:
-    """Stand-in for torch.cuda.Event on a CPU: record() notes the wall time; elapsed_time() is in milliseconds."""
-
-    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False):
-        self.t: float | None = None
-
-    def record(self, stream=None) -> None:
-        self.t = time.perf_counter()
-
-    def elapsed_time(self, end: "WallClockEvent") -> float:
-        return (end.t - self.t) * 1000.0
-
-    def synchronize(self) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
-
-    def wait(self, stream=None) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def cpu_device_shim(device):
-    """While active: Tensor.cuda / Module.cuda move to `device`, torch.cuda.Event and synchronize are stand-ins."""
-    import torch
-
-    saved = (torch.Tensor.cuda, torch.nn.Module.cuda, torch.cuda.Event, torch.cuda.synchronize)
-
-    def tensor_cuda(self, device_index=None, non_blocking=False, memory_format=torch.preserve_format):
-        return self.to(device, non_blocking=non_blocking, memory_format=memory_format)
-
-    def module_cuda(self, device_index=None):
-        return self.to(device)
-
-    torch.Tensor.cuda, torch.nn.Module.cuda = tensor_cuda, module_cuda
-    torch.cuda.Event, torch.cuda.synchronize = WallClockEvent, lambda device=None: None
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda, torch.nn.Module.cuda, torch.cuda.Event, torch.cuda.synchronize = saved
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# amp_bf16
-
-
-def amp_bf16(fixmatch_module, device_type: str) -> None:
-    """Bind the `autocast` name train() uses (`amp_cm = autocast if args.amp ...; with amp_cm():`) to bf16, and its
-    `GradScaler` name (`scaler = GradScaler()`) to a disabled scaler, whose scale/step/update pass through."""
-    import torch
-
-    fixmatch_module.autocast = lambda: torch.autocast(device_type=device_type, dtype=torch.bfloat16)
-    fixmatch_module.GradScaler = lambda: torch.amp.GradScaler(device_type, enabled=False)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# bn_momentum
-
-
-def set_bn_momentum(model, momentum: float) -> int:
-    """Every BatchNorm2d of `model` gets `momentum`; returns how many there were."""
-    import torch
-
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for m in bns:
-        m.momentum = momentum
-    return len(bns)
+# cpu_device_shim, amp_bf16 and bn_momentum (set_bn_momentum) are third_party/adapter.py's, shared with USB's adapter.
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -332,23 +251,6 @@ class LimitedBatches:
 # spec_schedule, observe_evaluate, atomic_checkpoint
 
 
-@contextlib.contextmanager
-def torch_load_to(device):
-    """While active, torch.load maps every tensor to `device` where the caller names no map_location."""
-    import torch
-
-    load = torch.load
-
-    def load_to_device(f, map_location=None, *args, **kwargs):
-        return load(f, device if map_location is None else map_location, *args, **kwargs)
-
-    torch.load = load_to_device
-    try:
-        yield
-    finally:
-        torch.load = load
-
-
 def bench_class(Algorithm, own_checkpoint: bool = False):  # a class factory: its length is the short methods below
     """TorchSSL's FixMatch or MixMatch class with the spec's schedule, evaluations observed, atomic saves that keep
     the previous checkpoint, and its checkpoint loaded onto the model's device; train() is its own.
@@ -384,43 +286,25 @@ def bench_class(Algorithm, own_checkpoint: bool = False):  # a class factory: it
                 return super().load_model(load_path)
 
         def save_model(self, save_name, save_path):
-            self._refuse_non_finite()
+            refuse_non_finite(self.model, self.it + 1)  # its own save every 10,000 steps precedes our loss check
             with self.hooks.paused():  # saving is not training time
                 t0 = time.perf_counter()
-                tmp = Path(save_path) / (save_name + ".tmp")
-                tmp.unlink(missing_ok=True)  # a kill's leftover is never put in place below
-                super().save_model(tmp.name, save_path)
-                if not tmp.exists():  # its guard wrote nothing (MixMatch below step 1,000,000)
-                    return
-                self._keep(tmp, Path(save_path) / save_name)
-                # save_model stores it = self.it + 1: the steps done when called inside the loop, as it is here
-                self.hooks.saved(save_name, self.it + 1, time.perf_counter() - t0)
+                # latest_model.pth: the one it replaces stays as latest_model.prev.pth, read if the latest is damaged
+                if save_atomically(super().save_model, save_name, save_path, keep_previous=save_name == RESUME_FILE):
+                    # save_model stores it = self.it + 1: the steps done when called inside the loop, as it is here
+                    self.hooks.saved(save_name, self.it + 1, time.perf_counter() - t0)
 
         def bench_save(self, save_name, save_path):
             if not own_checkpoint:
                 return self.save_model(save_name, save_path)
             import torch
 
-            self._refuse_non_finite()
+            refuse_non_finite(self.model, self.it + 1)
             with self.hooks.paused():
                 t0 = time.perf_counter()
-                tmp = Path(save_path) / (save_name + ".tmp")
-                torch.save(torchssl_checkpoint(self), tmp)
-                self._keep(tmp, Path(save_path) / save_name)
+                save_atomically(lambda name, folder: torch.save(torchssl_checkpoint(self), Path(folder) / name),
+                                save_name, save_path, keep_previous=save_name == RESUME_FILE)
                 self.hooks.saved(save_name, self.it + 1, time.perf_counter() - t0)
-
-        @staticmethod
-        def _keep(tmp: Path, path: Path) -> None:
-            # latest_model.pth: the one it replaces stays as latest_model.prev.pth, read if the latest is damaged
-            (rotate_in if path.name == RESUME_FILE else replace_durably)(tmp, path)
-
-        def _refuse_non_finite(self):
-            import torch
-
-            # TorchSSL's own save every 10,000 steps comes before our end-of-step loss check: never let it
-            # replace the last good checkpoint with non-finite weights.
-            if not all(torch.isfinite(p).all() for p in self.model.parameters()):
-                raise NonFiniteLoss(f"non-finite weights at step {self.it + 1}; the last good checkpoint is kept")
 
     Bench.__name__ = Bench.__qualname__ = f"Bench{Algorithm.__name__}"
     return Bench
