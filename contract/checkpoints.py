@@ -2,9 +2,11 @@
 reader that falls back to the previous one when the latest cannot be read (either implementation's file format)."""
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -64,12 +66,31 @@ def rotate_in(tmp: Path, path: Path) -> None:
 
 
 def save_rotating(path: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp_path) writes the new checkpoint; it then replaces `path`, whose old content becomes the previous
-    checkpoint (rotate_in)."""
+    """write(tmp_path) writes the new checkpoint into a temporary file of this process's own; it then replaces
+    `path`, whose old content becomes the previous checkpoint (rotate_in). A write that fails (a full disk: torch
+    says only "enforce fail at inline_container.cc") leaves the checkpoints as they were and is an OSError naming
+    `path`."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    rotate_in(tmp, path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        rotate_in(tmp, path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        code = getattr(e, "errno", None) or errno.EIO
+        why = getattr(e, "strerror", None) or f"{type(e).__name__}: {str(e).splitlines()[0][:120]}; a full disk?"
+        raise OSError(code, f"cannot write the checkpoint ({why})", str(path)) from None
+
+
+def remove_temporaries(folder: Path) -> list[Path]:
+    """The temporary files (.NAME.*.tmp) a killed process left in `folder`; for the one process that holds the run
+    folder's lock, before it writes anything."""
+    found = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
 
 
 def _describe(e: BaseException) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import signal
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any, Callable
 from contract.results import append_metrics
 from contract.runtime import NonFiniteLoss, RunInterrupted, StopFlag, StoppedAfter
 
+HEARTBEAT_S, SUSPENDED_S = 0.5, 5.0  # a gap this long in a tick this short: the process was stopped
 TENSORBOARD_DIR = "tensorboard"  # in the run folder: event files of every record, tags train/<name>, eval/<name>
 # A statistic reported as a weighted mean over the window: pseudo_acc is the accuracy among ACCEPTED pseudo-labels,
 # so each step's value counts with that step's accepted fraction (a window where none was accepted gives None).
@@ -110,6 +112,8 @@ class RunRecorder:
         if start_step > 0:  # a resumed run says where, so a reader knows which steps a restart may have touched
             append_metrics(self.run_dir, {"kind": "resume", "step": start_step})
         self.events = event_writer(self.run_dir / TENSORBOARD_DIR, start_step, log)
+        self.suspended_s = 0.0  # time this process was stopped (SIGSTOP, a suspended Slurm job) outside pauses
+        threading.Thread(target=self._heartbeat, daemon=True).start()
 
     def count_optimizer_steps(self, optimizer) -> None:
         """Count the updates `optimizer` actually applies (a post-step hook: a step a gradient scaler skips is not
@@ -127,7 +131,18 @@ class RunRecorder:
         if self.t_first is None:
             return self.prior_train_s
         now = self._paused_since if self._paused_since is not None else time.perf_counter()
-        return self.prior_train_s + now - self.t_first - self.paused_s
+        return self.prior_train_s + now - self.t_first - self.paused_s - self.suspended_s
+
+    def _heartbeat(self) -> None:
+        """A thread ticking every HEARTBEAT_S: a stopped process stops it too, so a gap of more than SUSPENDED_S
+        between two ticks is time the process did not run, taken out of training time."""
+        last = time.perf_counter()
+        while True:
+            time.sleep(HEARTBEAT_S)
+            now = time.perf_counter()
+            if now - last > SUSPENDED_S and self.t_first is not None and self._paused_since is None:
+                self.suspended_s += now - last - HEARTBEAT_S
+            last = now
 
     def begin_step(self, at: float | None = None) -> None:
         """at: when the step began (time.perf_counter()), if earlier than now (e.g. when its batch was asked for)."""

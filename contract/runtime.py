@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
+from contract.checkpoints import remove_temporaries
+
 LOG_FILE = "log.txt"
 LOCK_FILE = ".lock"
 
@@ -37,7 +39,9 @@ class RunFolderBusy(RuntimeError):
 
 class StopFlag:
     """SIGTERM, SIGHUP (a closed terminal or dropped ssh; a dead runner's parent-death signal is SIGTERM) and SIGINT
-    only set a flag that the loop reads between steps, so a checkpoint always holds whole steps."""
+    only set a flag that the loop reads between steps, so a checkpoint always holds whole steps. Any number of them
+    does the same (a double Ctrl-C, then the runner's parent-death SIGTERM): only SIGKILL loses the steps since the
+    last checkpoint."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -49,9 +53,8 @@ class StopFlag:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        if self.signum is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
+        if self.signum is None:
+            self.signum = signum
 
     def __enter__(self) -> "StopFlag":
         for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
@@ -142,20 +145,22 @@ def entry_main(prog: str, description: str, run: Callable, argv: list[str] | Non
 def run_entry(prog: str, run_dir: Path, body: Callable[[], object], expected: tuple = ()) -> int:
     """Run `body` under the run-folder lock; turn every way it can end into one stderr line and an exit code.
 
-    0 done; 128 + signal when stopped by a signal (checkpoint written); 130 on a second interrupt; 1 on an error.
+    0 done; 128 + signal when stopped by a signal (checkpoint written); 1 on an error.
     """
     try:
         with run_lock(run_dir):
+            for folder in (run_dir, *(p for p in run_dir.iterdir() if p.is_dir())):
+                remove_temporaries(folder)  # a killed process's half-written files: never read, now gone
             body()
     except StoppedAfter:
         return 0
     except RunInterrupted as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 128 + e.signum
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted twice; stopped without a new checkpoint", file=sys.stderr)
+    except KeyboardInterrupt:  # before the run's own handlers were installed: nothing was trained yet
+        print(f"{prog}: interrupted before training began", file=sys.stderr)
         return 130
-    except (RunFolderBusy, NonFiniteLoss, ValueError, FileNotFoundError, *expected) as e:
+    except (RunFolderBusy, NonFiniteLoss, ValueError, OSError, *expected) as e:  # an OSError names its path
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except Exception as e:  # unexpected: one line here, the traceback in log.txt

@@ -256,12 +256,15 @@ def run(args: argparse.Namespace) -> int:
     if check:  # before any training: a minute or two on the CPU; a failed check is reported, runs go on
         run_identity(plan.runs, out, shared)
     failed = execute(todo, shared, slurm, plan, warmup=not args.no_warmup) if todo else []
-    _report(out)
-    if failed:
+    if failed:  # said first: a report that cannot be written must not hide it
         print(f"{len(failed)} of {len(plan.runs)} runs failed: {', '.join(r.spec.name for r in failed)}",
               file=sys.stderr)
-        return 1
-    return 0
+    try:
+        _report(out)
+    except OSError as e:
+        print(f"error: the report could not be written: {e.strerror}: {e.filename}", file=sys.stderr)
+        return 1 if failed else 2
+    return 1 if failed else 0
 
 
 def execute(todo: list, shared, slurm, plan: Plan, warmup: bool) -> list:

@@ -1,6 +1,9 @@
 """CIFAR-10 from any supported source, decoded once into cached uint8 arrays with a data identity."""
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -9,6 +12,7 @@ import pickle
 import shutil
 import sys
 import tarfile
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,25 +70,59 @@ def load_cifar10(source: str | Path | None, cache_dir: Path | None = None,
     kind, files = _inspect(path)
     source_sha = _sha256_files(files, base=path if path.is_dir() else path.parent)
     entry = cache_dir / "arrays" / f"cifar10-{kind}-{source_sha[:16]}"
-    cached = _read_cached(entry, source_sha, path)
-    if cached is not None:
-        meta, train_y, test_y = cached
-    else:
-        arrays, classes, kind = _decode(kind, path)
-        _validate(arrays, classes, str(path), counts)
-        meta = {"kind": kind, "source_sha256": source_sha, "data_sha256": arrays_sha256(arrays),
-                "classes": list(classes), "source": str(path)}
-        tmp = entry.with_name(entry.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    with cache_lock(entry) as writable:  # one process decodes; the others wait for it and read its entry
+        cached = _read_cached(entry, source_sha, path)
+        if cached is not None:
+            meta, train_y, test_y = cached
+        elif not writable:
+            raise DataError(f"the cache folder {entry.parent} cannot be written (read-only or another user's) and "
+                            f"holds no whole copy of this data set; give --cache-dir (or $FIXMATCH_BENCH_CACHE) a "
+                            f"folder you can write")
+        else:
+            arrays, classes, kind = _decode(kind, path)
+            _validate(arrays, classes, str(path), counts)
+            meta = {"kind": kind, "source_sha256": source_sha, "data_sha256": arrays_sha256(arrays),
+                    "classes": list(classes), "source": str(path)}
+            _write_entry(entry, arrays, meta)
+            train_y, test_y = arrays["train_y"], arrays["test_y"]
+    identity = DataIdentity(meta["kind"], meta["source_sha256"], meta["data_sha256"])
+    return Dataset(entry, identity, tuple(meta["classes"]), train_y, test_y)
+
+
+@contextlib.contextmanager
+def cache_lock(entry: Path):
+    """An exclusive lock on ENTRY.lock while a cache entry is checked and maybe built; yields whether the cache folder
+    can be written (a read-only one is still read, without the lock: nobody can be building it there)."""
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        f = open(entry.with_name(entry.name + ".lock"), "a")
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise OSError(e.errno, e.strerror, str(entry.parent)) from None
+        yield False
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _write_entry(entry: Path, arrays: dict, meta: dict) -> None:
+    """The arrays and identity.json into a folder of this process's own, moved into place whole (under the lock)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    try:
         for name in ARRAY_NAMES:
             np.save(tmp / f"{name}.npy", arrays[name])
         (tmp / "identity.json").write_text(json.dumps(meta, indent=2) + "\n")
-        shutil.rmtree(entry, ignore_errors=True)
+        if entry.exists():  # a damaged entry (_read_cached said so): replaced whole
+            shutil.rmtree(entry)
         tmp.replace(entry)
-        train_y, test_y = arrays["train_y"], arrays["test_y"]
-    identity = DataIdentity(meta["kind"], meta["source_sha256"], meta["data_sha256"])
-    return Dataset(entry, identity, tuple(meta["classes"]), train_y, test_y)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(entry)) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_cached(entry: Path, source_sha: str, source: Path) -> tuple[dict, np.ndarray, np.ndarray] | None:

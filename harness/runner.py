@@ -2,7 +2,10 @@
 the warm-up that times a few steps of each implementation for an estimate of the whole call."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -17,6 +20,8 @@ from contract.spec import RunFiles
 from harness.launch import PROCESS_LOG, is_done, launch, log_tail, prepare
 from harness.lifeline import scratch_folder, wait_for_release
 from harness.plan import PlannedRun
+
+STOP_WAIT_S = 120  # how long an interrupted call waits for each run's checkpoint before killing it
 
 
 def warmup_estimate(runs: list[PlannedRun], shared: RunFiles, n_test: int, device: str) -> float | None:
@@ -85,13 +90,15 @@ class LocalScheduler:
     def run(self) -> list[PlannedRun]:
         threads = [threading.Thread(target=self._worker, args=(d, i), daemon=True)
                    for i, d in enumerate(self.devices)]
-        try:
+        previous = signal.signal(signal.SIGTSTP, self._suspend)  # Ctrl-Z stops the runs too: they are not ours
+        try:  # to stop otherwise (they run in their own sessions, so the terminal's signal misses them)
             for t in threads:
                 t.start()
             for t in threads:
                 while t.is_alive():
                     t.join(0.5)
         finally:
+            signal.signal(signal.SIGTSTP, previous)
             self._stop_all()
             self.overall.close()
         return self.failed
@@ -102,14 +109,21 @@ class LocalScheduler:
                 if not self.queue or self.stopping.is_set():
                     return
                 run = self.queue.popleft()
-            wait_for_release(run.run_dir)  # a killed call's child may still be checkpointing there
-            prepare(run, self.shared, device)
-            write_json_atomic(run.run_dir / LAUNCH_FILE, {"launcher": "local"})
-            with self.lock:
-                if self.stopping.is_set():
-                    return
-                proc = launch(run)
-                self.active.add(proc)
+            try:
+                wait_for_release(run.run_dir)  # a killed call's child may still be checkpointing there
+                prepare(run, self.shared, device)
+                write_json_atomic(run.run_dir / LAUNCH_FILE, {"launcher": "local"})
+                with self.lock:
+                    if self.stopping.is_set():
+                        return
+                    proc = launch(run)
+                    self.active.add(proc)
+            except Exception as e:  # a run that cannot start (a full disk, a read-only folder) is a failed run
+                with self.lock:
+                    self.failed.append(run)
+                    self.tqdm.write(f"FAILED {run.spec.name}: it could not start: {e}")
+                    self.overall.update(1)
+                continue
             self._watch(run, proc, slot)
             with self.lock:
                 self.active.discard(proc)
@@ -144,13 +158,43 @@ class LocalScheduler:
         self.overall.update(1)
 
     def _stop_all(self) -> None:
+        """Stop the runs still going and wait for their checkpoints (at most STOP_WAIT_S each); further interrupts
+        meanwhile are answered with a line, not obeyed: only SIGKILL makes a run lose its steps since its last
+        checkpoint."""
         with self.lock:
             self.stopping.set()
             self.queue.clear()
-            for proc in self.active:  # an interruption: each run checkpoints on SIGTERM and resumes next time
+            active = list(self.active)
+            for proc in active:  # an interruption: each run checkpoints on SIGTERM and resumes next time
                 proc.terminate()
-        for proc in list(self.active):
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        if not active:
+            return
+
+        def patience(signum, frame) -> None:
+            print(f"still waiting for {len(active)} run(s) to write their checkpoint (at most {STOP_WAIT_S} s); "
+                  f"kill -9 would lose their steps since the last one", file=sys.stderr)
+
+        saved = {s: signal.signal(s, patience) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            for proc in active:
+                try:
+                    proc.wait(timeout=STOP_WAIT_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        finally:
+            for s, handler in saved.items():
+                signal.signal(s, handler)
+
+    def _suspend(self, signum, frame) -> None:
+        """SIGTSTP (Ctrl-Z): stop every run's process group, then this process; on SIGCONT, continue them."""
+        with self.lock:
+            groups = [p.pid for p in self.active]
+        for pid in groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGSTOP)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)  # stops here until SIGCONT
+        signal.signal(signal.SIGTSTP, self._suspend)
+        for pid in groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGCONT)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from contract.arrays import indices_sha256
-from contract.results import write_json_atomic
+from contract.results import write_json_once
 from contract.spec import budget_problem
 from harness.verify import set_aside
 
@@ -52,12 +52,17 @@ def ensure_split(out_dir: Path, dataset: str, train_y: np.ndarray, n_labels: int
         try:
             old = json.loads(path.read_text())
             old_sha = indices_sha256(old["labeled_indices"])
+        except FileNotFoundError:  # another process set a damaged one aside meanwhile
+            return ensure_split(out_dir, dataset, train_y, n_labels, seed, data_sha256)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             # Damaged (cut short, not a split): the split is a function of (data, budget, seed) and every run
             # spec carries its sha256, so drawing it again loses nothing; the damaged file is kept beside it.
-            kept = set_aside(path)
-            print(f"warning: split file {path} is unreadable ({type(e).__name__}: {e}); kept as {kept.name} and "
-                  f"drawn again", file=sys.stderr)
+            try:
+                kept = set_aside(path)
+                print(f"warning: split file {path} is unreadable ({type(e).__name__}: {e}); kept as {kept.name} "
+                      f"and drawn again", file=sys.stderr)
+            except FileNotFoundError:  # another process set it aside first
+                pass
             return ensure_split(out_dir, dataset, train_y, n_labels, seed, data_sha256)
         if old_sha != sha or old.get("sha256") != sha:
             raise SplitError(f"split file {path} holds split {old_sha[:12]} but (budget {n_labels}, seed {seed}) on "
@@ -69,9 +74,11 @@ def ensure_split(out_dir: Path, dataset: str, train_y: np.ndarray, n_labels: int
         return path, sha
     labels_sha = indices_sha256(train_y[idx])  # the labels of the chosen images, in index order
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, {
+    written = write_json_once(path, {
         "dataset": dataset, "n_labels": n_labels, "seed": seed, "data_sha256": data_sha256,
         "per_class": np.bincount(train_y[idx]).tolist(),
         "labels_sha256": labels_sha, "sha256": sha, "labeled_indices": idx.tolist(),
     })
+    if not written:  # another process drew it first: theirs is checked like any existing file
+        return ensure_split(out_dir, dataset, train_y, n_labels, seed, data_sha256)
     return path, sha

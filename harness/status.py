@@ -104,9 +104,11 @@ class RunView:
             if step == 0:
                 return "new", f"{self.spec.name}  not started"
             metrics = self.run_dir / METRICS_FILE
-            age = clock(time.time() - metrics.stat().st_mtime) if metrics.exists() else "?"
+            age = time.time() - metrics.stat().st_mtime if metrics.exists() else None
+            when = ("at an unknown time" if age is None else f"{clock(age)} ago" if age >= 0 else
+                    "just now (the file's time is ahead of this machine's clock)")
             return "unfinished", (f"{self.spec.name}  unfinished ({read_launch(self.run_dir)['launcher']}): "
-                                  f"{self.progress()}, last logged {age} ago; the next call resumes it")
+                                  f"{self.progress()}, last logged {when}; the next call resumes it")
         if unknown is not None:
             return "unknown", f"{self.spec.name}  job {job}: state unknown ({unknown}); {self.progress()}"
         if is_active(state):

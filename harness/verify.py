@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from contract.arrays import indices_sha256
-from contract.results import RESULT_FILE, read_evals, read_json, read_metrics, summarize_evals
+from contract.results import METRICS_FILE, RESULT_FILE, read_evals, read_json, read_metrics, summarize_evals
 from contract.spec import SPEC_FILE, RunSpec, read_spec
 
 # result.json fields that must equal the spec's (result key, spec field).
@@ -16,6 +16,9 @@ FROM_SPEC = (("impl", "impl"), ("n_labels", "n_labels"), ("seed", "seed"), ("ste
 # result.json statistics recomputed from metrics.jsonl's evaluations.
 FROM_EVALS = ("final_top1", "median20_top1", "best_top1", "final_top5", "final_loss")
 REDO = "move it away and run run_all.py again with the same flags: the run is finished again from its checkpoint"
+AFRESH = ("its evaluations cannot be recovered from a checkpoint: move the whole run folder away and run run_all.py "
+          "again with the same flags (the run starts afresh)")
+CHECKOUTS = (("torchssl_checkout_clean", "TorchSSL"), ("usb_checkout_clean", "USB"))
 
 
 def set_aside(path: Path) -> Path:
@@ -107,8 +110,14 @@ def check_run(run_dir: Path, result: dict[str, Any], spec: RunSpec, split_file: 
     for key, field in FROM_SPEC:
         if result.get(key) != getattr(spec, field):
             found.append(f"{key} {str(result.get(key))[:16]} is not spec.json's {str(getattr(spec, field))[:16]}")
-    found += _eval_problems(run_dir, result, spec)
     problems = [f"{run_dir / RESULT_FILE}: {p}; its numbers are not used ({REDO})" for p in found]
+    problems += [f"{run_dir / RESULT_FILE}: {p}; its numbers are not used ({AFRESH})"
+                 for p in _eval_problems(run_dir, result, spec)]
+    for key, name in CHECKOUTS:
+        if result.get(key) is False:
+            problems.append(f"{run_dir / RESULT_FILE}: {name}'s checkout changed while the run trained ({key} "
+                            f"false), so what ran is not the pin; its numbers are not used (delete the checkout: it "
+                            f"is cloned again; then {AFRESH})")
     return problems + _split_problems(run_dir, spec, split_file)
 
 
@@ -139,6 +148,8 @@ def expected_eval_steps(spec: RunSpec) -> list[int]:
 
 
 def _eval_problems(run_dir: Path, result: dict[str, Any], spec: RunSpec) -> list[str]:
+    if not (Path(run_dir) / METRICS_FILE).exists():
+        return [f"{METRICS_FILE} is missing"]
     evals = read_evals(run_dir)
     logged = [e.get("step") for e in evals]
     if logged != expected_eval_steps(spec):

@@ -61,6 +61,14 @@ def torchssl_result_on_our_split(run_dir: Path) -> tuple:
     return spec, result
 
 
+def flat(text: str) -> str:
+    """Markdown table lines with the padding tabulate adds taken out: '| a | b |', an empty cell '| |'."""
+    def cells(line: str) -> str:
+        return "|" + "|".join(f" {c.strip()} " if c.strip() else " " for c in line.strip()[1:-1].split("|")) + "|"
+
+    return "\n".join(cells(line) if line.startswith("|") else line for line in text.splitlines())
+
+
 def copy_run(run_dir: Path, to: Path) -> Path:
     """A second folder holding the same spec.json (same spec, same hash)."""
     to.mkdir(parents=True)

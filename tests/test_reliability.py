@@ -20,7 +20,7 @@ from contract.results import read_metrics
 from harness.data import CIFAR10_CLASSES, load_cifar10
 from harness.lifeline import processes_naming
 
-from conftest import REPO
+from conftest import REPO, flat
 
 TINY = ["--impls", "own", "--budgets", "40", "--preset", "smoke", "--batch-size", "2", "--uratio", "1",
         "--eval-subset", "100", "--eval-batch-size", "100", "--device", "cpu", "--log-every", "1"]
@@ -341,7 +341,7 @@ def test_an_edited_result_is_flagged_and_excluded(make_run_dir, tmp_path):
     spec, files = read_spec(run_dir / "spec.json")
     train(spec, files, run_dir, torch.device("cpu"))
     assert load_run(run_dir)["problems"] == []
-    assert f"| `{run_dir.name}` | 40 | 0 |" in write_report(tmp_path).read_text()
+    assert f"| `{run_dir.name}` | 40 | 0 |" in flat(write_report(tmp_path).read_text())
 
     honest = (run_dir / "result.json").read_text()
     result = json.loads(honest)
@@ -353,7 +353,7 @@ def test_an_edited_result_is_flagged_and_excluded(make_run_dir, tmp_path):
     assert any(p.startswith(f"{where}: split_sha256 deadbeef is not spec.json's") for p in problems)
     assert any(p.startswith(f"{where}: final_top1 99.9 is not ") and "recomputed from metrics.jsonl" in p
                for p in problems)
-    text = write_report(tmp_path).read_text()
+    text = flat(write_report(tmp_path).read_text())
     assert "1 RUN(S) WHOSE FILES DO NOT CHECK OUT" in text and "steps 7 is not spec.json's 2" in text
     assert "No finished runs yet" in text and f"| `{run_dir.name}` |" not in text
 

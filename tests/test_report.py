@@ -13,7 +13,7 @@ from contract.spec import RunFiles, RunSpec, write_spec
 from harness.report import write_report
 from harness.stats import paired, t975
 
-from conftest import REPO
+from conftest import REPO, flat
 
 ARM = {"own": ("own", "paper"), "own-tssl": ("own", "torchssl"), "torchssl": ("torchssl", "torchssl")}
 
@@ -58,14 +58,6 @@ def fake_run(out, who, n, seed, evals_top1, *, steps=100, split="s", data="d", s
         "param_count": 1, "wall_seconds": wall, "steps_per_second": sps, "device": "cpu", "torch_version": "x",
         "code_version": "c", "evals": evals})
     return run_dir
-
-
-def flat(text: str) -> str:
-    """Markdown table lines with the padding tabulate adds taken out: '| a | b |'."""
-    def cells(line: str) -> str:
-        return "|" + "|".join(f" {c.strip()} " if c.strip() else " " for c in line.strip()[1:-1].split("|")) + "|"
-
-    return "\n".join(cells(line) if line.startswith("|") else line for line in text.splitlines())
 
 
 def report(out) -> str:
