@@ -32,7 +32,7 @@ def run_context(data, impls, torchssl_source: str | None, compile_own: bool | No
     from harness.launch import shared_files
 
     shared = shared_files(data.data_dir, compile=compile_own, num_workers=torchssl_workers,
-                          torchssl_source=torchssl_source, need_torchssl="torchssl" in impls)
+                          torchssl_source=torchssl_source, need=("torchssl",) if "torchssl" in impls else ())
     if compile_own is None:
         shared = dataclasses.replace(shared, compile=True, compile_binding=False)
     return shared

@@ -4,8 +4,10 @@ process's share of a run; and the checks that a run folder belongs to this run.
 
 A training loop calls, per step: begin_step(), data_ready(), then step_done(step, stats, lr), which writes the
 training record when one is due and says what else is due (evaluate, checkpoint, stop). Evaluations, checkpoints
-and logging run inside `paused()`, so training time counts training only. Nothing here knows an algorithm: the
-statistics are whatever named 0-d tensors a step returns.
+and logging run inside `paused()`, so training time counts training only. The statistics are whatever named 0-d
+tensors a step returns; their names are shared by every implementation (so that the report and TensorBoard set them
+side by side), and the one rule about names that this module holds is WEIGHTED_BY: a ratio over a subset of the
+batch is averaged over a window weighted by the statistic that sizes the subset.
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ from contract.runtime import NonFiniteLoss, RunInterrupted, StopFlag, StoppedAft
 
 HEARTBEAT_S, SUSPENDED_S = 0.5, 5.0  # a gap this long in a tick this short: the process was stopped
 TENSORBOARD_DIR = "tensorboard"  # in the run folder: event files of every record, tags train/<name>, eval/<name>
-# A statistic reported as a weighted mean over the window: pseudo_acc is the accuracy among ACCEPTED pseudo-labels,
-# so each step's value counts with that step's accepted fraction (a window where none was accepted gives None).
+# A statistic reported as a weighted mean over the window: pseudo_acc (FixMatch, every implementation) is the accuracy
+# among ACCEPTED pseudo-labels, so each step's value counts with that step's accepted fraction (a window where none
+# was accepted gives None).
 WEIGHTED_BY = {"pseudo_acc": "mask_rate"}
 
 

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torchssl-source", default=None,
                    help="git URL or local path/mirror to clone TorchSSL from "
                         "(default: $TORCHSSL_SOURCE, else https://github.com/TorchSSL/TorchSSL)")
+    p.add_argument("--usb-source", default=None,
+                   help="git URL or local path/mirror to clone USB from "
+                        "(default: $USB_SOURCE, else https://github.com/microsoft/Semi-supervised-learning)")
     p.add_argument("--out", default="results", help="results folder: splits/, runs/, RESULTS.md, figures/")
     p.add_argument("--cache-dir", default=None,
                    help="where decoded data and the TorchSSL checkout are cached "
@@ -118,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile our augmentation and training step (default: own_impl/compile.py's policy: "
                         "on for CUDA, and on the CPU for runs of 1000 steps or more); not part of the run spec")
-    p.add_argument("--torchssl-workers", type=non_negative_int, default=None,
-                   help="TorchSSL's DataLoader workers (its unlabelled loader gets 4x; default: its config's 1)")
+    p.add_argument("--reference-workers", "--torchssl-workers", dest="reference_workers", type=non_negative_int,
+                   default=None, help="TorchSSL's and USB's DataLoader workers (TorchSSL's unlabelled loader gets 4x, "
+                                      "USB's 2x; default: their configs' 1)")
     add_launcher_flags(p)
     g = p.add_argument_group("overrides of the preset's values",
                              "each applies to every algorithm's runs, except an algorithm's own setting (--threshold; "
@@ -249,10 +253,11 @@ def run(args: argparse.Namespace) -> int:
 
     check = [] if args.no_identity else algorithms_to_check(plan.runs)
     todo = [] if args.command == "identity" else pending(plan.runs)
+    need = {r.spec.impl for r in todo} | ({"torchssl"} if check else set())
     shared = shared_files(plan.data.data_dir, data_source=plan.data_source, compile=args.compile,
-                          num_workers=args.torchssl_workers, torchssl_source=args.torchssl_source,
-                          cache_dir=plan.cache_dir,
-                          need_torchssl=bool(check) or any(r.spec.impl == "torchssl" for r in todo))
+                          num_workers=args.reference_workers, torchssl_source=args.torchssl_source,
+                          usb_source=args.usb_source, cache_dir=plan.cache_dir,
+                          need=tuple(n for n in ("torchssl", "usb") if n in need))
     if check:  # before any training: a minute or two on the CPU; a failed check is reported, runs go on
         run_identity(plan.runs, out, shared)
     failed = execute(todo, shared, slurm, plan, warmup=not args.no_warmup) if todo else []

@@ -22,17 +22,19 @@ PROCESS_LOG = "process.log"  # the subprocess's stdout and stderr; each implemen
 
 
 def shared_files(data_dir: Path, *, data_source: str = "", compile: bool | None = None,
-                 num_workers: int | None = None, torchssl_source: str | None = None, cache_dir: Path | None = None,
-                 need_torchssl: bool = False) -> RunFiles:
+                 num_workers: int | None = None, torchssl_source: str | None = None, usb_source: str | None = None,
+                 cache_dir: Path | None = None, need: tuple[str, ...] = ()) -> RunFiles:
     """What every run of this call carries besides its spec (split file and device are filled in per run). The
-    TorchSSL checkout is made (or found and verified) here when a run or the identity check needs it."""
-    checkout = None
-    if need_torchssl:
-        from third_party.torchssl.checkout import ensure_checkout
+    checkouts of the references in `need` ("torchssl", "usb") are made (or found and verified) here."""
+    from third_party.torchssl import checkout as torchssl
+    from third_party.usb import checkout as usb
 
-        checkout = str(ensure_checkout(torchssl_source, cache_dir=cache_dir or default_cache_dir()))
+    cache_dir = cache_dir or default_cache_dir()
+    checkouts = {name: str(pin.ensure_checkout(source, cache_dir=cache_dir)) if name in need else None
+                 for name, pin, source in (("torchssl", torchssl, torchssl_source), ("usb", usb, usb_source))}
     return RunFiles(data_dir=str(data_dir), split_file="", code_version=code_version(), data_source=data_source,
-                    compile=compile, num_workers=num_workers, torchssl_checkout=checkout)
+                    compile=compile, num_workers=num_workers, torchssl_checkout=checkouts["torchssl"],
+                    usb_checkout=checkouts["usb"])
 
 
 def run_files(run: PlannedRun, shared: RunFiles, device: str) -> RunFiles:

@@ -182,7 +182,7 @@ def cifar_data_dir(cifar) -> Path:
 def make_run_dir(cifar, tmp_path):
     """make_run_dir(impl, n_labels=40, seed=0, device="cpu", files=None, **spec_overrides) -> run folder.
     files: RunFiles fields besides data_dir, split_file and device (e.g. compile, torchssl_checkout)."""
-    from contract.spec import RunFiles, RunSpec, write_spec
+    from contract.spec import REFERENCES, RunFiles, RunSpec, write_spec
     from harness.splits import ensure_split
 
     def make(impl: str, n_labels: int = 40, seed: int = 0, device: str = "cpu", files: dict | None = None,
@@ -192,7 +192,7 @@ def make_run_dir(cifar, tmp_path):
         values = dict(steps=3, eval_every=3, batch_size=2, uratio=2, eval_subset=100, eval_batch_size=100,
                       checkpoint_every=3, log_every=1)
         values.update(overrides)
-        values.setdefault("recipe", "torchssl" if impl == "torchssl" else "paper")
+        values.setdefault("recipe", impl if impl in REFERENCES else "paper")
         spec = RunSpec(impl=impl, n_labels=n_labels, seed=seed, data_kind=cifar.identity.kind,
                        data_sha256=cifar.identity.data_sha256, split_sha256=split_sha, **values)
         run_dir = tmp_path / "runs" / spec.name

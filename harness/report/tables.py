@@ -165,16 +165,18 @@ def settings_tables(runs: list[dict]) -> list[str]:
             vals = [str(first[a].get("impl_settings", {}).get(k, "–")).replace("|", "/") for a in arms]
             rows.append({"": f"**{k}**" if len(set(vals)) > 1 else k, **dict(zip(map(arm_name, arms), vals))})
         lines += ["", "How each run realises it (from each result's `impl_settings`; **bold** rows differ; "
-                  "third_party/torchssl/README.md says why TorchSSL's differ):", "", *markdown(pd.DataFrame(rows))]
+                  "third_party/torchssl/README.md and third_party/usb/README.md say why TorchSSL's and USB's "
+                  "differ):", "", *markdown(pd.DataFrame(rows))]
     machines = [{"run": arm_name(a), "device": first[a].get("device"), "machine": first[a].get("device_name", "–"),
                  "torch": first[a].get("torch_version"), "our code version": short_version(first[a].get("code_version")),
-                 "TorchSSL commit": str(first[a].get("torchssl_commit", "–"))[:12],
+                 "reference commit": str(first[a].get("torchssl_commit") or first[a].get("usb_commit") or "–")[:12],
                  "run-time patches": len(first[a].get("patches", []))} for a in arms]
     lines += ["", *markdown(pd.DataFrame(machines), right=("run-time patches",))]
-    patches = [p for a in arms for p in first[a].get("patches", [])]
-    if patches:
-        lines += ["", "Run-time patches applied to TorchSSL (its files are never edited):", ""]
-        lines += [f"- `{p['name']}` ({p.get('target', '')}): {p['why']}" for p in patches]
+    for a in arms:
+        patches = first[a].get("patches", [])
+        if patches:
+            lines += ["", f"Run-time patches applied to {arm_name(a)} (its files are never edited):", ""]
+            lines += [f"- `{p['name']}` ({p.get('target', '')}): {p['why']}" for p in patches]
     return lines
 
 
@@ -193,7 +195,7 @@ def runs_table(runs: list[dict]) -> list[str]:
 RESULT_COLUMNS = ("final_top1", "median20_top1", "median_window", "best_top1", "final_top5", "final_loss", "steps",
                   "optimizer_steps", "steps_per_second", "train_seconds", "wall_seconds", "split_sha256",
                   "data_sha256", "data_kind", "param_count", "device", "device_name", "torch_version",
-                  "code_version", "torchssl_commit", "launcher")
+                  "code_version", "torchssl_commit", "usb_commit", "launcher")
 
 
 def write_runs_csv(runs: list[dict], path: Path) -> Path:
