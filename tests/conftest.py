@@ -203,17 +203,42 @@ def make_run_dir(cifar, tmp_path):
     return make
 
 
-@pytest.fixture(scope="session")
-def torchssl_checkout() -> Path:
-    """The cached verified TorchSSL checkout, else one cloned from $TORCHSSL_SOURCE; else skip with the reason."""
+def pinned_checkout(co) -> Path:
+    """A pin's (third_party.<name>.checkout) cached verified checkout, else one cloned from its source variable;
+    else skip with the reason."""
     from harness.env import default_cache_dir
-    from third_party.torchssl import checkout as co
 
     found = co.find_checkout(default_cache_dir())  # a modified cached checkout fails here, with what to do
     if found is not None:
         return found
     if os.environ.get(co.SOURCE_ENV):
         return co.ensure_checkout(os.environ[co.SOURCE_ENV], default_cache_dir())
-    pytest.skip(f"no TorchSSL checkout: none cached at {co.checkout_path(default_cache_dir())} and "
-                f"{co.SOURCE_ENV} is not set "
-                f"(set it to a git URL or a local clone/mirror of TorchSSL)")
+    pytest.skip(f"no {co.PIN.name} checkout: none cached at {co.checkout_path(default_cache_dir())} and "
+                f"{co.SOURCE_ENV} is not set (set it to a git URL or a local clone or mirror of {co.URL})")
+
+
+@pytest.fixture(scope="session")
+def torchssl_checkout() -> Path:
+    from third_party.torchssl import checkout
+
+    return pinned_checkout(checkout)
+
+
+def archive_images(archive: Path, per_class: int):
+    """(10 per_class, 32, 32, 3) uint8: train images 0000.. of each class, decoded by PIL straight from the archive."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    picked = {}
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if member.isfile() and parts[0] == "train" and int(parts[2].split(".")[0]) < per_class:
+                picked[member.name] = np.array(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB"))
+                if len(picked) == 10 * per_class:
+                    break
+    assert len(picked) == 10 * per_class
+    return np.stack([picked[name] for name in sorted(picked)])

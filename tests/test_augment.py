@@ -13,8 +13,6 @@ magnitude used here comes near. Equality was measured on 6,000 real images x 14 
 from __future__ import annotations
 
 import contextlib
-import io
-import tarfile
 
 import numpy as np
 import pytest
@@ -24,7 +22,7 @@ from PIL import Image, ImageOps
 from own_impl import augment as A
 
 import augment_ref as R
-from conftest import assert_same_images, cuda_param, to_numpy, to_tensor
+from conftest import archive_images, assert_same_images, cuda_param, to_numpy, to_tensor
 
 PER_CLASS = 4   # real images per CIFAR-10 class: 40 in all
 
@@ -34,17 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def real_images(shared_archive) -> np.ndarray:
-    """(40, 32, 32, 3) uint8: train images 0000..0003 of each class, decoded by PIL straight from the archive."""
-    picked = {}
-    with tarfile.open(shared_archive, "r:gz") as tar:
-        for member in tar:
-            parts = member.name.split("/")
-            if member.isfile() and parts[0] == "train" and int(parts[2].split(".")[0]) < PER_CLASS:
-                picked[member.name] = np.array(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB"))
-                if len(picked) == 10 * PER_CLASS:
-                    break
-    assert len(picked) == 10 * PER_CLASS
-    return np.stack([picked[name] for name in sorted(picked)])
+    return archive_images(shared_archive, PER_CLASS)
 
 
 def _edge_images() -> np.ndarray:

@@ -9,7 +9,6 @@ order NumPy and torch may choose differently (one float32 ulp).
 from __future__ import annotations
 
 import io
-import tarfile
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from own_impl import ctaugment as C
 
 import augment_ref
 import ctaugment_ref as R
-from conftest import assert_same_images, to_numpy, to_tensor
+from conftest import archive_images, assert_same_images, to_numpy, to_tensor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,17 +29,7 @@ PER_CLASS = 2   # real images per class: 20 in all
 
 @pytest.fixture(scope="module")
 def real_images(shared_archive) -> np.ndarray:
-    """(20, 32, 32, 3) uint8: train images 0000..0001 of each class, decoded by PIL from the archive."""
-    picked = {}
-    with tarfile.open(shared_archive, "r:gz") as tar:
-        for member in tar:
-            parts = member.name.split("/")
-            if member.isfile() and parts[0] == "train" and int(parts[2].split(".")[0]) < PER_CLASS:
-                picked[member.name] = np.array(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB"))
-                if len(picked) == 10 * PER_CLASS:
-                    break
-    assert len(picked) == 10 * PER_CLASS
-    return np.stack([picked[name] for name in sorted(picked)])
+    return archive_images(shared_archive, PER_CLASS)
 
 
 @pytest.fixture(scope="module")
@@ -433,7 +422,7 @@ def test_same_seed_same_draws_and_the_generator_advance_is_fixed(real_images):
     g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
     one = C.apply_strong(x, C.sample_strong_params(fresh, len(x), 32, 32, g1))
     two = C.apply_strong(torch.zeros_like(x), C.sample_strong_params(trained, len(x), 32, 32, g2))
-    assert torch.equal(g1.get_state(), g2.get_state()) and one.dtype == torch.uint8 and one.shape == x.shape
+    assert torch.equal(g1.get_state(), g2.get_state()) and one.dtype == torch.uint8 and one.shape == two.shape == x.shape
     assert torch.equal(x, to_tensor(real_images))                # input not modified in place
 
 

@@ -1,7 +1,6 @@
 """The report: numbers worked out by hand from result files written here, pairing on common seeds, the paired
 statistics and their intervals, the mismatch check, the figures."""
 import json
-import re
 import subprocess
 import sys
 

@@ -10,24 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_module, wrn_count_by_hand
+from conftest import pinned_checkout, run_module, wrn_count_by_hand
 
 ENTRY = "third_party.usb.entry"
 
 
 @pytest.fixture(scope="session")
 def usb_checkout() -> Path:
-    """The cached verified USB checkout, else one cloned from $USB_SOURCE; else skip with the reason."""
-    from harness.env import default_cache_dir
-    from third_party.usb import checkout as co
+    from third_party.usb import checkout
 
-    found = co.find_checkout(default_cache_dir())  # a modified cached checkout fails here, with what to do
-    if found is not None:
-        return found
-    if os.environ.get(co.SOURCE_ENV):
-        return co.ensure_checkout(os.environ[co.SOURCE_ENV], default_cache_dir())
-    pytest.skip(f"no USB checkout: none cached at {co.checkout_path(default_cache_dir())} and {co.SOURCE_ENV} is "
-                f"not set (set it to a git URL or a local clone/mirror of microsoft/Semi-supervised-learning)")
+    return pinned_checkout(checkout)
 
 
 @contextmanager
