@@ -140,9 +140,11 @@ def labels_figure(budgets: list[Budget], algorithm: str, spec: dict, key: str, k
                        label=f"published: {name}")
     ax.axhline(chance(spec), color="gray", ls="--", lw=1, label=f"chance ({chance(spec):.0f}%)")
     ax.set_xscale("log")
-    ax.set_xticks([b.n for b in budgets], [str(b.n) for b in budgets])
+    ns = [b.n for b in budgets]
+    ax.set_xlim(min(ns) / 1.6, max(ns) * 1.6)  # one budget alone still reads as a point on a log axis
+    ax.set_xticks(ns, [str(n) for n in ns])
     ax.minorticks_off()
-    ax.set(title=f"{algorithm_name(algorithm)}: {key_name} against labels", xlabel="labelled images (log scale)",
+    ax.set(title=f"{algorithm_name(algorithm)}: {key_name} top-1 against labels", xlabel="labelled images (log scale)",
            ylabel="top-1 accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
