@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
+
+from harness.report.tables import markdown
+
 NAMES = {"fixmatch": "FixMatch", "mixmatch": "MixMatch"}
 SKIPPED_BY = {"exact": "exact mode", "shipped": "as shipped", "power": "planted bugs"}
 # Quantities drawn in the figure, grouped as a step computes them (the JSON has each one).
@@ -58,8 +62,7 @@ def fmt_rel(x) -> str:
 
 
 def cases_table(check: dict) -> list[str]:
-    lines = ["| setting | network | steps | what was exercised | exact mode | as shipped: first difference, from "
-             "| largest as-shipped difference (quantity) | seconds |", "|---|---|---:|---|---|---|---|---:|"]
+    rows = []
     for c in check["cases"]:
         ex = c["exercised"]
         if "mask_rate" in ex:
@@ -81,23 +84,23 @@ def cases_table(check: dict) -> list[str]:
                                                            f"{above['quantity']}**"
         values = ", ".join(f"{k} {v}" for k, v in c["spec"].items()
                            if k in ("threshold", "weight_decay", "ema_decay", "bn_momentum", "ramp_up", "lambda_u"))
-        lines.append(f"| {c['setting']} ({values}) | {c['network']} | {c['steps']} | {live} | {exact} | {shipped} "
-                     f"| {fmt_rel(worst[1])} ({worst[0]}); {noise} | {c['seconds']} |")
-    return lines
+        rows.append({"setting": f"{c['setting']} ({values})", "network": c["network"], "steps": c["steps"],
+                     "what was exercised": live, "exact mode": exact, "as shipped: first difference, from": shipped,
+                     "largest as-shipped difference (quantity)": f"{fmt_rel(worst[1])} ({worst[0]}); {noise}",
+                     "seconds": c["seconds"]})
+    return markdown(pd.DataFrame(rows), right=("steps", "seconds"))
 
 
 def power_table(check: dict) -> list[str]:
-    power = [(c, p) for c in check["cases"] for p in c["power"]]
-    if not power:
-        return []
-    lines = ["| planted bug (in our code only) | caught | at step | first quantity to differ | relative difference "
-             "| above float noise |", "|---|---|---:|---|---:|---|"]
-    for c, p in power:
-        f = p["first_difference"] or {}
-        lines.append(f"| {p['bug']} | {'yes' if p['caught'] else '**NO**'} | {f.get('step', '–')} "
-                     f"| {f.get('quantity', '–')} | {fmt_rel(f.get('rel'))} "
-                     f"| {'yes' if p['above_noise'] else 'no: bit-exactness alone catches it'} |")
-    return lines
+    rows = []
+    for c in check["cases"]:
+        for p in c["power"]:
+            f = p["first_difference"] or {}
+            rows.append({"planted bug (in our code only)": p["bug"], "network": c["network"],
+                         "caught": "yes" if p["caught"] else "**NO**", "at step": f.get("step", "–"),
+                         "first quantity to differ": f.get("quantity", "–"), "relative difference": fmt_rel(f.get("rel")),
+                         "above float noise": "yes" if p["above_noise"] else "no: bit-exactness alone catches it"})
+    return markdown(pd.DataFrame(rows), right=("at step", "relative difference")) if rows else []
 
 
 def identity_figure(check: dict, path: Path) -> None:
@@ -188,6 +191,5 @@ def identity_section(out_dir: Path, runs: list[dict], fig_dir: Path) -> tuple[li
                   f"{check.get('threads', 1)} thread, torch {check.get('torch_version')}, TorchSSL "
                   f"`{str(check.get('torchssl_commit'))[:12]}`.*", ""]
     lines += ["### Same inputs? The data side", "", *data_rows(runs), "",
-              "| evidence | what it shows | recheck |", "|---|---|---|"]
-    lines += [f"| {what} | {shows} | {how} |" for what, shows, how in DATA_EVIDENCE]
+              *markdown(pd.DataFrame(DATA_EVIDENCE, columns=["evidence", "what it shows", "recheck"]))]
     return lines + [""], figures
