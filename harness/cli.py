@@ -248,12 +248,12 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
 
-    from harness.identity import algorithms_to_check, run_identity
+    from harness.identity import pairs_to_check, run_identity
     from harness.launch import pending, shared_files
 
-    check = [] if args.no_identity else algorithms_to_check(plan.runs)
+    check = [] if args.no_identity else pairs_to_check(plan.runs)
     todo = [] if args.command == "identity" else pending(plan.runs)
-    need = {r.spec.impl for r in todo} | ({"torchssl"} if check else set())
+    need = {r.spec.impl for r in todo} | {name for p in check for name in (p.subject, p.reference)}
     shared = shared_files(plan.data.data_dir, data_source=plan.data_source, compile=args.compile,
                           num_workers=args.reference_workers, torchssl_source=args.torchssl_source,
                           usb_source=args.usb_source, cache_dir=plan.cache_dir,

@@ -1,5 +1,6 @@
-"""The identity check as the harness runs it: one subprocess per algorithm (python -m identity) on the CPU, before the
-training runs, writing OUT/identity/<algorithm>.json; a check of the same code and settings already there is kept."""
+"""The identity check as the harness runs it: one subprocess per algorithm and pair (ours against TorchSSL, ours
+against USB, USB against TorchSSL: python -m identity) on the CPU, before the training runs, writing
+OUT/identity/<name>.json; a check of the same code, settings and checkouts already there is kept."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,6 +8,7 @@ import hashlib
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from contract.results import read_json, write_json_atomic
 from contract.spec import RunFiles, write_spec
@@ -20,12 +22,30 @@ STEPS = 20  # K, steps in lockstep
 CHECKED_CODE = ("own_impl", "identity", "contract", "third_party")
 
 
-def algorithms_to_check(runs: list[PlannedRun]) -> list[str]:
-    """The algorithms whose runs include both ours and TorchSSL's, in plan order."""
+class Pair(NamedTuple):
+    """What is checked against which reference, for one algorithm."""
+
+    algorithm: str
+    subject: str  # "own" (ours, with the reference's recipe) or "usb"
+    reference: str  # "torchssl" or "usb"
+
+    @property
+    def name(self) -> str:
+        """The file name's stem: <algorithm> for ours against TorchSSL, as before a second reference existed."""
+        if self.subject == "own":
+            return self.algorithm if self.reference == "torchssl" else f"{self.algorithm}-{self.reference}"
+        return f"{self.algorithm}-{self.subject}-vs-{self.reference}"
+
+
+PAIRS = (("own", "torchssl"), ("own", "usb"), ("usb", "torchssl"))
+
+
+def pairs_to_check(runs: list[PlannedRun]) -> list[Pair]:
+    """Every (subject, reference) of PAIRS whose two implementations the plan runs for an algorithm, in plan order."""
     impls: dict[str, set[str]] = {}
     for r in runs:
         impls.setdefault(r.spec.algorithm, set()).add(r.spec.impl)
-    return [a for a, found in impls.items() if {"own", "torchssl"} <= found]
+    return [Pair(a, s, ref) for a, found in impls.items() for s, ref in PAIRS if {s, ref} <= found]
 
 
 def code_fingerprint() -> str:
@@ -39,51 +59,52 @@ def code_fingerprint() -> str:
     return h.hexdigest()
 
 
-def identity_paths(out: Path, algorithm: str) -> tuple[Path, Path, Path]:
-    """(spec folder, result JSON, log) of an algorithm's check under OUT."""
+def identity_paths(out: Path, name: str) -> tuple[Path, Path, Path]:
+    """(spec folder, result JSON, log) of one check under OUT."""
     folder = Path(out) / IDENTITY_DIR
-    return folder / algorithm, folder / f"{algorithm}.json", folder / f"{algorithm}.log"
+    return folder / name, folder / f"{name}.json", folder / f"{name}.log"
 
 
 def run_identity(runs: list[PlannedRun], out: Path, shared: RunFiles, steps: int = STEPS) -> dict[str, bool | None]:
-    """The check of every algorithm that has both implementations in `runs`; by algorithm, whether it passed (None:
-    it could not run; the JSON then holds the error). shared: harness.launch.shared_files (data, TorchSSL)."""
+    """Every check pairs_to_check finds; by check name, whether it passed (None: it could not run; the JSON then
+    holds the error). shared: harness.launch.shared_files (data and the checkouts)."""
     verdicts = {}
-    for algorithm in algorithms_to_check(runs):
-        base = next(r for r in runs if r.spec.algorithm == algorithm and r.spec.impl == "torchssl")
-        spec = dataclasses.replace(base.spec, impl="own", recipe="torchssl")
-        spec_dir, result_path, log_path = identity_paths(out, algorithm)
-        key = hashlib.sha256(f"{spec.hash()} {steps} {code_fingerprint()} {shared.torchssl_checkout}".encode()
-                             ).hexdigest()[:16]
+    for pair in pairs_to_check(runs):
+        base = next(r for r in runs if r.spec.algorithm == pair.algorithm and r.spec.impl == pair.reference)
+        spec = dataclasses.replace(base.spec, impl="own", recipe=pair.reference)
+        spec_dir, result_path, log_path = identity_paths(out, pair.name)
+        key = hashlib.sha256(f"{spec.hash()} {steps} {pair} {code_fingerprint()} {shared.torchssl_checkout} "
+                             f"{shared.usb_checkout}".encode()).hexdigest()[:16]
+        what = f"identity check, {pair.algorithm}: {pair.subject} against {pair.reference}"
         if result_path.exists():
             try:
                 previous = read_json(result_path, "identity result")
                 if previous.get("key") == key and "verdict" in previous:
-                    print(f"identity check of {algorithm}: kept ({previous['verdict']['exact']})")
-                    verdicts[algorithm] = previous["verdict"]["passed"]
+                    print(f"{what}: kept ({previous['verdict']['exact']})")
+                    verdicts[pair.name] = previous["verdict"]["passed"]
                     continue
             except ValueError:
                 pass  # damaged: run again
         write_spec(spec_dir, spec, RunFiles(
             data_dir=shared.data_dir, split_file=str(base.split_file.resolve()), device="cpu",
             code_version=shared.code_version, machine=machine_info("cpu"), data_source=shared.data_source,
-            torchssl_checkout=shared.torchssl_checkout))
+            torchssl_checkout=shared.torchssl_checkout, usb_checkout=shared.usb_checkout))
         cmd = [sys.executable, "-m", "identity", "--spec", str(spec_dir / "spec.json"), "--out", str(result_path),
-               "--steps", str(steps), "--key", key]
-        print(f"identity check of {algorithm}: {steps} steps of ours and TorchSSL's in lockstep on the CPU ...",
-              flush=True)
+               "--steps", str(steps), "--subject", pair.subject, "--reference", pair.reference, "--key", key]
+        print(f"{what}: {steps} steps in lockstep on the CPU ...", flush=True)
         with open(log_path, "w") as log:
             code = subprocess.run(cmd, cwd=PACKAGE_ROOT, stdout=log, stderr=subprocess.STDOUT, env=child_env()
                                   ).returncode
         result = read_json(result_path, "identity result") if result_path.exists() and code in (0, 1) else None
         if result is None or result.get("key") != key:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-            write_json_atomic(result_path, {"algorithm": algorithm, "key": key, "error": tail[0],
+            write_json_atomic(result_path, {"algorithm": pair.algorithm, "subject": pair.subject,
+                                            "reference": pair.reference, "key": key, "error": tail[0],
                                             "log": str(log_path)})
-            print(f"identity check of {algorithm} could not run (exit {code}): {tail[0]}", file=sys.stderr)
-            verdicts[algorithm] = None
+            print(f"{what} could not run (exit {code}): {tail[0]}", file=sys.stderr)
+            verdicts[pair.name] = None
             continue
         v = result["verdict"]
-        print(f"identity check of {algorithm}: {v['exact']}; {v['shipped']}; {v['power']}")
-        verdicts[algorithm] = v["passed"]
+        print(f"{what}: {v['exact']}; {v['shipped']}; {v['power']}")
+        verdicts[pair.name] = v["passed"]
     return verdicts

@@ -1,8 +1,11 @@
 """Bugs planted in our code for the identity check's power test: each is a realistic mistake, patched into our
-modules (never TorchSSL's) while our side builds and steps, and the check must catch every one."""
+modules (never the reference's) while our side builds and steps, and the check must catch every one. Some only
+exist against one reference: a recipe entry set to the other reference's value (USB's MixMatch interleaved, its
+blocks' BatchNorm eps TorchSSL's, ...)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, ContextManager
 from unittest import mock
@@ -14,6 +17,7 @@ from own_impl import fixmatch, mixmatch
 from own_impl import train as train_mod
 from own_impl.device import autocast
 from own_impl.optim import EMA
+from own_impl.recipes import RECIPES
 
 
 REAL_FIXMATCH_LOSS = fixmatch.fixmatch_loss
@@ -25,9 +29,11 @@ class Bug:
     algorithms: tuple[str, ...]
     plant: Callable[[], ContextManager]
     widths: tuple[int, ...] = ()  # the network widths where it changes anything (empty: every width)
+    references: tuple[str, ...] = ("torchssl", "usb")  # the checks (ours against which reference) it belongs to
 
-    def applies(self, algorithm: str, network: tuple[int, int]) -> bool:
-        return algorithm in self.algorithms and (not self.widths or network[1] in self.widths)
+    def applies(self, algorithm: str, network: tuple[int, int], reference: str = "torchssl") -> bool:
+        return (algorithm in self.algorithms and (not self.widths or network[1] in self.widths)
+                and reference in self.references)
 
 
 def decay_everything(model, weight_decay):
@@ -102,6 +108,11 @@ class ShortcutAlwaysActivated(train_mod.WideResNet):
         self.groups[0][0].activate_before_residual = True
 
 
+def recipe_changed(module, recipe: str, **fields) -> Callable[[], ContextManager]:
+    """The recipe table `module` reads, with `recipe`'s entry given other values: a recipe set up wrong."""
+    return patched(module, RECIPES={**RECIPES, recipe: dataclasses.replace(RECIPES[recipe], **fields)})
+
+
 def patched(module, **attrs) -> Callable[[], ContextManager]:
     def plant() -> ContextManager:
         stack = contextlib.ExitStack()
@@ -125,7 +136,17 @@ BUGS: tuple[Bug, ...] = (
     Bug("sharpening with T instead of 1/T", ("mixmatch",), patched(mixmatch, sharpen=sharpen_inverted)),
     Bug("MixUp lambda without max(lambda, 1 - lambda)", ("mixmatch",), patched(mixmatch, mixup=mixup_without_max)),
     Bug("lambda_u ramp-up one step late", ("mixmatch",), patched(mixmatch, linear_rampup=ramp_one_step_late)),
-    Bug("mixed batch through BatchNorm without interleaving", ("mixmatch",), patched(mixmatch, interleave=no_interleave)),
+    Bug("mixed batch through BatchNorm without interleaving", ("mixmatch",),
+        patched(mixmatch, interleave=no_interleave), references=("torchssl",)),
     Bug("group 1's shortcut activated at width 1", BOTH, patched(train_mod, WideResNet=ShortcutAlwaysActivated),
         widths=(1,)),
+    # against USB: its recipe's entries, each set to TorchSSL's value
+    Bug("BatchNorm eps 1e-3 in the residual blocks (USB: 1e-5)", BOTH,
+        recipe_changed(train_mod, "usb", block_bn_eps=1e-3), references=("usb",)),
+    Bug("mixed batch interleaved (USB's MixMatch does not interleave)", ("mixmatch",),
+        recipe_changed(mixmatch, "usb", mixmatch_interleave=True), references=("usb",)),
+    Bug("label guess renormalised before sharpening (USB: not)", ("mixmatch",),
+        recipe_changed(mixmatch, "usb", mixmatch_renormalise_guess=True), references=("usb",)),
+    Bug("unlabelled loss as one mean over all elements (USB: over classes, then examples)", ("mixmatch",),
+        recipe_changed(mixmatch, "usb", mixmatch_loss_u_mean="elements"), references=("usb",)),
 )

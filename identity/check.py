@@ -1,9 +1,11 @@
-"""The identity check: for one algorithm, our step and TorchSSL's unedited train() in lockstep, every quantity
-compared after every step, in each variant of our side (own_side.Variant) against one TorchSSL run.
+"""The identity check: for one algorithm, our step and a reference's unedited training loop in lockstep (TorchSSL's
+train(), or USB's AlgorithmBase.train() with its hooks), every quantity compared after every step, in each variant of
+our side (own_side.Variant) against one run of the reference. Our side follows the reference's recipe (`torchssl`
+or `usb`, own_impl/recipes.py). USB against TorchSSL, two references in lockstep with each other, is cross.py.
 
 What "identical" means here, per mode:
-- exact: our code with SGD as the per-parameter loop and the EMA as TorchSSL's expression (the arithmetic TorchSSL
-  uses): every compared tensor bit-equal at every step, and the evaluated logits at the end.
+- exact: our code with SGD as the per-parameter loop and the EMA as the reference's expression (the arithmetic both
+  references use): every compared tensor bit-equal at every step, and the evaluated logits at the end.
 - as shipped: our real training step (fused SGD, multi-tensor EMA). Its differences are held to float noise
   (float_noise): how far one ulp in every starting weight carries through the same K steps of the exact code,
   measured in the same lockstep, and for state carried across steps one ulp per step. Which shipped part makes the
@@ -25,9 +27,24 @@ from contract.spec import RunSpec
 from identity.compare import Difference, difference
 from identity.own_side import EXACT, NOISE, SHIPPED, SHIPPED_EMA, SHIPPED_SGD, OwnSide, Variant
 from identity.torchssl_side import StepState, TorchSSLSide
-from own_impl.data import DeviceData, Samplers, normalize
+from own_impl.data import DeviceData, normalization_table, normalize
 from own_impl.recipes import RECIPES
 from own_impl.train import ALGORITHMS
+
+# The references ours can be checked against: each one's name in words and the class driving its loop (its
+# constructor: (modules, spec, device)); our side then follows the recipe of the same name.
+REFERENCE_NAMES = {"torchssl": "TorchSSL", "usb": "USB"}
+
+
+def reference_side(reference: str, modules, spec: RunSpec, device: torch.device):
+    """The side driving `reference`'s own training loop, built from its imported modules."""
+    if reference == "torchssl":
+        return TorchSSLSide(modules, spec, device)
+    if reference == "usb":
+        from identity.usb_side import USBSide
+
+        return USBSide(modules, spec, device)
+    raise ValueError(f"reference {reference!r} is not one of {tuple(REFERENCE_NAMES)}")
 
 # The quantities compared each step, in the order a step computes them (the first to differ names the cause).
 QUANTITIES = {
@@ -43,7 +60,7 @@ EVAL_PER_CLASS = 5  # the final evaluation's fixed batch: the first 5 test image
 
 @dataclass
 class Trace:
-    """One variant's differences from TorchSSL, per step (1-based), and at the final evaluation."""
+    """One variant's differences from the reference, per step (1-based), and at the final evaluation."""
 
     variant: Variant
     steps: list[dict[str, Difference]] = field(default_factory=list)
@@ -91,10 +108,11 @@ def compare(algorithm: str, ours: StepState, theirs: StepState, ours_before: dic
     out["bn_buffers"] = difference(ours.buffers, theirs.buffers)
     for q in QUANTITIES[algorithm]:
         if q in ("lam'", "x_mix", "t_mix"):
-            theirs_q = theirs.mixed[q]
-            if q == "lam'":  # TorchSSL's is one float64 for the batch, used in float32 arithmetic
-                theirs_q = theirs_q.float().expand(ours.mixed[q].shape)
-            out[q] = difference({"": ours.mixed[q]}, {"": theirs_q})
+            ours_q, theirs_q = ours.mixed[q], theirs.mixed[q]
+            if q == "lam'":  # a reference's is one float64 for the batch (a Python float there), used in float32
+                ours_q = ours_q.float().reshape(-1)  # ours: (N,) float32; USB's, against TorchSSL's: 0-d float64
+                theirs_q = theirs_q.float().expand(ours_q.shape)
+            out[q] = difference({"": ours_q}, {"": theirs_q})
         elif q in theirs.losses:
             out[q] = difference(scalar(ours.losses[q]), scalar(theirs.losses[q]))
     out["momentum"] = difference(ours.momentum, theirs.momentum)
@@ -105,17 +123,27 @@ def compare(algorithm: str, ours: StepState, theirs: StepState, ours_before: dic
     return {q: out[q] for q in QUANTITIES[algorithm]}
 
 
-def torchssl_batches(spec: RunSpec, data: DeviceData) -> list[tuple]:
-    """The K batches our side will make (its make_batch, its seeded samplers), cut as TorchSSL's loaders yield
-    them: (x_lb, y_lb, x_ulb_1, x_ulb_2)."""
+def reference_batches(spec: RunSpec, data: DeviceData) -> list[tuple]:
+    """The K batches our side will make (its make_batch, its recipe's seeded samplers), cut as the references'
+    loaders yield them: (x_lb, y_lb, x_ulb_1, x_ulb_2)."""
     algorithm = ALGORITHMS[spec.algorithm]
-    samplers = Samplers.seeded(spec.seed, data, RECIPES[spec.recipe].with_replacement)
+    samplers = RECIPES[spec.recipe].samplers(spec, data)
     b, n_u = spec.batch_size, spec.batch_size * spec.uratio
     out = []
     for k in range(spec.steps):
         x, y_x = algorithm.make_batch(data, samplers, spec, k)[:2]
         out.append((x[:b], y_x, x[b:b + n_u], x[b + n_u:]))
     return out
+
+
+torchssl_batches = reference_batches  # its earlier name
+
+
+def normalized_eval_batch(spec: RunSpec, eval_xy: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed evaluation batch as the reference sees it: normalised as the spec's recipe normalises."""
+    x, y = eval_xy
+    table = normalization_table(device, RECIPES[spec.recipe].normalization)
+    return normalize(x.to(device), False, table), y.to(device)
 
 
 def eval_batch(data_x: np.ndarray, data_y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,16 +153,18 @@ def eval_batch(data_x: np.ndarray, data_y: np.ndarray) -> tuple[torch.Tensor, to
     return x, torch.from_numpy(data_y[idx].astype(np.int64))
 
 
-def lockstep(tssl, spec: RunSpec, data: DeviceData, eval_xy: tuple, variants: list[Variant],
-             stop_when_caught: set[str] = frozenset()) -> tuple[list[Trace], list[dict[str, float]]]:
-    """TorchSSL's train() over spec.steps steps, and after each of its steps one step of every variant of ours on
-    the same batch; every variant compared with TorchSSL after every step, and at the end their evaluations."""
+def lockstep(ref_modules, spec: RunSpec, data: DeviceData, eval_xy: tuple, variants: list[Variant],
+             stop_when_caught: set[str] = frozenset(), reference: str = "torchssl"
+             ) -> tuple[list[Trace], list[dict[str, float]]]:
+    """The reference's own loop over spec.steps steps, and after each of its steps one step of every variant of ours
+    on the same batch; every variant compared with the reference after every step, and at the end their
+    evaluations. ref_modules: the reference's imported modules (TorchSSL's or USB's)."""
     device = data.train_x.device
-    theirs = TorchSSLSide(tssl, spec, device)
+    theirs = reference_side(reference, ref_modules, spec, device)
     initial = theirs.initial_state()
     sides = [OwnSide(spec, data, v, initial) for v in variants]
     traces = [Trace(v) for v in variants]
-    scalars: list[dict[str, float]] = []  # TorchSSL's losses, mask rate, lambda_u per step: what was exercised
+    scalars: list[dict[str, float]] = []  # the reference's losses, mask rate, lambda_u per step: what was exercised
     before = {"theirs": {k: v for k, v in initial.items()}}
     for side in sides:
         before[side.variant.name] = {n: p.detach().clone() for n, p in side.s.model.named_parameters()}
@@ -153,8 +183,7 @@ def lockstep(tssl, spec: RunSpec, data: DeviceData, eval_xy: tuple, variants: li
         before["theirs"] = {n: p.clone() for n, p in st.params.items()}
 
     x_eval, y_eval = eval_xy
-    theirs_logits = theirs.run(torchssl_batches(spec, data), (normalize(x_eval.to(device), False), y_eval.to(device)),
-                               on_step)
+    theirs_logits = theirs.run(reference_batches(spec, data), normalized_eval_batch(spec, eval_xy, device), on_step)
     for side, trace in zip(sides, traces):
         if trace.stopped_at is None:
             trace.eval_logits = difference({"": side.evaluate(x_eval.to(device), y_eval.to(device))},
@@ -162,11 +191,12 @@ def lockstep(tssl, spec: RunSpec, data: DeviceData, eval_xy: tuple, variants: li
     return traces, scalars
 
 
-def check_spec(base: RunSpec, setting: str, steps: int, depth: int, widen: int) -> RunSpec:
+def check_spec(base: RunSpec, setting: str, steps: int, depth: int, widen: int, recipe: str = "torchssl") -> RunSpec:
     """The spec of one lockstep: `base`'s algorithm and settings ("spec"), or settings where every path shows
     ("stress": a threshold that accepts most pseudo-labels, MixMatch's ramp-up within the steps, weight decay, EMA
-    and BatchNorm momentum large enough that their errors show), at a small size: B 4, our `torchssl` recipe."""
-    values = dict(impl="own", recipe="torchssl", steps=steps, eval_every=steps, batch_size=4, depth=depth,
+    and BatchNorm momentum large enough that their errors show), at a small size: B 4, our recipe `recipe` (the
+    reference's)."""
+    values = dict(impl="own", recipe=recipe, steps=steps, eval_every=steps, batch_size=4, depth=depth,
                   widen_factor=widen, precision="fp32", channels_last=False, checkpoint_every=steps, log_every=1)
     if base.algorithm == "fixmatch":
         values["uratio"] = 2
@@ -214,8 +244,8 @@ def float_noise(noise: Trace) -> dict[str, list[float]]:
 
 
 def within(trace: Trace, noise: Trace) -> dict | None:
-    """The first (step, quantity) where `trace` differs from TorchSSL by more than float noise (float_noise); None if
-    it never does."""
+    """The first (step, quantity) where `trace` differs from the reference by more than float noise (float_noise);
+    None if it never does."""
     bound = float_noise(noise)
     for k, diffs in enumerate(trace.steps):
         for q, d in diffs.items():
@@ -235,7 +265,7 @@ def eval_noise(noise: Trace, bound: dict[str, list[float]]) -> float:
 
 
 def exercised(algorithm: str, scalars: list[dict[str, float]]) -> dict:
-    """What TorchSSL's side computed, so a reader sees the paths were live: FixMatch's mask rate per step (accepted
+    """What the reference computed, so a reader sees the paths were live: FixMatch's mask rate per step (accepted
     fraction), MixMatch's ramped lambda_u, and the unlabelled loss."""
     key = "mask_rate" if algorithm == "fixmatch" else "lambda_u"
     values = [s[key] for s in scalars]
@@ -246,15 +276,15 @@ def exercised(algorithm: str, scalars: list[dict[str, float]]) -> dict:
     return out
 
 
-def case(tssl, base: RunSpec, setting: str, network: tuple[int, int], steps: int, data: DeviceData,
-         eval_xy: tuple, bugs: list, shipped_mode: bool = True) -> dict:
+def case(ref_modules, base: RunSpec, setting: str, network: tuple[int, int], steps: int, data: DeviceData,
+         eval_xy: tuple, bugs: list, shipped_mode: bool = True, reference: str = "torchssl") -> dict:
     """One lockstep (one setting, one network) with every variant (shipped_mode False: exact mode and the bugs
     only); its summary."""
-    spec = check_spec(base, setting, steps, *network)
+    spec = check_spec(base, setting, steps, *network, recipe=reference)
     bug_variants = [Variant(f"planted: {b.name}", bug=b.plant) for b in bugs]
     variants = [EXACT, *((SHIPPED, SHIPPED_SGD, SHIPPED_EMA, NOISE) if shipped_mode else ()), *bug_variants]
     t0 = time.perf_counter()
-    traces, scalars = lockstep(tssl, spec, data, eval_xy, variants, {v.name for v in bug_variants})
+    traces, scalars = lockstep(ref_modules, spec, data, eval_xy, variants, {v.name for v in bug_variants}, reference)
     by = {t.variant.name: t for t in traces}
     exact, shipped, noise = by[EXACT.name], by.get(SHIPPED.name), by.get(NOISE.name)
     first = shipped.first_difference() if shipped else None
@@ -289,7 +319,7 @@ def case(tssl, base: RunSpec, setting: str, network: tuple[int, int], steps: int
     }
 
 
-def verdict(cases: list[dict]) -> dict:
+def verdict(cases: list[dict], reference: str = "torchssl") -> dict:
     """The algorithm's verdict over its cases, in words and as booleans."""
     exact_ok = all(c["exact"]["identical"] for c in cases)
     shipped_ok = all(c["shipped"]["above_noise"] is None for c in cases if c["shipped"])
@@ -299,8 +329,10 @@ def verdict(cases: list[dict]) -> dict:
     nets = sorted({c["network"] for c in cases})
     settings = list(dict.fromkeys(c["setting"] for c in cases))
     where = f"{', '.join(nets)}; {' and '.join(settings)} settings"
+    against = f"{REFERENCE_NAMES[reference]}'s {'train()' if reference == 'torchssl' else 'AlgorithmBase.train()'}"
     if exact_ok:
-        exact = f"identical in exact mode for {steps} steps ({where}): every compared tensor bit-equal at every step"
+        exact = (f"identical to {against} in exact mode for {steps} steps ({where}): every compared tensor "
+                 f"bit-equal at every step")
     else:
         bad = next(c for c in cases if not c["exact"]["identical"])
         f = bad["exact"]["first_difference"]
@@ -326,16 +358,19 @@ def verdict(cases: list[dict]) -> dict:
 QUANTITIES_ORDER = {q: i for i, q in enumerate(dict.fromkeys(QUANTITIES["fixmatch"] + QUANTITIES["mixmatch"]))}
 
 
-def run_check(tssl, base: RunSpec, data: DeviceData, eval_xy: tuple, steps: int, networks: list[tuple[int, int]],
-              settings: list[str], power: bool = True, shipped: bool = True) -> dict:
-    """Every (setting, network) case of base.algorithm; the planted bugs in the first setting (stress, where every
-    path is live), on each network where they apply."""
+def run_check(ref_modules, base: RunSpec, data: DeviceData, eval_xy: tuple, steps: int,
+              networks: list[tuple[int, int]], settings: list[str], power: bool = True, shipped: bool = True,
+              reference: str = "torchssl") -> dict:
+    """Every (setting, network) case of base.algorithm, ours (the reference's recipe) against `reference` (its
+    modules: ref_modules); the planted bugs in the first setting (stress, where every path is live), on each network
+    where they apply."""
     from identity.bugs import BUGS
 
     cases = []
     for setting in settings:
         for network in networks:
-            bugs = [b for b in BUGS if b.applies(base.algorithm, network)] if (
+            bugs = [b for b in BUGS if b.applies(base.algorithm, network, reference)] if (
                 power and setting == settings[0]) else []
-            cases.append(case(tssl, base, setting, network, steps, data, eval_xy, bugs, shipped))
-    return {"algorithm": base.algorithm, "verdict": verdict(cases), "cases": cases}
+            cases.append(case(ref_modules, base, setting, network, steps, data, eval_xy, bugs, shipped, reference))
+    return {"algorithm": base.algorithm, "subject": "own", "reference": reference,
+            "verdict": verdict(cases, reference), "cases": cases}

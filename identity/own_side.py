@@ -1,5 +1,6 @@
-"""Our training step, as own_impl/train.py runs it, on the batches and from the weights TorchSSL's side has, showing
-its state after every step in the terms TorchSSL's side uses (torchssl_side.StepState)."""
+"""Our training step, as own_impl/train.py runs it, on the batches and from the weights the reference's side has
+(TorchSSL's or USB's), showing its state after every step in the terms the reference sides use
+(torchssl_side.StepState)."""
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +14,7 @@ from identity.compare import nudged
 from identity.torchssl_side import StepState, forwards_kept, momentum_by_name, swapped
 from own_impl import mixmatch
 from own_impl.compile import make_loss_fn
-from own_impl.data import DeviceData, Samplers
+from own_impl.data import DeviceData
 from own_impl.recipes import RECIPES
 from own_impl.train import ALGORITHMS, RunState, advance, build, evaluate
 
@@ -23,8 +24,8 @@ class Variant:
     """How our side is set up: the arithmetic of its optimizer and EMA, its starting weights, a planted bug."""
 
     name: str
-    sgd_loop: bool = True  # SGD as the per-parameter loop (TorchSSL's arithmetic); False: fused, as shipped
-    ema_per_tensor: bool = True  # the EMA as TorchSSL's expression; False: one multi-tensor lerp, as shipped
+    sgd_loop: bool = True  # SGD as the per-parameter loop (the references' arithmetic); False: fused, as shipped
+    ema_per_tensor: bool = True  # the EMA as the references' expression; False: one multi-tensor lerp, as shipped
     nudge: bool = False  # every starting weight one ulp up: how far float noise alone carries in K steps
     bug: Callable[[], ContextManager] | None = None  # planted in our code while it builds and steps
 
@@ -63,8 +64,8 @@ class OwnSide:
             ema.per_tensor = variant.ema_per_tensor
             start = {k: nudged(v) if variant.nudge and v.is_floating_point() else v for k, v in initial.items()}
             model.load_state_dict(start)
-            ema.model.load_state_dict(start)  # the EMA starts as the live weights, as TorchSSL's train() registers
-            samplers = Samplers.seeded(spec.seed, data, RECIPES[spec.recipe].with_replacement)
+            ema.model.load_state_dict(start)  # the EMA starts as the live weights, as the references' train() register
+            samplers = RECIPES[spec.recipe].samplers(spec, data)
             self.s = RunState(data, samplers, model, ema, optimizer)
             self.loss_fn = make_loss_fn(self.algorithm.forward_loss, model, spec, compile=False)
 
@@ -73,7 +74,7 @@ class OwnSide:
 
     def step(self, drawn: tuple[float, torch.Tensor] | None = None) -> StepState:
         """One step of own_impl.train's loop: make_batch, then advance. drawn: MixMatch's lambda and permutation as
-        TorchSSL's step drew them (from numpy's and torch's global generators, which ours does not use)."""
+        the reference's step drew them (from numpy's and torch's global generators, which ours does not use)."""
         s, st = self.s, StepState()
         with self.planted(), forwards_kept(s.model, st.forwards), mixup_kept(st.mixed):
             inputs = self.algorithm.make_batch(s.data, s.samplers, self.spec, s.step)

@@ -39,13 +39,13 @@ __doc__ += "".join(f"\n    {name}: {why}" for name, why in LOCKSTEP_PATCHES.item
 
 
 def ours_name(torchssl_name: str) -> str:
-    """TorchSSL's WideResNet parameter or buffer name -> ours: conv1 -> conv, blockG.layer.I -> groups.(G-1).I,
-    convShortcut -> shortcut, the head's bn1 -> bn."""
+    """TorchSSL's (or USB's) WideResNet parameter or buffer name -> ours: conv1 -> conv, blockG.layer.I ->
+    groups.(G-1).I, convShortcut -> shortcut, the head's bn1 -> bn, fc (USB: classifier) -> fc."""
     first, rest = torchssl_name.split(".", 1)
     if first.startswith("block"):
         _, i, rest = rest.split(".", 2)  # "layer", block index, the rest
         return f"groups.{int(first[5:]) - 1}.{i}.{rest.replace('convShortcut', 'shortcut')}"
-    return {"conv1": "conv", "bn1": "bn", "fc": "fc"}[first] + "." + rest
+    return {"conv1": "conv", "bn1": "bn", "fc": "fc", "classifier": "fc"}[first] + "." + rest
 
 
 @dataclass
@@ -192,6 +192,7 @@ class TorchSSLSide:
             g = torch.Generator().manual_seed(0)
             g.set_state(torch_state)
             st.drawn = (float(rs.beta(alpha, alpha)), torch.randperm(x.size(0), generator=g))
+            st.rng_states = (np_state, torch_state)  # what another reference's mixup can start from
             st.state.mixed = {"x_mix": out[0].detach(), "t_mix": out[1].detach(),
                               "lam'": torch.tensor(out[2], dtype=torch.float64)}
             return out

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from contract.spec import RunSpec
-from own_impl.augment import WeakParams, flip_and_shift, sample_weak_params
+from own_impl.augment import WeakParams, sample_weak_params
 from own_impl.ctaugment import CTAPolicy, CTAugment, Probe, apply_policy
 from own_impl.data import DeviceData, Samplers, normalization_table, normalize, to_device
 from own_impl.device import autocast
@@ -80,8 +80,9 @@ def make_batch(data: DeviceData, samplers: Samplers, spec: RunSpec, step: int = 
     p_weak = sample_weak_params(len(x_weak), samplers.augment, device)
     p_strong = recipe.sample_strong(len(x_strong), h, w, samplers.augment, device, cta)
     probe = cta.draw(n_x, h, w, samplers.augment, probe=True) if recipe.ctaugment else None
-    x = (augment_fn or augmenter(spec.recipe))(x_weak, p_weak, x_strong, p_strong, normalization_table(device),
-                                               spec.channels_last, probe)
+    x = (augment_fn or augmenter(spec.recipe))(x_weak, p_weak, x_strong, p_strong,
+                                               normalization_table(device, recipe.normalization), spec.channels_last,
+                                               probe)
     if probe is not None:  # CTAugment: the probe of the weak labelled images goes to the loop with its labels
         x, x_probe = x
         cta.probe = Probe(x_probe, probe, data.train_y[idx_x])
@@ -94,11 +95,11 @@ def augmenter(recipe: str):
     float32 input [weak(x_weak); strong(x_strong)], and with a CTAugment probe policy also the probe images (the
     policy on the weak labelled images, no Cutout). Pure (no random numbers, no host sync): it compiles into a few
     fused kernels."""
-    apply_strong = RECIPES[recipe].apply_strong
+    apply_weak, apply_strong = RECIPES[recipe].weak_augment, RECIPES[recipe].apply_strong
 
     def augment_and_normalize(x_weak: torch.Tensor, p_weak: WeakParams, x_strong: torch.Tensor, p_strong,
                               table: torch.Tensor, channels_last: bool, probe: CTAPolicy | None = None):
-        weak = flip_and_shift(x_weak, p_weak)  # (B + muB, 3, H, W)
+        weak = apply_weak(x_weak, p_weak)  # (B + muB, 3, H, W): flip and shift (the `usb` recipe: crop, then flip)
         x = normalize(torch.cat([weak, apply_strong(x_strong, p_strong)]), channels_last, table)
         if probe is None:
             return x
@@ -117,8 +118,10 @@ def stand_ins(spec: RunSpec, image_shape: torch.Size, device: torch.device) -> t
     cta = CTAugment(device=device) if recipe.ctaugment else None  # a throwaway one: the run's rates stay untouched
     p_strong = recipe.sample_strong(n_u, *image_shape[1:], g, device, cta)
     probe = cta.draw(n_x, *image_shape[1:], g, probe=True) if cta else None
-    augment_args = (images, sample_weak_params(n_x + n_u, g, device), images[n_x:], p_strong,
-                    normalization_table(device), spec.channels_last, probe)
-    x = normalize(torch.zeros((n_x + 2 * n_u, *image_shape), dtype=torch.uint8, device=device), spec.channels_last)
+    table = normalization_table(device, recipe.normalization)
+    augment_args = (images, sample_weak_params(n_x + n_u, g, device), images[n_x:], p_strong, table,
+                    spec.channels_last, probe)
+    x = normalize(torch.zeros((n_x + 2 * n_u, *image_shape), dtype=torch.uint8, device=device), spec.channels_last,
+                  table)
     inputs = (x, torch.zeros(n_x, dtype=torch.int64, device=device), torch.zeros(n_u, dtype=torch.int64, device=device))
     return augment_args, inputs

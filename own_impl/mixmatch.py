@@ -11,6 +11,9 @@ mixed rows; own_impl/train.py runs it):
     logits = interleaved forward of x_mix                1 + K mu passes of B rows, as the official code and TorchSSL
     loss = mixmatch_loss(...) = L_X + lambda_U(t) L_U    then the loop's backward, SGD, EMA
 
+The `usb` recipe follows USB's step where it differs (own_impl/recipes.py: the guess not renormalised, the mixed
+chunks NOT interleaved, L_U averaged over classes then examples); the others are unchanged by it.
+
 Settings by source (official code, TorchSSL's config, ours): docs/mixmatch.md.
 """
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from contract.spec import MIXMATCH_VIEWS, RunSpec
-from own_impl.augment import WeakParams, flip_and_shift, sample_weak_params
+from own_impl.augment import WeakParams, sample_weak_params
 from own_impl.data import DeviceData, Samplers, normalization_table, normalize, to_device
 from own_impl.device import autocast
 from own_impl.recipes import RECIPES
@@ -48,17 +51,20 @@ def sharpen(p: torch.Tensor, T: float) -> torch.Tensor:
     return p_t / p_t.sum(dim=-1, keepdim=True)
 
 
-def guess_labels(logits_u_views: torch.Tensor | Sequence[torch.Tensor], T: float) -> torch.Tensor:
+def guess_labels(logits_u_views: torch.Tensor | Sequence[torch.Tensor], T: float,
+                 renormalise: bool = True) -> torch.Tensor:
     """q_b = Sharpen(q_bar_b, T), q_bar_b = 1/K sum_k p_model(y | u_hat_b,k): the guessed labels (muB, C), float32,
     detached.
 
     logits_u_views: (K, muB, C), or K tensors (muB, C): the model's logits on the K weak views of one unlabelled
     batch. Softmax and sharpening run in float32 whatever the logits' dtype, so bf16 logits give unrounded targets.
+    renormalise: q_bar divided by its sum first, as TorchSSL (a no-op but for the last bit); USB leaves it out.
     """
     if not isinstance(logits_u_views, torch.Tensor):
         logits_u_views = torch.stack(list(logits_u_views))  # (K, muB, C)
     q_bar = torch.softmax(logits_u_views.detach(), dim=-1, dtype=torch.float32).mean(dim=0)  # (muB, C)
-    q_bar = q_bar / q_bar.sum(dim=-1, keepdim=True)  # TorchSSL renormalises here: a no-op but for the last bit
+    if renormalise:
+        q_bar = q_bar / q_bar.sum(dim=-1, keepdim=True)
     return sharpen(q_bar, T)
 
 
@@ -130,13 +136,17 @@ def linear_rampup(step: int, total_steps: int, ramp_up_fraction: float) -> float
 
 
 def mixmatch_loss(logits_x: torch.Tensor, targets_x: torch.Tensor, logits_u: torch.Tensor, targets_u: torch.Tensor,
-                  lambda_u: float | torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                  lambda_u: float | torch.Tensor, loss_u_mean: str = "elements"
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L = L_X + lambda_U(t) L_U on the mixed batch.
 
     logits_x, targets_x (B, C): the model on X' and X''s mixed soft targets; logits_u, targets_u (K muB, C): the same
     for U'. lambda_u: this step's weight, already ramped (lambda_U * linear_rampup(...)); a 0-d tensor keeps a
     compiled step from specialising on its value. Targets are detached here as well: no gradient reaches the
     guesses. Computed in float32. Statistics are detached 0-d float32 tensors on the logits' device.
+    loss_u_mean: L_U's mean as one over all elements ("elements", F.mse_loss's, as the official code and TorchSSL),
+    or over classes then over examples ("classes_then_rows", USB's consistency_loss): the same value, rounded
+    differently.
     """
     if logits_x.shape != targets_x.shape or logits_u.shape != targets_u.shape:  # mse would broadcast silently
         raise ValueError(f"logits and targets differ in shape: x {tuple(logits_x.shape)} vs "
@@ -144,7 +154,13 @@ def mixmatch_loss(logits_x: torch.Tensor, targets_x: torch.Tensor, logits_u: tor
     # L_X = 1/|X'| sum_{x,p in X'} H(p, p_model(y | x; theta)): cross-entropy against soft targets, mean over B
     loss_x = (-targets_x.detach().float() * F.log_softmax(logits_x.float(), dim=-1)).sum(dim=-1).mean()
     # L_U = 1/(L |U'|) sum_{u,q in U'} ||q - p_model(y | u; theta)||_2^2: mean over examples AND classes
-    loss_u = F.mse_loss(torch.softmax(logits_u.float(), dim=-1), targets_u.detach().float())
+    probs_u, targets_u = torch.softmax(logits_u.float(), dim=-1), targets_u.detach().float()
+    if loss_u_mean == "elements":
+        loss_u = F.mse_loss(probs_u, targets_u)
+    elif loss_u_mean == "classes_then_rows":
+        loss_u = F.mse_loss(probs_u, targets_u, reduction="none").mean(dim=1).mean()
+    else:
+        raise ValueError(f"loss_u_mean {loss_u_mean!r} is not 'elements' or 'classes_then_rows'")
     loss = loss_x + lambda_u * loss_u
 
     lam_u = lambda_u.detach() if isinstance(lambda_u, torch.Tensor) else torch.tensor(float(lambda_u))
@@ -170,6 +186,11 @@ def interleave(chunks: Sequence[torch.Tensor], batch: int) -> list[torch.Tensor]
     return [torch.cat(g) for g in groups]
 
 
+def keep_order(chunks: Sequence[torch.Tensor], batch: int) -> list[torch.Tensor]:
+    """No interleaving (USB's MixMatch): the chunks as they come, X' first."""
+    return list(chunks)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The step: batch, forward, stand-ins
 
@@ -177,10 +198,13 @@ def interleave(chunks: Sequence[torch.Tensor], batch: int) -> list[torch.Tensor]
 @functools.cache
 def augmenter(recipe: str):
     """Weak augmentation and normalization of every image of a step: (B + K muB) uint8 images and their drawn flip
-    and shift -> float32 input. The same for every recipe (TorchSSL's weak augmentation is the paper's)."""
+    and shift -> float32 input. The recipe's weak augmentation: flip then shift (paper, TorchSSL), or crop then flip
+    (USB)."""
+    apply_weak = RECIPES[recipe].weak_augment
+
     def augment_and_normalize(images: torch.Tensor, p_weak: WeakParams, table: torch.Tensor,
                               channels_last: bool) -> torch.Tensor:
-        return normalize(flip_and_shift(images, p_weak), channels_last, table)
+        return normalize(apply_weak(images, p_weak), channels_last, table)
 
     return augment_and_normalize
 
@@ -195,9 +219,11 @@ def make_batch(data: DeviceData, samplers: Samplers, spec: RunSpec, step: int, a
     idx_x, idx_u = idx[:n_x], idx[n_x:]  # (B,), (muB,)
     images = data.train_x[torch.cat([idx_x] + [idx_u] * MIXMATCH_VIEWS)]  # (N, 3, H, W): x_b, then u_b K times
     p_weak = sample_weak_params(len(images), samplers.augment, device)
-    x = (augment_fn or augmenter(spec.recipe))(images, p_weak, normalization_table(device), spec.channels_last)
+    recipe = RECIPES[spec.recipe]
+    x = (augment_fn or augmenter(spec.recipe))(images, p_weak, normalization_table(device, recipe.normalization),
+                                               spec.channels_last)
     lam, perm = draw_mixup_params(len(images), spec.mixup_alpha, samplers.augment, device,
-                                  per=RECIPES[spec.recipe].mixup_lambda_per)
+                                  per=recipe.mixup_lambda_per)
     ramped = spec.lambda_u * linear_rampup(step, spec.steps, spec.ramp_up)  # TorchSSL's formula, in float64
     lambda_u = to_device(torch.tensor(ramped, dtype=torch.float32), device)
     return x, data.train_y[idx_x], data.train_y[idx_u], lam, perm, lambda_u
@@ -215,20 +241,25 @@ def forward_loss(model: torch.nn.Module, x: torch.Tensor, y_x: torch.Tensor, y_u
     """Guess, sharpen, mix, the interleaved forward of the mixed batch, then the loss.
 
     x (N, 3, H, W) = [x_hat; u_hat_1; u_hat_2]; y_x (B,) labels; y_u (muB,) the unlabelled images' true labels, for
-    the guess_acc diagnostic only; lam, perm (N,) MixUp's numbers; lambda_u 0-d: this step's ramped weight."""
+    the guess_acc diagnostic only; lam, perm (N,) MixUp's numbers; lambda_u 0-d: this step's ramped weight.
+    The recipe's MixMatch fields choose: the guess renormalised or not, the chunks interleaved or not (USB: the
+    mixed rows in order, so the first pass sees X' alone), L_U's reduction."""
+    recipe = RECIPES[spec.recipe]
     b, n_u = y_x.shape[0], y_u.shape[0]
     scratch = {name: buf.clone() for name, buf in model.named_buffers()}  # running statistics the step drops
     with torch.no_grad(), autocast(spec, x.device):
         views = [forward_with_scratch_statistics(model, scratch, v) for v in x[b:].split(n_u)]  # K x (muB, C)
-    q = guess_labels(views, spec.temperature)  # (muB, C) float32, sharpened, no gradient
+    q = guess_labels(views, spec.temperature, recipe.mixmatch_renormalise_guess)  # (muB, C) float32, no gradient
     targets = torch.cat([F.one_hot(y_x, spec.num_classes).float()] + [q] * MIXMATCH_VIEWS)  # (N, C): p, q, q
     x_mix, t_mix = mixup(x, targets, perm, lam)  # rows [:B] are X', rows [B:] are U'
-    chunks = interleave(list(x_mix.split(b)), b)  # 1 + K mu chunks of B rows, each mixing X' and U' rows
+    # 1 + K mu chunks of B rows, each mixing X' and U' rows when interleaved
+    order = interleave if recipe.mixmatch_interleave else keep_order
+    chunks = order(list(x_mix.split(b)), b)
     with autocast(spec, x.device):
         logits = [model(chunks[0])]  # the one pass that updates the running statistics
         logits += [forward_with_scratch_statistics(model, scratch, c) for c in chunks[1:]]
-    logits = torch.cat(interleave(logits, b)).float()  # (N, C), rows back in x_mix's order; the loss in fp32
-    loss, stats = mixmatch_loss(logits[:b], t_mix[:b], logits[b:], t_mix[b:], lambda_u)
+    logits = torch.cat(order(logits, b)).float()  # (N, C), rows back in x_mix's order; the loss in fp32
+    loss, stats = mixmatch_loss(logits[:b], t_mix[:b], logits[b:], t_mix[b:], lambda_u, recipe.mixmatch_loss_u_mean)
     stats["guess_acc"] = (q.argmax(dim=-1) == y_u).float().mean()  # guessed label (argmax q) = true label
     stats["mix_lambda"] = torch.maximum(lam, 1 - lam).mean().float()  # mean lambda': weight of each row's own input
     return loss, stats
@@ -241,9 +272,11 @@ def stand_ins(spec: RunSpec, image_shape: torch.Size, device: torch.device) -> t
     n = n_x + MIXMATCH_VIEWS * n_u
     g = torch.Generator(device=device).manual_seed(0)
     images = torch.zeros((n, *image_shape), dtype=torch.uint8, device=device)
-    augment_args = (images, sample_weak_params(n, g, device), normalization_table(device), spec.channels_last)
-    lam, perm = draw_mixup_params(n, spec.mixup_alpha, g, device, per=RECIPES[spec.recipe].mixup_lambda_per)
-    inputs = (normalize(images, spec.channels_last), torch.zeros(n_x, dtype=torch.int64, device=device),
+    recipe = RECIPES[spec.recipe]
+    table = normalization_table(device, recipe.normalization)
+    augment_args = (images, sample_weak_params(n, g, device), table, spec.channels_last)
+    lam, perm = draw_mixup_params(n, spec.mixup_alpha, g, device, per=recipe.mixup_lambda_per)
+    inputs = (normalize(images, spec.channels_last, table), torch.zeros(n_x, dtype=torch.int64, device=device),
               torch.zeros(n_u, dtype=torch.int64, device=device), lam, perm,
               torch.tensor(float(spec.lambda_u), device=device))
     return augment_args, inputs

@@ -22,7 +22,7 @@ from contract.spec import RunFiles, RunSpec
 from own_impl import fixmatch, mixmatch
 from own_impl.compile import compile_step, make_probe_fn
 from own_impl.ctaugment import proximity
-from own_impl.data import DeviceData, Samplers, load_device_data, normalize
+from own_impl.data import DeviceData, Samplers, load_device_data, normalization_table, normalize
 from own_impl.device import restore_cuda_rng, use_device
 from own_impl.model import WideResNet
 from own_impl.optim import EMA, cosine_lr, param_groups
@@ -60,7 +60,8 @@ def build(spec: RunSpec, device: torch.device,
     tensor, the arithmetic of TorchSSL's (the identity check's exact mode; one kernel per tensor, slow on a GPU)."""
     recipe = RECIPES[spec.recipe]
     model = WideResNet(spec.num_classes, spec.depth, spec.widen_factor, bn_momentum=spec.bn_momentum,
-                       wiring=recipe.wiring, conv_bias_init=recipe.conv_bias_init).to(device)
+                       wiring=recipe.wiring, conv_bias_init=recipe.conv_bias_init,
+                       block_conv_bias=recipe.block_conv_bias, block_bn_eps=recipe.block_bn_eps).to(device)
     if spec.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
@@ -111,9 +112,10 @@ def advance(s: "RunState", spec: RunSpec, loss_fn, inputs: tuple,
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, spec: RunSpec) -> dict[str, float]:
     """top-1 and top-5 accuracy (%) and mean cross-entropy of `model` (in eval mode) on uint8 images x."""
     model.eval()
+    table = normalization_table(x.device, RECIPES[spec.recipe].normalization)
     totals = torch.zeros(3, device=x.device)  # top-1 hits, top-5 hits, summed cross-entropy
     for i in range(0, len(x), spec.eval_batch_size):
-        xb, yb = normalize(x[i:i + spec.eval_batch_size], spec.channels_last), y[i:i + spec.eval_batch_size]
+        xb, yb = normalize(x[i:i + spec.eval_batch_size], spec.channels_last, table), y[i:i + spec.eval_batch_size]
         logits = model(xb).float()  # (b, C); fp32 whatever the training precision, as TorchSSL evaluates
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == yb[:, None]  # (b, 5)
         totals += torch.stack([hits[:, 0].sum().float(), hits.any(dim=1).sum().float(),
@@ -167,8 +169,7 @@ def start(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device, l
     torch.manual_seed(spec.seed)  # the one global seeding: model initialization
     data = load_device_data(spec, files, device)
     recipe = RECIPES[spec.recipe]
-    state = RunState(data, Samplers.seeded(spec.seed, data, recipe.with_replacement, cta=recipe.ctaugment),
-                     *build(spec, device))
+    state = RunState(data, recipe.samplers(spec, data), *build(spec, device))
     path = run_dir / CHECKPOINT_FILE
     if path.exists() or previous_path(path).exists():
         ckpt, path = read_with_fallback(path, read_checkpoint, log)  # the previous one if the latest is damaged
@@ -262,7 +263,8 @@ def train(spec: RunSpec, files: RunFiles, run_dir: Path, device: torch.device | 
         compiled=c.step_compiled,  # torch.compile of forward + loss + backward in the last process
         augmentation_compiled=c.augmentation_compiled,  # and of the augmentation
         compile_seconds=s.prior_compile_s + c.seconds,  # summed over processes, kept out of train_seconds
-        impl_settings={**IMPL_SETTINGS, **RECIPES[spec.recipe].settings_for(spec.algorithm), **algorithm.SETTINGS},
+        # the recipe's rows last: where a recipe changes how the algorithm is realised (`usb` MixMatch), its row holds
+        impl_settings={**IMPL_SETTINGS, **algorithm.SETTINGS, **RECIPES[spec.recipe].settings_for(spec.algorithm)},
         **({"cta_rates": s.samplers.cta.rate_table()} if s.samplers.cta is not None else {}))
 
 

@@ -61,6 +61,7 @@ def test_check_passes_and_catches_every_planted_bug(check_spec_dir, tmp_path, al
     shipped within float noise and its first difference traced to a shipped part, every planted bug caught."""
     proc, result = run_identity(tmp_path, check_spec_dir(algorithm), "--steps", "12", "--networks", "10x1")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert (result["reference"], result["subject"]) == ("torchssl", "own")  # the default pair
     v = result["verdict"]
     assert v["exact_identical"] and v["shipped_within_noise"] and v["passed"]
     assert [c["setting"] for c in result["cases"]] == ["stress", "spec"]

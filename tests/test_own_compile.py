@@ -186,7 +186,7 @@ def batches(data: data_mod.DeviceData, spec: RunSpec, augment_fn, n: int = 2) ->
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("channels_last, recipe", [(False, "paper"), (True, "paper"), (False, "torchssl"),
-                                                   (False, "paper-cta")])
+                                                   (False, "paper-cta"), (False, "usb")])
 def test_compiled_batches_are_the_eager_batches(channels_last, recipe, device):
     """make_batch with the compiled augmentation: the same random draws, the same float inputs, bit for bit (on a
     GPU against the GPU's eager batches, which draw from a CUDA generator), for either recipe."""

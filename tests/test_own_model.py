@@ -1,5 +1,6 @@
 """own_impl.model: WRN-28-2's parameter count by hand and against TorchSSL's network, gradients, BN settings, and
-TorchSSL's wiring against TorchSSL's own WideResNet (outputs, gradients, initial values)."""
+TorchSSL's wiring against TorchSSL's own WideResNet (outputs, gradients, initial values); USB's blocks (no conv
+biases, BatchNorm eps 1e-5) by hand here, against USB's own network in tests/test_usb_recipe.py."""
 import json
 import subprocess
 import sys
@@ -221,3 +222,27 @@ def test_logits_are_float32_under_bf16_autocast(device):
     assert torch.equal(logits, nn.functional.linear(features.float(), model.fc.weight, model.fc.bias))
     assert not torch.equal(bf16_logits.float(), logits)
     assert torch.equal(model(x), model.fc(model.features(x)))  # without autocast: float32 throughout, as before
+
+
+def test_usb_blocks_drop_exactly_the_block_conv_biases():
+    """block_conv_bias=False, block_bn_eps=1e-5 (USB's WideResNet): 2,016 parameters fewer at WRN-28-2 (every conv
+    bias but the stem's 16), 1,467,626; eps 1e-5 in the 24 block BatchNorms, 1e-3 in the head's. A bias that is not
+    there draws no random numbers, so from the first block on the initial values are others (USB's own, the same
+    seed: tests/test_usb_recipe.py); the stem, built first, is the same."""
+    torch.manual_seed(9)
+    with_biases = WideResNet(num_classes=10, wiring="torchssl", conv_bias_init="pytorch")
+    torch.manual_seed(9)
+    usb = WideResNet(num_classes=10, wiring="torchssl", conv_bias_init="pytorch", block_conv_bias=False,
+                     block_bn_eps=1e-5)
+    assert sum(p.numel() for p in usb.parameters()) == 1_469_642 - 2_016 == 1_467_626
+    dropped = set(with_biases.state_dict()) - set(usb.state_dict())
+    assert len(dropped) == 28 - 1 and all(n.startswith("groups.") and n.endswith(".bias") for n in dropped)
+    state = with_biases.state_dict()
+    assert torch.equal(usb.conv.bias, state["conv.bias"]) and usb.conv.bias.abs().max() > 0
+    assert not torch.equal(usb.fc.weight, state["fc.weight"])
+    eps = {n: m.eps for n, m in usb.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert eps.pop("bn") == 1e-3 and set(eps.values()) == {1e-5} and len(eps) == 24
+    x = torch.randn(2, 3, 32, 32)
+    nn.functional.cross_entropy(usb.train()(x), torch.tensor([1, 2])).backward()
+    assert sorted(n for n, p in usb.named_parameters() if p.grad is None) == [
+        "groups.1.0.bn1.bias", "groups.1.0.bn1.weight", "groups.2.0.bn1.bias", "groups.2.0.bn1.weight"]

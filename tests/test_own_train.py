@@ -29,7 +29,7 @@ def test_three_steps_write_the_whole_run_folder(make_run_dir):
     r = run_cli(run)
     assert r.returncode == 0, r.stderr
     assert {p.name for p in run.iterdir()} == {"spec.json", "metrics.jsonl", "result.json", "log.txt",
-                                              "checkpoint.pt", ".lock"}
+                                              "checkpoint.pt", ".lock", "tensorboard"}
     records = read_metrics(run)
     train = [m for m in records if m["kind"] == "train"]
     assert [m["step"] for m in train] == [1, 2, 3]

@@ -1,5 +1,6 @@
 """Our implementation with TorchSSL's recipe: batches drawn with replacement, TorchSSL's strong augmentation before
 the flip and crop, TorchSSL's network wiring and bias init, BatchNorm momentum from the spec; resumable exactly."""
+import dataclasses
 import json
 
 import numpy as np
@@ -52,7 +53,8 @@ def test_make_batch_with_the_torchssl_recipe_draws_and_applies_torchssls_augment
     idx_x, idx_u = lab.next(2), unl.next(6)
     weak = A.weak_augment(images[torch.cat([idx_x, idx_u])], gen)
     strong = T.torchssl_strong_augment(images[idx_u], gen)  # RandAugment(3, 5) and Cutout, then flip and crop
-    assert torch.equal(x, data_mod.normalize(torch.cat([weak, strong]), False))
+    table = data_mod.normalization_table(torch.device("cpu"), "cifar10-torchvision")  # TorchSSL's arithmetic
+    assert torch.equal(x, data_mod.normalize(torch.cat([weak, strong]), False, table))
     assert torch.equal(y_x, labels[idx_x]) and torch.equal(y_u, labels[idx_u])
 
 
@@ -85,3 +87,39 @@ def test_a_torchssl_recipe_run_resumes_exactly(make_run_dir, tmp_path):
     settings = json.loads((straight / "result.json").read_text())["impl_settings"]
     assert settings["labelled_sampling"] == "with replacement"
     assert "BEFORE the flip and crop" in settings["strong_augmentation"]
+
+
+def test_the_recipe_fields_keep_paper_and_torchssl_as_they_were():
+    """The fields the `usb` recipe added leave the other recipes' behaviour as before: flip then shift, CIFAR-10's
+    mean and std (the torchssl recipe in TorchSSL's arithmetic), conv biases and eps 1e-3 in every block, MixMatch
+    interleaved with the guess renormalised and L_U one mean; sampling as before."""
+    for name in ("paper", "torchssl", "paper-cta"):
+        r = RECIPES[name]
+        assert r.weak_augment is A.flip_and_shift
+        assert r.normalization == ("cifar10-torchvision" if name == "torchssl" else "cifar10")
+        assert (r.block_conv_bias, r.block_bn_eps) == (True, 1e-3)
+        assert (r.mixmatch_interleave, r.mixmatch_renormalise_guess, r.mixmatch_loss_u_mean) == (True, True,
+                                                                                                  "elements")
+        assert r.with_replacement == (name == "torchssl")
+    usb = RECIPES["usb"]
+    assert (usb.sampling, usb.normalization, usb.block_conv_bias, usb.mixmatch_interleave) == (
+        "usb-epochs", "imagenet-torchvision", False, False)
+    with pytest.raises(ValueError, match="sampling"):
+        dataclasses.replace(usb, sampling="shuffled")
+
+
+def test_torchssl_recipe_normalises_as_torchssls_transform(torchssl_checkout):
+    """The `torchssl` recipe's table is ToTensor + Normalize with TorchSSL's own constants (datasets/ssl_dataset.py),
+    at every pixel level, bit for bit; the paper's scale-and-shift table is one ulp away at some levels."""
+    from torchvision import transforms
+
+    from conftest import torchssl_modules
+
+    with torchssl_modules(torchssl_checkout, "datasets.ssl_dataset") as (ssl_dataset,):
+        mean, std = ssl_dataset.mean["cifar10"], ssl_dataset.std["cifar10"]
+    levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16)
+    want = transforms.Normalize(mean, std)(transforms.ToTensor()(transforms.ToPILImage()(levels[0])))
+    table = data_mod.normalization_table(torch.device("cpu"), RECIPES["torchssl"].normalization)
+    assert torch.equal(data_mod.normalize(levels, False, table)[0], want)
+    paper = data_mod.normalize(levels, False, data_mod.normalization_table(torch.device("cpu")))[0]
+    assert not torch.equal(paper, want) and torch.allclose(paper, want, rtol=0, atol=1e-6)

@@ -298,11 +298,12 @@ def test_report_opens_with_the_identity_verdict(tmp_path):
     fake_identity(tmp_path, "mixmatch", error="TorchSSL checkout /x does not exist")
     text = report(tmp_path)
     body = text.split("## Same computation? The identity check\n\n", 1)[1]
-    assert body.startswith("❌ **FixMatch**: DIFFERENT in exact mode: first at step 2 in logits")
-    assert "**MixMatch: the identity check could not run** (TorchSSL checkout /x does not exist" in body
+    assert body.startswith("❌ **FixMatch, ours against TorchSSL**: DIFFERENT in exact mode: first at step 2 in logits")
+    assert "**MixMatch, ours against TorchSSL: the identity check could not run** (TorchSSL checkout /x does not" \
+        in body
     assert text.index("identity check") < text.index("| labels | run |")  # before every accuracy table
     assert "| no Nesterov momentum | WRN-28-2 | yes | 1 | update | 4.7e-01 | yes |" in text
     assert "(figures/identity-fixmatch.png)" in text and (tmp_path / "figures" / "identity-fixmatch.png").exists()
     assert "✅ 2 finished runs: 1 pixel checksum(s)" in text  # the data side, from the runs' checksums
     fake_identity(tmp_path, "fixmatch", exact_ok=True)
-    assert "✅ **FixMatch**: identical in exact mode for 3 steps" in report(tmp_path)
+    assert "✅ **FixMatch, ours against TorchSSL**: identical in exact mode for 3 steps" in report(tmp_path)

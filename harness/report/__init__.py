@@ -176,7 +176,7 @@ def write_report(out_dir: Path) -> Path:
 
 
 STALE_FIGURE = re.compile(rf"(({'|'.join(ALGORITHMS)})-)?(s\d+-)?(curves-\d+|throughput|labels|differences|"
-                          rf"algorithm-gap|cta-rates)\.png|identity-\w+\.png")
+                          rf"algorithm-gap|cta-rates)\.png|identity-[\w-]+\.png")
 
 
 def remove_stale_figures(fig_dir: Path, shown: set[str]) -> None:

@@ -10,6 +10,7 @@ import pandas as pd
 from harness.report.tables import markdown
 
 NAMES = {"fixmatch": "FixMatch", "mixmatch": "MixMatch"}
+SIDES = {"own": "ours", "torchssl": "TorchSSL", "usb": "USB"}
 SKIPPED_BY = {"exact": "exact mode", "shipped": "as shipped", "power": "planted bugs"}
 # Quantities drawn in the figure, grouped as a step computes them (the JSON has each one).
 FIGURE_GROUPS = {
@@ -31,6 +32,9 @@ DATA_EVIDENCE = (
     ("augmentation and sampling distributions", "ops, magnitudes, Cutout sizes drawn as TorchSSL draws them "
      "(frequencies against the uniform laws); batches drawn with replacement as its RandomSampler",
      "`python -m pytest tests/test_augment_torchssl.py -k statistics tests/test_recipes.py -k sampler`"),
+    ("USB's inputs", "the `usb` recipe's normalisation (ImageNet mean and std, as ToTensor + Normalize compute them), "
+     "its weak and strong transforms and its epoch-seeded sampler equal USB's own, pixel for pixel and index for "
+     "index", "`python -m pytest tests/test_usb_recipe.py`"),
     ("decoded pixels and splits", "one sha256 of the decoded arrays and one per split file, carried by every "
      "result.json and checked by this report (table below)", "`python run_all.py --report-only`"),
 )
@@ -47,9 +51,15 @@ def load_checks(out_dir: Path) -> dict[str, dict]:
     return checks
 
 
+def title(check: dict) -> str:
+    """'FixMatch, ours against TorchSSL' (a check written before it named its pair is ours against TorchSSL)."""
+    return (f"{NAMES.get(check.get('algorithm'), check.get('algorithm'))}, "
+            f"{SIDES[check.get('subject', 'own')]} against {SIDES[check.get('reference', 'torchssl')]}")
+
+
 def headline(check: dict) -> str:
-    """One line: the verdict of one algorithm's check, or why there is none."""
-    name = NAMES.get(check.get("algorithm"), check.get("algorithm"))
+    """One line: the verdict of one check, or why there is none."""
+    name = title(check)
     if "error" in check:
         return f"**{name}: the identity check could not run** ({check['error']}; log: `{check.get('log', '')}`)"
     v = check["verdict"]
@@ -91,6 +101,22 @@ def cases_table(check: dict) -> list[str]:
     return markdown(pd.DataFrame(rows), right=("steps", "seconds"))
 
 
+def networks_table(check: dict) -> list[str]:
+    """USB against TorchSSL: per case, USB's loop on TorchSSL's network and on its own, where each first differs."""
+    rows = []
+    for c in check["cases"]:
+        for net in ("torchssl", "usb"):
+            found = c[f"{net}_network"]
+            f = found["first_difference"]
+            rows.append({"setting": c["setting"], "network": c["network"],
+                         "USB's loop driving": "TorchSSL's WideResNet" if net == "torchssl" else "USB's own WideResNet",
+                         "first difference from TorchSSL": "none: identical at every step" if f is None else
+                         f"step {f['step']}, {f['quantity']} (`{f['where'] or '–'}`, {f['rel']:.1e}, {f['n_diff']} "
+                         f"of {f['n']} elements)",
+                         "as expected": "yes" if found["as_expected"] else "**NO**", "seconds": c["seconds"]})
+    return markdown(pd.DataFrame(rows), right=("seconds",))
+
+
 def power_table(check: dict) -> list[str]:
     rows = []
     for c in check["cases"]:
@@ -128,8 +154,8 @@ def identity_figure(check: dict, path: Path) -> None:
         ax.axhline(FLOOR, color="black", lw=0.8)
         ax.text(1, FLOOR * 2, "bit-equal (exact mode: every quantity, every step)", fontsize=8, va="bottom")
         ax.set_yscale("log")
-        ax.set(title=f"{NAMES.get(check['algorithm'])}, {c['network']}, {c['setting']} setting",
-               xlabel="step", ylabel="relative difference from TorchSSL")
+        ax.set(title=f"{title(check)}, {c['network']}, {c['setting']} setting",
+               xlabel="step", ylabel=f"relative difference from {SIDES[check.get('reference', 'torchssl')]}")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, ncol=2, loc="upper left")
     fig.tight_layout()
@@ -157,39 +183,45 @@ def identity_section(out_dir: Path, runs: list[dict], fig_dir: Path) -> tuple[li
     checks = load_checks(out_dir)
     lines = ["## Same computation? The identity check", ""]
     if not checks:
-        lines += ["No identity check here: it runs first whenever both implementations of an algorithm are asked "
+        lines += ["No identity check here: it runs first whenever two implementations of an algorithm are asked "
                   "for (`python run_all.py identity ...` runs it alone).", ""]
     else:
         lines += [headline(c) for c in checks.values()]
-        lines += ["", "Our training step and TorchSSL's own `train()` (unedited), in lockstep on the CPU: the same "
-                  "starting weights, the same already-augmented batches each step, and after every step every "
-                  "quantity compared (learning rate, each forward's logits, losses, mask, MixMatch's mixed batch and "
-                  "λ, BatchNorm buffers, momentum, the update, parameters, EMA), then the evaluated model's logits. "
-                  "*Exact mode* runs our code with SGD as the per-parameter loop and the EMA as TorchSSL's "
+        lines += ["", "Our training step and a reference's own training loop (TorchSSL's `train()`, USB's "
+                  "`AlgorithmBase.train()`, unedited), in lockstep on the CPU: the same starting weights, the same "
+                  "already-augmented batches each step, and after every step every quantity compared (learning rate, "
+                  "each forward's logits, losses, mask, MixMatch's mixed batch and λ, BatchNorm buffers, momentum, the "
+                  "update, parameters, EMA), then the evaluated model's logits. Ours follows the reference's recipe. "
+                  "*Exact mode* runs our code with SGD as the per-parameter loop and the EMA as the reference's "
                   "expression: the answer is bit for bit. *As shipped* runs the training step our runs use (fused "
                   "SGD, multi-tensor EMA), held to float noise measured in the same lockstep: what one ulp in every "
                   "starting weight does to each quantity, and one ulp per step for state carried across steps. "
-                  "*Planted bugs* put a known mistake in our code only; the check must catch each one. Seeds are "
-                  "for the other question: the tables below.", ""]
+                  "*Planted bugs* put a known mistake in our code only; the check must catch each one. USB against "
+                  "TorchSSL runs USB's loop on TorchSSL's network and on its own, and must find what is known of "
+                  "them. Seeds are for the other question: the tables below.", ""]
     figures = []
-    for alg, check in checks.items():
+    for stem, check in checks.items():
         if "error" in check:
             continue
-        lines += [f"### {NAMES.get(alg, alg)}", "", *cases_table(check), ""]
+        lines += [f"### {title(check)}", ""]
+        if check.get("subject", "own") != "own":
+            lines += [*networks_table(check), "", f"Rerun: `{check.get('command', 'python run_all.py identity')}`.", ""]
+            continue
+        lines += [*cases_table(check), ""]
         table = power_table(check)
         if table:
             lines += table + [""]
         fig_dir.mkdir(parents=True, exist_ok=True)
-        name = f"identity-{alg}.png"
+        name = f"identity-{stem}.png"
         identity_figure(check, fig_dir / name)
         figures.append(name)
-        lines += [f"![identity check, {NAMES.get(alg, alg)}](figures/{name})", "",
-                  f"*Figure: per step, the largest relative difference from TorchSSL (‖ours − TorchSSL‖ / ‖TorchSSL‖ "
+        ref = SIDES[check.get("reference", "torchssl")]
+        lines += [f"![identity check, {title(check)}](figures/{name})", "",
+                  f"*Figure: per step, the largest relative difference from {ref} (‖ours − {ref}‖ / ‖{ref}‖ "
                   f"over all tensors of a quantity) of our step as shipped (solid) and of the float-noise "
                   f"reference, one ulp in every starting weight (dotted), by quantity; exact mode is 0 everywhere "
                   f"(the black line). Rerun: `{check.get('command', 'python run_all.py identity')}`; "
-                  f"{check.get('threads', 1)} thread, torch {check.get('torch_version')}, TorchSSL "
-                  f"`{str(check.get('torchssl_commit'))[:12]}`.*", ""]
+                  f"{check.get('threads', 1)} thread, torch {check.get('torch_version')}.*", ""]
     lines += ["### Same inputs? The data side", "", *data_rows(runs), "",
               *markdown(pd.DataFrame(DATA_EVIDENCE, columns=["evidence", "what it shows", "recheck"]))]
     return lines + [""], figures
