@@ -185,7 +185,8 @@ USB_ALGORITHMS = {
             "mixup_pairing": "one shuffle over Concat(labelled, view 1, view 2), inputs and targets mixed alike",
             "batchnorm_of_the_mixed_batch": "NOT interleaved: 1 + K mu passes of B rows in order (the mixed "
                                             "labelled rows first), running statistics from the first pass only",
-            "unlabelled_loss": "squared error between softmax and mixed guesses, mean over examples and classes",
+            "unlabelled_loss": "squared error between softmax and mixed guesses, mean over classes, then over "
+                               "examples",
             "lambda_u_ramp_up": "linear from 0 at step 0 to lambda_u at step ramp_up x steps",
         }),
 }
