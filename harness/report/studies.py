@@ -30,7 +30,7 @@ OURS_TORCHSSL, OURS_USB = Arm("own", "torchssl"), Arm("own", "usb")
 TORCHSSL, USB = Arm("torchssl", "torchssl"), Arm("usb", "usb")
 ARMS = {OURS_PAPER: "ours (paper recipe)", OURS_CTA: "ours (paper recipe, CTAugment)",
         OURS_TORCHSSL: "ours (TorchSSL recipe)", OURS_USB: "ours (USB recipe)", TORCHSSL: "TorchSSL", USB: "USB"}
-COLORS = {OURS_PAPER: "tab:blue", OURS_CTA: "tab:cyan", OURS_TORCHSSL: "tab:green", OURS_USB: "tab:olive",
+COLORS = {OURS_PAPER: "tab:blue", OURS_CTA: "tab:purple", OURS_TORCHSSL: "tab:green", OURS_USB: "tab:olive",
           TORCHSSL: "tab:orange", USB: "tab:red"}
 
 
