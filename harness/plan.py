@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contract.spec import (ALGORITHM_DEFAULTS, ALGORITHM_SETTINGS, ALGORITHMS, MAX_SEED, RECIPES,
+from contract.spec import (ALGORITHM_DEFAULTS, ALGORITHM_SETTINGS, ALGORITHMS, MAX_SEED, RECIPES, REFERENCES,
                            STRONG_AUGMENTATION_RECIPES, RunSpec, settings_problems)
 from harness.data import CIFAR10_COUNTS
 from harness.splits import check_budget
@@ -127,9 +127,10 @@ def check_settings(values: dict, impls, algorithm: str) -> None:
     if values.get("eval_subset", 0) > CIFAR10_TEST_IMAGES:
         raise UsageError(f"--eval-subset {values['eval_subset']} is more than the {CIFAR10_TEST_IMAGES} test images; "
                          f"accepted: 0 (all) or a multiple of 10 up to {CIFAR10_TEST_IMAGES}")
-    if "torchssl" in impls and values.get("channels_last"):
-        raise UsageError("--channels-last is not accepted with TorchSSL (its model runs as it ships); "
-                         "leave it out or use --impls own")
+    references = [i for i in impls if i in REFERENCES]
+    if references and values.get("channels_last"):
+        raise UsageError(f"--channels-last is not accepted with {', '.join(references)} (a reference runs as it "
+                         f"ships); leave it out or use --impls own")
 
 
 def resolve_devices(device: str, gpus: list[int] | None) -> list[str]:

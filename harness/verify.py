@@ -110,9 +110,9 @@ def check_run(run_dir: Path, result: dict[str, Any], spec: RunSpec, split_file: 
     for key, field in FROM_SPEC:
         if result.get(key) != getattr(spec, field):
             found.append(f"{key} {str(result.get(key))[:16]} is not spec.json's {str(getattr(spec, field))[:16]}")
-    problems = [f"{run_dir / RESULT_FILE}: {p}; its numbers are not used ({REDO})" for p in found]
-    problems += [f"{run_dir / RESULT_FILE}: {p}; its numbers are not used ({AFRESH})"
-                 for p in _eval_problems(run_dir, result, spec)]
+    evals, lost = _eval_problems(run_dir, result, spec)
+    problems = [f"{run_dir / RESULT_FILE}: {p}; its numbers are not used ({REDO})" for p in found + evals]
+    problems += [f"{run_dir / RESULT_FILE}: {p}; its numbers are not used ({AFRESH})" for p in lost]
     for key, name in CHECKOUTS:
         if result.get(key) is False:
             problems.append(f"{run_dir / RESULT_FILE}: {name}'s checkout changed while the run trained ({key} "
@@ -147,14 +147,16 @@ def expected_eval_steps(spec: RunSpec) -> list[int]:
     return steps if steps and steps[-1] == spec.steps else steps + [spec.steps]
 
 
-def _eval_problems(run_dir: Path, result: dict[str, Any], spec: RunSpec) -> list[str]:
+def _eval_problems(run_dir: Path, result: dict[str, Any], spec: RunSpec) -> tuple[list[str], list[str]]:
+    """(problems a finished run's checkpoint recovers: result.json disagrees with intact metrics; problems only a
+    fresh start recovers: evaluations lost from metrics.jsonl)."""
     if not (Path(run_dir) / METRICS_FILE).exists():
-        return [f"{METRICS_FILE} is missing"]
+        return [], [f"{METRICS_FILE} is missing"]
     evals = read_evals(run_dir)
     logged = [e.get("step") for e in evals]
     if logged != expected_eval_steps(spec):
-        return [f"metrics.jsonl has evaluations at steps {_steps(logged)}, the spec's schedule is "
-                f"{_steps(expected_eval_steps(spec))}"]
+        return [], [f"metrics.jsonl has evaluations at steps {_steps(logged)}, the spec's schedule is "
+                    f"{_steps(expected_eval_steps(spec))}"]
     listed = [e.get("step") for e in result.get("evals") or [] if isinstance(e, dict)]
     problems = [] if listed == logged else [f"its evals are at steps {_steps(listed)}, metrics.jsonl's at "
                                             f"{_steps(logged)}"]
@@ -162,12 +164,12 @@ def _eval_problems(run_dir: Path, result: dict[str, Any], spec: RunSpec) -> list
         window = result.get("median_window")
         summary = summarize_evals(evals, window if isinstance(window, int) and window > 0 else None)
     except (KeyError, TypeError, ValueError) as e:
-        return problems + [f"metrics.jsonl's evaluations cannot be summarized ({type(e).__name__}: {e})"]
+        return problems, [f"metrics.jsonl's evaluations cannot be summarized ({type(e).__name__}: {e})"]
     for key in FROM_EVALS:
         got = result.get(key)
         if not isinstance(got, (int, float)) or not math.isclose(got, summary[key], rel_tol=1e-9, abs_tol=1e-9):
             problems.append(f"{key} {got} is not {summary[key]}, recomputed from metrics.jsonl")
-    return problems
+    return problems, []
 
 
 def _steps(steps: list) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from contract.results import read_metrics
+from contract.spec import read_spec
 from harness.data import CIFAR10_CLASSES, load_cifar10
 from harness.lifeline import processes_naming
 
@@ -541,18 +542,54 @@ def test_a_damaged_split_file_is_drawn_again_and_an_edited_one_refused(cifar, tm
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The fault suite's list of bad command lines (bench/faults.py): each one line and a non-zero exit, nothing run
+# The fault suite's list of bad command lines (checks/faults.py): each one line and a non-zero exit, nothing run
 
 
 def test_every_bad_input_of_the_fault_suite_is_one_line(shared_archive, cifar, tmp_path):
-    sys.path.insert(0, str(REPO / "bench"))
+    sys.path.insert(0, str(REPO / "checks"))
     try:
         import faults
     finally:
-        sys.path.remove(str(REPO / "bench"))
+        sys.path.remove(str(REPO / "checks"))
     suite = faults.Suite(tmp_path, str(shared_archive), random.Random(0), None)
     faults.inputs(suite)
     assert len(suite.rows) >= 30
     failed = [f"{r.fault}: {r.detected} ({r.outcome})" for r in suite.rows if not r.ok]
     assert failed == []
     assert not (tmp_path / "inputs" / "code-was-run").exists()
+
+
+def test_a_reference_checkpoint_that_cannot_be_written_names_it_and_leaves_nothing(tmp_path):
+    """TorchSSL's and USB's own save (torch.save) failing as on a full disk: one OSError naming the checkpoint, the
+    temporary file gone, the previous checkpoint untouched."""
+    from third_party.adapter import save_atomically
+
+    (tmp_path / "latest_model.pth").write_bytes(b"previous")
+
+    def save(name, folder):  # writes part of the file, then fails as torch does on a full disk
+        (Path(folder) / name).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    with pytest.raises(OSError, match="cannot write the checkpoint.*a full disk") as e:
+        save_atomically(save, "latest_model.pth", tmp_path, keep_previous=True)
+    assert e.value.filename == str(tmp_path / "latest_model.pth")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest_model.pth"]
+    assert (tmp_path / "latest_model.pth").read_bytes() == b"previous"
+
+
+def test_an_edited_statistic_is_recovered_from_the_checkpoint_not_afresh(make_run_dir):
+    """result.json edited while metrics.jsonl is intact: the advice is to move result.json away (the run is finished
+    again from its checkpoint), not to throw the run away; evaluations lost from metrics.jsonl need a fresh start."""
+    from harness.verify import AFRESH, REDO, load_run
+    from own_impl.train import train
+
+    run = make_run_dir("own", steps=2, eval_every=2, checkpoint_every=2)
+    spec, files = read_spec(run / "spec.json")
+    train(spec, files, run, "cpu", compile=False)
+    result = json.loads((run / "result.json").read_text())
+    result["final_top1"] = 99.9
+    (run / "result.json").write_text(json.dumps(result))
+    problems = load_run(run)["problems"]
+    assert problems and all(REDO in p and AFRESH not in p for p in problems)
+    (run / "metrics.jsonl").unlink()
+    assert any(AFRESH in p for p in load_run(run)["problems"])

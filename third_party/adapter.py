@@ -8,6 +8,7 @@ Imports neither torch nor a pinned repository at import time, so the patch table
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import os
 import sys
@@ -181,14 +182,22 @@ def save_atomically(save: Callable[[str, str], None], save_name: str, save_path:
                     keep_previous: bool) -> bool:
     """Run an implementation's own save(name, folder) into NAME.tmp, then put it in place of NAME: with
     keep_previous (the resume checkpoint), the file it replaces stays as NAME's previous_path
-    (contract.checkpoints.rotate_in); else an atomic replace. False if save wrote nothing (a guard of its own)."""
+    (contract.checkpoints.rotate_in); else an atomic replace. False if save wrote nothing (a guard of its own). A
+    save that fails (a full disk: torch says only "enforce fail at inline_container.cc") leaves no temporary file
+    and is an OSError naming the checkpoint."""
     save_path = Path(save_path)
     tmp = save_path / (save_name + ".tmp")
     tmp.unlink(missing_ok=True)  # a kill's leftover is never put in place below
-    save(tmp.name, str(save_path))
-    if not tmp.exists():
-        return False
-    (rotate_in if keep_previous else replace_durably)(tmp, save_path / save_name)
+    try:
+        save(tmp.name, str(save_path))
+        if not tmp.exists():
+            return False
+        (rotate_in if keep_previous else replace_durably)(tmp, save_path / save_name)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        code = getattr(e, "errno", None) or errno.EIO
+        why = getattr(e, "strerror", None) or f"{type(e).__name__}: {str(e).splitlines()[0][:120]}; a full disk?"
+        raise OSError(code, f"cannot write the checkpoint ({why})", str(save_path / save_name)) from None
     return True
 
 
