@@ -298,7 +298,7 @@ def test_report_opens_with_the_identity_verdict(tmp_path):
     fake_identity(tmp_path, "mixmatch", error="TorchSSL checkout /x does not exist")
     text = report(tmp_path)
     body = text.split("## Same computation? The identity check\n\n", 1)[1]
-    assert body.startswith("❌ **FixMatch, ours against TorchSSL**: DIFFERENT in exact mode: first at step 2 in logits")
+    assert body.startswith("- ❌ **FixMatch, ours against TorchSSL**: DIFFERENT in exact mode: first at step 2 in logits")
     assert "**MixMatch, ours against TorchSSL: the identity check could not run** (TorchSSL checkout /x does not" \
         in body
     assert text.index("identity check") < text.index("| labels | run |")  # before every accuracy table

@@ -139,6 +139,8 @@ def labels_figure(budgets: list[Budget], algorithm: str, spec: dict, key: str, k
             ax.scatter(ns, [values[n] for n in ns], marker=marker, s=70, color="black", facecolors="none",
                        label=f"published: {name}")
     ax.axhline(chance(spec), color="gray", ls="--", lw=1, label=f"chance ({chance(spec):.0f}%)")
+    low, high = ax.get_ylim()
+    ax.set_ylim(max(low, 0.0), min(high, 100.0))  # an interval of two seeds can reach past what accuracy can be
     ax.set_xscale("log")
     ns = [b.n for b in budgets]
     ax.set_xlim(min(ns) / 1.6, max(ns) * 1.6)  # one budget alone still reads as a point on a log axis

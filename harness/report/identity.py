@@ -186,7 +186,7 @@ def identity_section(out_dir: Path, runs: list[dict], fig_dir: Path) -> tuple[li
         lines += ["No identity check here: it runs first whenever two implementations of an algorithm are asked "
                   "for (`python run_all.py identity ...` runs it alone).", ""]
     else:
-        lines += [headline(c) for c in checks.values()]
+        lines += [f"- {headline(c)}" for c in checks.values()]
         lines += ["", "Our training step and a reference's own training loop (TorchSSL's `train()`, USB's "
                   "`AlgorithmBase.train()`, unedited), in lockstep on the CPU: the same starting weights, the same "
                   "already-augmented batches each step, and after every step every quantity compared (learning rate, "
