@@ -17,6 +17,7 @@ from own_impl import data as data_mod
 from own_impl import train as train_mod
 from own_impl import mixmatch
 from own_impl.mixmatch import draw_mixup_params
+from own_impl.recipes import RECIPES
 
 from conftest import copy_run, run_module, torchssl_modules
 
@@ -54,7 +55,8 @@ def test_batch_holds_two_independent_weak_views_and_the_mixup_draws(recipe):
         weak = A.weak_augment(images, reference.augment)
         want_lam, want_perm = draw_mixup_params(20, 0.5, reference.augment, per="example" if recipe == "paper"
                                                 else "batch")
-        assert torch.equal(x, data_mod.normalize(weak, False))
+        table = data_mod.normalization_table(x.device, RECIPES[recipe].normalization)
+        assert torch.equal(x, data_mod.normalize(weak, False, table))
         assert torch.equal(y_x, data.train_y[idx_x]) and torch.equal(y_u, data.train_y[idx_u])
         assert torch.equal(lam, want_lam) and torch.equal(perm, want_perm)
         assert lambda_u.dim() == 0 and lambda_u.item() == ramped
