@@ -7,7 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,35 @@ def run_module(module: str, run_dir: Path, *extra: str, timeout: float = 300) ->
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", module, "--spec", str(run_dir / "spec.json"), "--run-dir",
                            str(run_dir), *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_identity(tmp_path: Path, spec_dir: Path, *flags: str, timeout: float = 300
+                 ) -> tuple[subprocess.CompletedProcess, dict]:
+    """`python -m identity --spec SPEC_DIR/spec.json --out TMP/identity.json *flags`, captured; its JSON or {}."""
+    import json
+
+    out = tmp_path / "identity.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "identity", "--spec", str(spec_dir / "spec.json"), "--out", str(out),
+                           *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc, (json.loads(out.read_text()) if out.exists() else {})
+
+
+def wait_until(condition, timeout: float, what: str, proc: subprocess.Popen | None = None, every: float = 0.1):
+    """condition()'s first true value within `timeout` seconds; fails naming `what`, and early (with the end of
+    its stderr, where piped) if `proc` ends first."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            tail = proc.stderr.read()[-3000:] if proc.stderr else ""
+            pytest.fail(f"the process ended (exit {proc.returncode}) before {what}: {tail}")
+        time.sleep(every)
+    pytest.fail(f"timed out waiting for {what}")
 
 
 def torchssl_checkpoint(run_dir: Path) -> dict:
@@ -118,26 +147,31 @@ def assert_same_images(got, want, what: str):
 
 
 @contextmanager
-def torchssl_modules(checkout: Path, *names: str):
-    """TorchSSL's modules `names`, imported from the checkout with no bytecode written there (so it stays clean);
-    sys.path, the bytecode flag and sys.modules are restored afterwards, so no TorchSSL package (datasets, models,
-    ...) outlives the caller."""
+def checkout_modules(checkout: Path, *names: str, within=None):
+    """Modules `names` imported from a checkout (inside the context `within`, e.g. USB's import stand-ins), with no
+    bytecode read from it or written; sys.path, the bytecode settings and sys.modules are restored afterwards, so
+    none of the checkout's packages (TorchSSL's datasets, models, ...; semilearn) outlives the caller."""
     checkout = Path(checkout).resolve()
-    saved_path, saved_flag, before = list(sys.path), sys.dont_write_bytecode, set(sys.modules)
-    sys.dont_write_bytecode = True
-    sys.path.insert(0, str(checkout))
-    try:
-        modules = [importlib.import_module(name) for name in names]
-        for module in modules:
-            assert Path(module.__file__).resolve().is_relative_to(checkout), module.__file__
-        yield modules
-    finally:
-        sys.path[:] = saved_path
-        sys.dont_write_bytecode = saved_flag
-        for name in set(sys.modules) - before:
-            top = name.split(".")[0]
-            if (checkout / top).is_dir() or (checkout / f"{top}.py").is_file():
-                del sys.modules[name]
+    saved, before = (list(sys.path), sys.dont_write_bytecode, sys.pycache_prefix), set(sys.modules)
+    with within or nullcontext():
+        sys.dont_write_bytecode, sys.pycache_prefix = True, str(Path(os.devnull) / "no-bytecode")
+        sys.path.insert(0, str(checkout))
+        try:
+            modules = [importlib.import_module(name) for name in names]
+            for module in modules:
+                assert Path(module.__file__).resolve().is_relative_to(checkout), module.__file__
+            yield modules
+        finally:
+            sys.path[:], sys.dont_write_bytecode, sys.pycache_prefix = saved
+            for name in set(sys.modules) - before:
+                top = name.split(".")[0]
+                if (checkout / top).is_dir() or (checkout / f"{top}.py").is_file():
+                    del sys.modules[name]
+
+
+def torchssl_modules(checkout: Path, *names: str):
+    """TorchSSL's modules `names`, imported for a while (checkout_modules)."""
+    return checkout_modules(checkout, *names)
 
 
 @pytest.fixture
@@ -220,6 +254,13 @@ def pinned_checkout(co) -> Path:
 @pytest.fixture(scope="session")
 def torchssl_checkout() -> Path:
     from third_party.torchssl import checkout
+
+    return pinned_checkout(checkout)
+
+
+@pytest.fixture(scope="session")
+def usb_checkout() -> Path:
+    from third_party.usb import checkout
 
     return pinned_checkout(checkout)
 

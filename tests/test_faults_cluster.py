@@ -23,7 +23,7 @@ import pytest
 from contract.results import latest_progress, read_metrics
 from harness.lifeline import processes_naming
 
-from conftest import REPO
+from conftest import REPO, wait_until
 
 TINY = ["--impls", "own", "--budgets", "40", "--preset", "smoke", "--batch-size", "2", "--uratio", "1",
         "--eval-subset", "100", "--eval-batch-size", "100", "--device", "cpu", "--log-every", "1", "--no-warmup",
@@ -45,18 +45,6 @@ def start_run_all(*args: str, **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(REPO / "run_all.py"), *args], cwd=REPO, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
-
-
-def wait_until(condition, timeout: float, what: str, proc: subprocess.Popen | None = None):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"the process ended (exit {proc.returncode}) before {what}")
-        time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def trained_to(out: Path, step: int):

@@ -1,18 +1,14 @@
 """The identity check (identity/): the comparison by hand, and the real check of both algorithms against TorchSSL's
 unedited train() on the real data: exact mode bit-identical, as shipped within float noise, every planted bug
 caught (with its step and quantity), across WideResNet depths and widths."""
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from identity.compare import difference, nudged
 
-from conftest import REPO
+from conftest import run_identity
 
 
 def test_difference_by_hand():
@@ -33,14 +29,6 @@ def test_nudged_moves_every_nonzero_element_one_ulp():
     n = nudged(t)
     assert n[2] == 0 and torch.all(n[[0, 1, 3]].abs() > t[[0, 1, 3]].abs())
     assert torch.equal(torch.nextafter(n, torch.zeros(4))[[0, 1, 3]], t[[0, 1, 3]])  # one step back is the original
-
-
-def run_identity(tmp_path, spec_dir, *flags: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, dict]:
-    out = tmp_path / "identity.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "identity", "--spec", str(spec_dir / "spec.json"), "--out", str(out),
-                           *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    return proc, (json.loads(out.read_text()) if out.exists() else {})
 
 
 @pytest.fixture

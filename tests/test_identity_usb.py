@@ -2,29 +2,16 @@
 scheduler and EMA), on the real data: ours with the `usb` recipe bit-identical in exact mode, as shipped within float
 noise, every planted bug caught; and USB against TorchSSL (identity/cross.py): USB's loop driving TorchSSL's
 network is TorchSSL's FixMatch bit for bit, while USB's own network differs at step 1, in the logits."""
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO
-from usb_fixtures import usb_checkout  # noqa: F401 (a fixture)
+from conftest import run_identity
 
 STEPS = "12"
 
 
-def run_identity(tmp_path, spec_dir, *flags: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, dict]:
-    out = tmp_path / "identity.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "identity", "--spec", str(spec_dir / "spec.json"), "--out", str(out),
-                           *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    return proc, (json.loads(out.read_text()) if out.exists() else {})
-
-
 @pytest.fixture
-def check_spec_dir(make_run_dir, usb_checkout, request):  # noqa: F811
+def check_spec_dir(make_run_dir, usb_checkout, request):
     """A run-spec file naming the real data, a split and USB's checkout (with_torchssl: TorchSSL's too, else the
     test needs no TorchSSL checkout), for an algorithm's check."""
     from harness.plan import ALGORITHM_DEFAULTS

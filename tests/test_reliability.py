@@ -21,7 +21,7 @@ from contract.spec import read_spec
 from harness.data import CIFAR10_CLASSES, load_cifar10
 from harness.lifeline import processes_naming
 
-from conftest import REPO, flat
+from conftest import REPO, flat, run_module, wait_until
 
 TINY = ["--impls", "own", "--budgets", "40", "--preset", "smoke", "--batch-size", "2", "--uratio", "1",
         "--eval-subset", "100", "--eval-batch-size", "100", "--device", "cpu", "--log-every", "1"]
@@ -41,18 +41,6 @@ def start_run_all(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(REPO / "run_all.py"), *args], cwd=REPO, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
-
-
-def wait_until(condition, timeout: float, what: str, proc: subprocess.Popen | None = None):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"run_all ended before {what}: {proc.stderr.read()[-3000:]}")
-        time.sleep(0.3)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def seed_cache(cache: Path, cifar) -> None:
@@ -444,7 +432,6 @@ def test_no_readable_checkpoint_names_the_files_and_the_way_out(make_run_dir, ca
 def test_torchssl_resumes_from_its_previous_checkpoint_when_the_latest_is_damaged(make_run_dir, torchssl_checkout):
     import torch
 
-    from conftest import run_module
 
     run_dir = make_run_dir("torchssl", files={"torchssl_checkout": str(torchssl_checkout), "num_workers": 0},
                            steps=3, eval_every=3, checkpoint_every=1)

@@ -12,10 +12,9 @@ from third_party.usb import checkout as co
 
 from conftest import REPO
 from test_torchssl_checkout import make_source, plant_bytecode
-from usb_fixtures import usb_checkout  # noqa: F401 (a fixture)
 
 
-def test_checkout_of_the_pin_from_a_local_source(tmp_path, usb_checkout):  # noqa: F811
+def test_checkout_of_the_pin_from_a_local_source(tmp_path, usb_checkout):
     path = co.ensure_checkout(str(usb_checkout), cache_dir=tmp_path)  # the real pin, cloned from a local copy
     assert path == tmp_path / f"usb-{co.COMMIT[:12]}" == co.checkout_path(tmp_path)
     with git.Repo(path) as repo:
@@ -69,7 +68,7 @@ def test_source_and_cache_come_from_the_environment(tmp_path, monkeypatch):
     assert co.resolve_source(None) == co.URL == "https://github.com/microsoft/Semi-supervised-learning"
 
 
-def test_planted_bytecode_in_usb_is_never_run(tmp_path, usb_checkout):  # noqa: F811
+def test_planted_bytecode_in_usb_is_never_run(tmp_path, usb_checkout):
     """The USB entry's import runs its sources even where a planted .pyc matches their size and mtime."""
     path = co.ensure_checkout(str(usb_checkout), cache_dir=tmp_path)
     pyc = plant_bytecode(path / "semilearn" / "algorithms" / "fixmatch" / "fixmatch.py", "PLANTED = True")

@@ -15,7 +15,7 @@ from harness.plan import preset_values
 from third_party.usb import patches, stand_ins
 from third_party.usb.entry import (USB_ALGORITHMS, config_differences, config_path, epoch_iters, usb_args)
 
-from usb_fixtures import usb_checkout, usb_modules  # noqa: F401 (a fixture)
+from usb_fixtures import usb_modules
 
 
 def spec_of(algorithm: str = "fixmatch", **values) -> RunSpec:
@@ -81,7 +81,7 @@ def parser_arguments(source: str) -> set[str]:
 
 
 @pytest.mark.parametrize("algorithm", ["fixmatch", "mixmatch"])
-def test_usb_args_are_exactly_what_train_py_parses(algorithm, usb_checkout, tmp_path):  # noqa: F811
+def test_usb_args_are_exactly_what_train_py_parses(algorithm, usb_checkout, tmp_path):
     """Every argument train.py's parser and the algorithm's get_argument define, and no other (but `distributed`,
     which main() adds, and `clip`, which its YAML configs add)."""
     module = USB_ALGORITHMS[algorithm].module.replace(".", "/") + ".py"
@@ -94,7 +94,7 @@ def test_usb_args_are_exactly_what_train_py_parses(algorithm, usb_checkout, tmp_
 @pytest.mark.parametrize("algorithm", ["fixmatch", "mixmatch"])
 @pytest.mark.parametrize("n_labels", [40, 250, 4000])
 def test_the_paper_preset_is_usbs_own_config_but_for_the_evaluation_cadence(algorithm, n_labels, usb_checkout,
-                                                                          tmp_path):  # noqa: F811
+                                                                          tmp_path):
     """USB's CIFAR-10 YAML config (read with PyYAML) against our arguments for the paper preset: the same in every
     value that defines the computation, except that the paper evaluates every 1,024 steps (USB: every 5,120)."""
     spec = dataclasses.replace(spec_of(algorithm, **preset_values("paper", {}, algorithm)), n_labels=n_labels)
@@ -128,7 +128,7 @@ def test_stand_ins_import_but_refuse_any_use():
     del stand_ins.used[len(before):]
 
 
-def test_positioned_sampler_resumes_usbs_data_order_exactly(usb_checkout):  # noqa: F811
+def test_positioned_sampler_resumes_usbs_data_order_exactly(usb_checkout):
     """USB's own loaders (get_data_loader, its DistributedSampler seeded by the epoch) over 3 epochs of 4 steps:
     a run stopped after any step k and resumed the way the entry resumes (resume_position after load_model) sees
     exactly the batches of the uninterrupted run, in order, and no more."""
@@ -168,7 +168,7 @@ def test_positioned_sampler_resumes_usbs_data_order_exactly(usb_checkout):  # no
             assert whole[:k] + batches(alg, k) == whole, k
 
 
-def test_usbs_load_model_reads_a_checkpoint_with_numpy_scalars(usb_checkout, tmp_path):  # noqa: F811
+def test_usbs_load_model_reads_a_checkpoint_with_numpy_scalars(usb_checkout, tmp_path):
     """Older scikit-learn returns accuracy as a numpy float64, which USB stores as best_eval_acc; torch.load's
     weights_only default refuses it unless allowed (patch numpy_scalars_in_checkpoint)."""
     import torch
@@ -191,7 +191,7 @@ def test_usbs_load_model_reads_a_checkpoint_with_numpy_scalars(usb_checkout, tmp
         assert alg.it == 7 and alg.best_eval_acc == 0.25 and alg.start_epoch == 1
 
 
-def test_get_cifar_builds_usbs_datasets_on_our_arrays_and_split(usb_checkout):  # noqa: F811
+def test_get_cifar_builds_usbs_datasets_on_our_arrays_and_split(usb_checkout):
     rng = np.random.default_rng(0)
     train = (rng.integers(0, 256, (60, 32, 32, 3), dtype=np.uint8), np.arange(60) % 10)
     test = (rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8), np.arange(20) % 10)

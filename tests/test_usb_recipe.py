@@ -35,7 +35,7 @@ from own_impl.recipes import RECIPES, usb_epoch_iters
 from third_party.usb import patches
 
 from conftest import assert_same_images, copy_run, to_numpy, to_tensor
-from usb_fixtures import usb_checkout, usb_modules, usb_wrn_count_by_hand  # noqa: F401 (a fixture)
+from usb_fixtures import usb_modules, usb_wrn_count_by_hand
 
 CPU = torch.device("cpu")
 N_IMAGES = 200  # real training images, every 250th: all classes
@@ -44,7 +44,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def usb(usb_checkout):  # noqa: F811
+def usb(usb_checkout):
     """USB's network, data-set, augmentation, sampler, hook and criterion modules, from the checkout."""
     names = ("semilearn.nets.wrn.wrn", "semilearn.datasets.cv_datasets.cifar",
              "semilearn.datasets.augmentation.randaugment", "semilearn.core.utils.build",

@@ -12,13 +12,13 @@ from contract.results import read_metrics
 from contract.spec import ALGORITHM_DEFAULTS
 
 from conftest import run_module
-from usb_fixtures import ENTRY, usb_checkout, usb_checkpoint, usb_result_on_our_split  # noqa: F401 (a fixture)
+from usb_fixtures import ENTRY, usb_checkpoint, usb_result_on_our_split
 
 entry = functools.partial(run_module, ENTRY)  # entry(run_dir, *extra)
 MIXMATCH = {"algorithm": "mixmatch", **ALGORITHM_DEFAULTS["mixmatch"]}
 
 
-def usb_run_dir(make_run_dir, usb_checkout, **overrides):  # noqa: F811
+def usb_run_dir(make_run_dir, usb_checkout, **overrides):
     return make_run_dir("usb", recipe="usb", files={"usb_checkout": str(usb_checkout), "num_workers": 0},
                         **overrides)
 
@@ -29,7 +29,7 @@ def cosine_lr(step: int, steps: int) -> float:
     return 0.03 * math.cos(7 * math.pi * (step - 1) / (16 * steps))
 
 
-def test_three_step_fixmatch_run_writes_our_schema(make_run_dir, usb_checkout):  # noqa: F811
+def test_three_step_fixmatch_run_writes_our_schema(make_run_dir, usb_checkout):
     run_dir = usb_run_dir(make_run_dir, usb_checkout)
     spec, result = usb_result_on_our_split(run_dir)
     assert (result["algorithm"], result["impl"], result["recipe"]) == ("fixmatch", "usb", "usb")
@@ -63,7 +63,7 @@ def test_three_step_fixmatch_run_writes_our_schema(make_run_dir, usb_checkout): 
     assert read_metrics(run_dir) == metrics
 
 
-def test_three_step_mixmatch_run_writes_our_schema(make_run_dir, usb_checkout):  # noqa: F811
+def test_three_step_mixmatch_run_writes_our_schema(make_run_dir, usb_checkout):
     run_dir = usb_run_dir(make_run_dir, usb_checkout, **MIXMATCH)  # B=2, mu=1, lambda_u 100 ramped over 1.2 steps
     spec, result = usb_result_on_our_split(run_dir)
     assert (result["algorithm"], result["steps"], result["optimizer_steps"]) == ("mixmatch", 3, 3)
@@ -85,7 +85,7 @@ def test_three_step_mixmatch_run_writes_our_schema(make_run_dir, usb_checkout): 
     assert usb_checkpoint(run_dir)["it"] == 3
 
 
-def test_interrupted_run_resumes_to_exactly_the_budget(make_run_dir, usb_checkout):  # noqa: F811
+def test_interrupted_run_resumes_to_exactly_the_budget(make_run_dir, usb_checkout):
     """Stopped after step 3 of 4, inside USB's one epoch: USB's own load_model would start at the next epoch, which
     does not exist, and take no step (patch resume_mid_epoch). Also: threshold 0 (every pseudo-label accepted, so
     mask_rate is exactly 1), bf16 (patch amp_bf16), BatchNorm momentum 0.5 (patch bn_momentum), no Nesterov
@@ -115,7 +115,7 @@ def test_interrupted_run_resumes_to_exactly_the_budget(make_run_dir, usb_checkou
 
 
 def test_mixmatch_resumes_from_the_previous_checkpoint_when_the_latest_is_damaged(make_run_dir,
-                                                                                  usb_checkout):  # noqa: F811
+                                                                                  usb_checkout):
     """Checkpoints after steps 2 and 3 (the stop); the latest is then damaged: the resume reads resume.prev.pth,
     redoes step 3 and still ends at exactly step 4."""
     run_dir = usb_run_dir(make_run_dir, usb_checkout, steps=4, eval_every=2, checkpoint_every=2, **MIXMATCH)

@@ -1,50 +1,19 @@
-"""What the USB tests share (imported by tests/test_usb_*.py; conftest.py's helpers stay where they are): the USB
-checkout fixture, USB's modules imported for a while, and the checks every USB result owes the spec."""
+"""What the USB tests share (imported by tests/test_usb_*.py): USB's modules imported for a while, and the checks
+every USB result owes the spec."""
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
-from conftest import pinned_checkout, run_module, wrn_count_by_hand
+from conftest import checkout_modules, run_module, wrn_count_by_hand
 
 ENTRY = "third_party.usb.entry"
 
 
-@pytest.fixture(scope="session")
-def usb_checkout() -> Path:
-    from third_party.usb import checkout
-
-    return pinned_checkout(checkout)
-
-
-@contextmanager
 def usb_modules(checkout: Path, *names: str):
-    """USB's modules `names`, imported from the checkout with the import stand-ins installed and no bytecode read
-    from the checkout or written; sys.path, the bytecode settings and sys.modules are restored afterwards, so
-    neither semilearn nor a stand-in outlives the caller."""
+    """USB's modules `names`, imported for a while with its import stand-ins installed (checkout_modules)."""
     from third_party.usb import stand_ins
 
-    checkout = Path(checkout).resolve()
-    saved = list(sys.path), sys.dont_write_bytecode, sys.pycache_prefix
-    before = set(sys.modules)
-    with stand_ins.installed():
-        sys.dont_write_bytecode, sys.pycache_prefix = True, str(Path(os.devnull) / "no-bytecode")
-        sys.path.insert(0, str(checkout))
-        try:
-            modules = [importlib.import_module(name) for name in names]
-            for module in modules:
-                assert Path(module.__file__).resolve().is_relative_to(checkout), module.__file__
-            yield modules
-        finally:
-            sys.path[:], sys.dont_write_bytecode, sys.pycache_prefix = saved
-            for name in set(sys.modules) - before:
-                if name.split(".")[0] == "semilearn":
-                    del sys.modules[name]
+    return checkout_modules(checkout, *names, within=stand_ins.installed())
 
 
 def usb_wrn_count_by_hand(depth: int = 28, k: int = 2, classes: int = 10) -> int:
