@@ -22,17 +22,18 @@ def run_main(prog: str, main) -> None:
 
 
 def run_context(data, impls, torchssl_source: str | None, compile_own: bool | None,
-                torchssl_workers: int | None = None):
+                torchssl_workers: int | None = None, usb_source: str | None = None):
     """The RunFiles every run a benchmark makes shares (harness.launch.shared_files): the cached data, this code's
-    version, and a verified TorchSSL checkout when TorchSSL is among `impls`. compile_own None: ours compiles as a
-    paper-length run on that device would (own_impl/compile.py's policy), falling back to eager per part if that
-    fails; True/False: as asked, binding."""
+    version, and a verified checkout of each reference (TorchSSL, USB) among `impls`. compile_own None: ours
+    compiles as a paper-length run on that device would (own_impl/compile.py's policy), falling back to eager per
+    part if that fails; True/False: as asked, binding."""
     import dataclasses
 
     from harness.launch import shared_files
 
     shared = shared_files(data.data_dir, compile=compile_own, num_workers=torchssl_workers,
-                          torchssl_source=torchssl_source, need=("torchssl",) if "torchssl" in impls else ())
+                          torchssl_source=torchssl_source, usb_source=usb_source,
+                          need=tuple(ref for ref in ("torchssl", "usb") if ref in impls))
     if compile_own is None:
         shared = dataclasses.replace(shared, compile=True, compile_binding=False)
     return shared

@@ -1,9 +1,9 @@
 """What only a GPU can confirm, checked in one prepared run, most valuable first: the environment; the CUDA-only tests
 (TF32 as the precision says, float32 logits under bf16, the EMA's grouped buffer copy, the augmentation's pixels
 eager and compiled, compiled steps, a compiled run resumed); our step eager against compiled, with its compile time;
-both implementations' throughput side by side, TorchSSL's loader as shipped and with as many loader processes as
-cores; a short side-by-side accuracy run. Everything it learns goes to --out, and summary.md says which line of
-check.log confirms each point.
+the implementations' throughput side by side (TorchSSL's loader as shipped and with as many loader processes as
+cores; USB's as its config says); a short side-by-side accuracy run of ours and TorchSSL. Everything it learns goes
+to --out, and summary.md says which line of check.log confirms each point.
 
     python bench/gpu_check.py --device cuda --out OUT --data PATH/cifar10-jpeg.tar.gz
     python bench/gpu_check.py --device cpu --out /tmp/gpu-check --data PATH/cifar10-jpeg.tar.gz   # the same, tiny
@@ -12,11 +12,12 @@ Each stage runs in its own process group with its own time limit, never past --t
 runs out of time is recorded, the next one still runs, and each prints the seconds it used. All stages share one
 inductor cache folder (--inductor-cache), so a graph compiled once (the tests compile theirs again after
 torch.compiler.reset(); our step is compiled by the configurations stage, then by the throughput and accuracy runs)
-is loaded from disk afterwards. TorchSSL needs git, gitpython and a verified checkout in the cache folder
-($FIXMATCH_BENCH_CACHE) or a source to clone it from (--torchssl-source); without them the script measures ours
-alone. --device cpu shrinks every stage to a few steps of tiny batches through WRN-10-1 (the CUDA tests skip), so
-that the whole script can be checked on any machine before a GPU is spent on it. It writes at most 8 files: env.txt,
-own-configs.json, throughput.json, accuracy.json, RESULTS.md, curves-4000.png, check.log, summary.md.
+is loaded from disk afterwards. TorchSSL and USB each need git, gitpython and a verified checkout in the cache
+folder ($FIXMATCH_BENCH_CACHE) or a source to clone it from (--torchssl-source, --usb-source); without them the
+script measures ours alone, or ours with whichever of the two it has. --device cpu shrinks every stage to a few
+steps of tiny batches through WRN-10-1 (the CUDA tests skip), so that the whole script can be checked on any machine
+before a GPU is spent on it. It writes at most 8 files: env.txt, own-configs.json, throughput.json, accuracy.json,
+RESULTS.md, curves-4000.png, check.log, summary.md.
 """
 from __future__ import annotations
 
@@ -128,8 +129,8 @@ class Stages:
 
 
 def environment_and_checks(args, out: Path, stages: Stages) -> list[str]:
-    """The environment, the CUDA tests, TorchSSL's checkout and the data; returns the implementations to measure
-    (ours alone when TorchSSL cannot be had: git, gitpython and its checkout are needed)."""
+    """The environment, the CUDA tests, TorchSSL's and USB's checkouts and the data; returns the implementations to
+    measure (ours, and each reference whose checkout can be had: git, gitpython and the checkout are needed)."""
     with open(out / "env.txt", "w") as f:
         stages.run("environment", [sys.executable, "-c", ENV_SCRIPT], 60, stdout=f)
     shutil.copyfileobj(open(out / "env.txt"), stages.log)
@@ -139,13 +140,15 @@ def environment_and_checks(args, out: Path, stages: Stages) -> list[str]:
         subprocess.run([sys.executable, "-m", "pip", "list", "--format=freeze"], stdout=f,
                        stderr=subprocess.DEVNULL, timeout=60)
     stages.run("CUDA checks", [*PYTEST, *QUICK_TESTS], 120)
-    impls = ["own", "torchssl"]
-    probe = [sys.executable, "-c", "import sys; from harness.env import default_cache_dir; "
-             "from third_party.torchssl.checkout import ensure_checkout; "
-             "print(ensure_checkout(sys.argv[1] if len(sys.argv) > 1 else None, default_cache_dir()))"]
-    if not stages.run("TorchSSL checkout", probe + ([args.torchssl_source] if args.torchssl_source else []), 60):
-        impls = ["own"]
-        stages.note("TorchSSL unavailable (see check.log): ours alone")
+    impls = ["own"]
+    for impl, name, source in (("torchssl", "TorchSSL", args.torchssl_source), ("usb", "USB", args.usb_source)):
+        probe = [sys.executable, "-c", "import sys; from harness.env import default_cache_dir; "
+                 f"from third_party.{impl}.checkout import ensure_checkout; "
+                 "print(ensure_checkout(sys.argv[1] if len(sys.argv) > 1 else None, default_cache_dir()))"]
+        if stages.run(f"{name} checkout", probe + ([source] if source else []), 60):
+            impls.append(impl)
+        else:
+            stages.note(f"{name} unavailable (see check.log): measured without it")
     if args.data:  # decoded once into the cache here, so that no later stage spends its time limit on it
         stages.run("data", [sys.executable, "-c", "import sys; from harness.data import load_cifar10; "
                             "print(load_cifar10(sys.argv[1]).data_dir)", args.data], 120)
@@ -203,6 +206,7 @@ def main() -> int:
     p.add_argument("--device", default="cuda", help="cuda | cuda:N | cpu (dry mode: tiny settings)")
     p.add_argument("--data", default=os.environ.get("FIXMATCH_BENCH_DATA"))
     p.add_argument("--torchssl-source", default=os.environ.get("TORCHSSL_SOURCE"))
+    p.add_argument("--usb-source", default=os.environ.get("USB_SOURCE"))
     p.add_argument("--accuracy-steps", type=int, default=None, help="steps of the accuracy run (default 1000 on "
                    "a GPU, 8 on the CPU)")
     p.add_argument("--time-limit", type=float, default=None,
@@ -222,12 +226,13 @@ def main() -> int:
     # stage limits are doubled on a CPU: it compiles and steps more slowly than the GPU machine's host
     stages = Stages(out / "check.log", args.time_limit or (900.0 if cpu else 510.0), 2.0 if cpu else 1.0, env)
     shared = ["--device", args.device, *(["--data", args.data] if args.data else []),
-              *(["--torchssl-source", args.torchssl_source] if args.torchssl_source else [])]
+              *(["--torchssl-source", args.torchssl_source] if args.torchssl_source else []),
+              *(["--usb-source", args.usb_source] if args.usb_source else [])]
     tiny = ["--batch-size", "4", "--uratio", "2", "--depth", "10", "--widen-factor", "1"] if cpu else []
 
     impls = environment_and_checks(args, out, stages)
     speed(args, out, stages, impls, shared, tiny)
-    results = accuracy(args, out, stages, impls, shared, tiny)
+    results = accuracy(args, out, stages, [i for i in impls if i != "usb"], shared, tiny)
     stages.log.close()
     text = summary(args.device, out, (out / "check.log").read_text().splitlines(), stages.lines, results,
                    time.monotonic() - stages.t_start)
@@ -265,9 +270,9 @@ def summary(device: str, out: Path, lines: list[str], stages: list[str], results
         for node in nodes:
             outcome, found = test_outcome(lines, node)
             md.append(f"  - **{outcome}** `{node}`" + ("" if found is None else f" (check.log line {found[0]})"))
-    rows = [(i + 1, ln.strip()) for i, ln in enumerate(lines) if re.match(r"(own|torchssl-w\d+) +\d", ln)]
-    md.append("- TorchSSL's loader as shipped and with as many loader processes as cores, beside ours (steps/s, "
-              "data wait, loader processes): " + ("; ".join(cite(r) for r in rows) if rows else cite(None)))
+    rows = [(i + 1, ln.strip()) for i, ln in enumerate(lines) if re.match(r"(own|usb|torchssl-w\d+) +\d", ln)]
+    md.append("- TorchSSL's loader as shipped and with as many loader processes as cores, and USB's, beside ours "
+              "(steps/s, data wait, loader processes): " + ("; ".join(cite(r) for r in rows) if rows else cite(None)))
     md.append("- compile time of our step and augmentation, first in the configurations stage (cold unless the "
               "inductor cache already held them): "
               + cite(find_line(lines, r"-compile .* compile \d")) + "; again in the throughput stage (from the "

@@ -1,12 +1,13 @@
-"""Steps/s of both implementations on one device and batch setting, side by side in one run; prints the ratio.
+"""Steps/s of the implementations on one device and batch setting, side by side in one run; prints the ratios.
 
 Each implementation runs as the harness runs it (its own subprocess, from a run spec), for warm-up + repeats x
 window steps. Every implementation logs a training record every `window` steps with `train_seconds` (training time
 so far, evaluation and checkpoints excluded), so each window gives one steps/s sample; the median over the windows
 after warm-up is reported. TorchSSL runs as shipped (its config's num_workers 1: one labelled and four unlabelled
 loader processes) and with its loader processes as many as the cores (num_workers = cores // 5, at least 1), each
-once: its PIL augmentation may make it CPU-bound where cores are many. Last line: `speedup own/torchssl: X.XX`,
-against TorchSSL as shipped.
+once: its PIL augmentation may make it CPU-bound where cores are many. USB (`--impls own torchssl usb`) runs its
+own recipe with its config's loader settings, ours then with the paper's. Last line: `speedup own/torchssl: X.XX`,
+against TorchSSL as shipped; `speedup own/usb` before it.
 
     python bench/throughput.py --device cpu --batch-size 16 --uratio 7
     python bench/throughput.py --device cuda --batch-size 64 --uratio 7 --precision bf16 --json out.json
@@ -97,7 +98,8 @@ def run_impl(impl: str, args, ctx, data, split_file: Path, split_sha: str, workd
              torchssl_workers: int | None = None) -> dict:
     """One implementation's run for warm-up + repeats x window steps, as the harness runs it; its steps/s samples."""
     steps = args.warmup + args.repeats * args.window
-    spec = RunSpec(impl=impl, recipe="torchssl" if impl == "torchssl" else args.own_recipe, n_labels=args.n_labels,
+    recipe = impl if impl in ("torchssl", "usb") else args.own_recipe
+    spec = RunSpec(impl=impl, recipe=recipe, n_labels=args.n_labels,
                    seed=0, data_kind=data.identity.kind,
                    data_sha256=data.identity.data_sha256, split_sha256=split_sha, steps=steps, eval_every=steps,
                    batch_size=args.batch_size, uratio=args.uratio, precision=args.precision, depth=args.depth,
@@ -139,7 +141,7 @@ def main() -> int:
     p.add_argument("--torchssl-workers", type=int, nargs="+", default=None,
                    help="TorchSSL's num_workers, one run each (default: its config's 1, and cores // 5 so that its "
                         "loader processes number the cores)")
-    p.add_argument("--impls", nargs="+", choices=["own", "torchssl"], default=["own", "torchssl"])
+    p.add_argument("--impls", nargs="+", choices=["own", "torchssl", "usb"], default=["own", "torchssl"])
     p.add_argument("--own-recipe", choices=["paper", "torchssl"], default="paper",
                    help="the recipe ours runs (TorchSSL runs its own): paper (2 RandAugment ops) or torchssl (3)")
     p.add_argument("--warmup", type=int, default=4, help="steps before timing starts")
@@ -148,6 +150,7 @@ def main() -> int:
     p.add_argument("--n-labels", type=int, default=4000)
     p.add_argument("--data", default=os.environ.get("FIXMATCH_BENCH_DATA"), help="CIFAR-10 source (see README)")
     p.add_argument("--torchssl-source", default=os.environ.get("TORCHSSL_SOURCE"))
+    p.add_argument("--usb-source", default=os.environ.get("USB_SOURCE"))
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args()
 
@@ -161,7 +164,7 @@ def main() -> int:
     data = load_cifar10(args.data)
     # Unasked, ours compiles as a paper-length run would (policy: own_impl/compile.py), with its fallback to
     # eager per part; only an explicit --compile / --no-compile binds.
-    ctx = common.run_context(data, args.impls, args.torchssl_source, args.compile)
+    ctx = common.run_context(data, args.impls, args.torchssl_source, args.compile, usb_source=args.usb_source)
     workers = torchssl_worker_counts(args.torchssl_workers, os.cpu_count() or 1)
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
         split_file, split_sha = ensure_split(Path(tmp), "cifar10", data.train_y, args.n_labels, 0,
@@ -199,16 +202,20 @@ def main() -> int:
             loaders += f"  compiled in {r['compile_seconds']:.1f} s"
         print(f"{label:12s} {r['steps_per_second']:9.3f} {samples:>30s} {frac:>10s} {tflops:8.3f} "
               f"{100 * tflops / peak:14.1f}%{loaders}")
+    references = [r for r in runs if r["impl"] == "usb"] + [r for r in runs if r["impl"] == "torchssl"]
+    if "own" in results and references:
+        report["speedups_own_over"] = {r["label"]: results["own"]["steps_per_second"] / r["steps_per_second"]
+                                       for r in references}
     torchssl = [r for r in runs if r["impl"] == "torchssl"]
     if "own" in results and torchssl:
-        report["speedups_own_over"] = {r["label"]: results["own"]["steps_per_second"] / r["steps_per_second"]
-                                       for r in torchssl}
         report["speedup_own_over_torchssl"] = report["speedups_own_over"][torchssl[0]["label"]]
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    if "speedup_own_over_torchssl" in report:
-        for label, ratio in list(report["speedups_own_over"].items())[1:]:
+    shipped = torchssl[0]["label"] if torchssl else None
+    for label, ratio in report.get("speedups_own_over", {}).items():
+        if label != shipped:
             print(f"speedup own/{label}: {ratio:.2f}")
+    if shipped:
         print(f"speedup own/torchssl: {report['speedup_own_over_torchssl']:.2f}")
     return 0
 
