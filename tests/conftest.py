@@ -123,6 +123,21 @@ def wrn_count_by_hand(depth: int = 28, k: int = 2, classes: int = 10) -> tuple[i
     return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
 
+def randomize_batchnorm(model, seed: int, var_scale: float = 1.0, var_shift: float = 0.5) -> None:
+    """BatchNorm affine values and running statistics made non-trivial (weight near 1, bias and mean near 0, var in
+    [var_shift, var_shift + var_scale)), so that a misplaced tensor, or an eps, shows in the outputs."""
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                for t in (m.weight, m.bias, m.running_mean):
+                    t.copy_(torch.randn(t.shape, generator=g) * 0.2 + (1 if t is m.weight else 0))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * var_scale + var_shift)
+
+
 def to_tensor(images):
     """(N, H, W, 3) uint8 numpy -> (N, 3, H, W) uint8 tensor."""
     import numpy as np

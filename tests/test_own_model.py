@@ -13,7 +13,7 @@ from contract.arrays import load_arrays
 from own_impl.model import WideResNet, _act
 from own_impl.optim import param_groups
 
-from conftest import cuda_param, torchssl_modules, wrn_count_by_hand
+from conftest import cuda_param, randomize_batchnorm, torchssl_modules, wrn_count_by_hand
 
 
 def test_param_count_matches_hand_count():
@@ -123,13 +123,7 @@ def test_torchssl_wiring_same_outputs_and_gradients_as_torchssl(torchssl_wrn, re
     misplaced tensor shows) loaded into ours: equal logits in train and eval mode, equal gradients for every
     parameter, None for the same two bn1s in both, and equal running statistics after the training pass."""
     theirs, ours = torchssl_pair(torchssl_wrn, seed=4)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for m in theirs.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                for t in (m.weight, m.bias, m.running_mean):
-                    t.copy_(torch.randn(t.shape, generator=g) * 0.2 + (1 if t is m.weight else 0))
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    randomize_batchnorm(theirs, seed=5)
     ours.load_state_dict({ours_name(k): v for k, v in theirs.state_dict().items()})
     x, y = real_batch
     logits = [model.train()(x) for model in (theirs, ours)]

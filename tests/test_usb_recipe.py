@@ -34,7 +34,7 @@ from own_impl.model import WideResNet
 from own_impl.recipes import RECIPES, usb_epoch_iters
 from third_party.usb import patches
 
-from conftest import assert_same_images, copy_run, to_numpy, to_tensor
+from conftest import assert_same_images, copy_run, randomize_batchnorm, to_numpy, to_tensor
 from usb_fixtures import usb_modules, usb_wrn_count_by_hand
 
 CPU = torch.device("cpu")
@@ -110,13 +110,7 @@ def test_usb_network_same_outputs_and_gradients(usb, images, widen):
     eps shows) loaded into ours: equal logits in train and eval mode, equal gradients for every parameter (None for
     the same bn1s), equal running statistics after the training pass. WRN-10-w: group 1 widens at w = 2, not at 1."""
     theirs, ours = usb_pair(usb, seed=4, depth=10, widen=widen)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for m in theirs.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                for t in (m.weight, m.bias, m.running_mean):
-                    t.copy_(torch.randn(t.shape, generator=g) * 0.2 + (1 if t is m.weight else 0))
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 1e-3 + 1e-5)  # eps matters
+    randomize_batchnorm(theirs, seed=5, var_scale=1e-3, var_shift=1e-5)  # variances near eps: eps matters
     ours.load_state_dict({usb_name_to_ours(k): v for k, v in theirs.state_dict().items()})
     x = data_mod.normalize(to_tensor(images[:16]), False, data_mod.normalization_table(CPU, USB_RECIPE.normalization))
     y = torch.arange(16) % 10
