@@ -66,25 +66,32 @@ def torchssl_checkpoint(run_dir: Path) -> dict:
     return torch.load(run_dir / "torchssl" / "latest_model.pth", map_location="cpu", weights_only=True)
 
 
-def torchssl_result_on_our_split(run_dir: Path) -> tuple:
-    """Run TorchSSL's entry on a prepared run folder and check what every TorchSSL result owes the spec: our schema,
-    our split (its checksum recomputed), our data, the spec's hash, TorchSSL's pinned clean checkout and the
-    WideResNet-28-2's parameter count. Returns (spec, result)."""
+def reference_result_on_our_split(run_dir: Path, entry: str) -> tuple:
+    """Run a reference's entry module on a prepared run folder and check what every result owes the spec: our schema,
+    our split (its checksum recomputed), our data and the spec's hash. Returns (spec, files, result)."""
     import json
 
     from contract.arrays import indices_sha256
     from contract.results import RESULT_KEYS
     from contract.spec import read_spec
-    from third_party.torchssl import checkout as co
 
     spec, files = read_spec(run_dir / "spec.json")
-    proc = run_module("third_party.torchssl.entry", run_dir)
+    proc = run_module(entry, run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((run_dir / "result.json").read_text())
     assert set(RESULT_KEYS) <= set(result)
     split = json.loads(Path(files.split_file).read_text())
     assert result["split_sha256"] == split["sha256"] == indices_sha256(split["labeled_indices"]) == spec.split_sha256
     assert result["data_sha256"] == spec.data_sha256 and result["spec_hash"] == spec.hash()
+    return spec, files, result
+
+
+def torchssl_result_on_our_split(run_dir: Path) -> tuple:
+    """reference_result_on_our_split for TorchSSL, and its pinned clean checkout and the WideResNet-28-2's parameter
+    count. Returns (spec, result)."""
+    from third_party.torchssl import checkout as co
+
+    spec, _, result = reference_result_on_our_split(run_dir, "third_party.torchssl.entry")
     assert result["param_count"] == wrn_count_by_hand(28, 2, 10)[0] == 1_469_642
     assert result["torchssl_commit"] == co.COMMIT and result["torchssl_checkout_clean"] is True
     return spec, result

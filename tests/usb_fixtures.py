@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import checkout_modules, run_module, wrn_count_by_hand
+from conftest import checkout_modules, reference_result_on_our_split, wrn_count_by_hand
 
 ENTRY = "third_party.usb.entry"
 
@@ -39,24 +39,11 @@ def usb_checkpoint(run_dir: Path) -> dict:
 
 
 def usb_result_on_our_split(run_dir: Path) -> tuple:
-    """Run USB's entry on a prepared run folder and check what every USB result owes the spec: our schema, our split
-    (its checksum recomputed), our data, the spec's hash, USB's pinned clean checkout, the stand-ins never used, and
-    USB's WideResNet-28-2's parameter count. Returns (spec, result)."""
-    import json
-
-    from contract.arrays import indices_sha256
-    from contract.results import RESULT_KEYS
-    from contract.spec import read_spec
+    """reference_result_on_our_split for USB, and its pinned clean checkout, the stand-ins never used, nothing written
+    into the checkout, and USB's WideResNet-28-2's parameter count. Returns (spec, result)."""
     from third_party.usb import checkout as co
 
-    spec, files = read_spec(run_dir / "spec.json")
-    proc = run_module(ENTRY, run_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((run_dir / "result.json").read_text())
-    assert set(RESULT_KEYS) <= set(result)
-    split = json.loads(Path(files.split_file).read_text())
-    assert result["split_sha256"] == split["sha256"] == indices_sha256(split["labeled_indices"]) == spec.split_sha256
-    assert result["data_sha256"] == spec.data_sha256 and result["spec_hash"] == spec.hash()
+    spec, files, result = reference_result_on_our_split(run_dir, ENTRY)
     assert result["param_count"] == usb_wrn_count_by_hand(28, 2, 10) == 1_467_626
     assert result["usb_commit"] == co.COMMIT and result["usb_checkout_clean"] is True
     assert result["usb_stand_ins_used"] == []  # no stand-in was called, read or iterated
