@@ -30,6 +30,15 @@ def run_module(module: str, run_dir: Path, *extra: str, timeout: float = 300) ->
                            str(run_dir), *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def as_in_a_terminal() -> None:
+    """A child's preexec_fn: SIGINT and SIGHUP handled by default, as a terminal's job gets them (a test suite
+    started in the background, or under nohup, passes them on ignored, and Python then never sees Ctrl-C)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def run_identity(tmp_path: Path, spec_dir: Path, *flags: str, timeout: float = 300
                  ) -> tuple[subprocess.CompletedProcess, dict]:
     """`python -m identity --spec SPEC_DIR/spec.json --out TMP/identity.json *flags`, captured; its JSON or {}."""

@@ -23,7 +23,7 @@ import pytest
 from contract.results import latest_progress, read_metrics
 from harness.lifeline import processes_naming
 
-from conftest import REPO, wait_until
+from conftest import REPO, as_in_a_terminal, wait_until
 
 TINY = ["--impls", "own", "--budgets", "40", "--preset", "smoke", "--batch-size", "2", "--uratio", "1",
         "--eval-subset", "100", "--eval-batch-size", "100", "--device", "cpu", "--log-every", "1", "--no-warmup",
@@ -44,7 +44,7 @@ def start_run_all(*args: str, **popen) -> subprocess.Popen:
     """run_all.py with SIGINT as a terminal delivers it (tests started in the background inherit it ignored)."""
     return subprocess.Popen([sys.executable, str(REPO / "run_all.py"), *args], cwd=REPO, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
+                            preexec_fn=as_in_a_terminal, **popen)
 
 
 def trained_to(out: Path, step: int):

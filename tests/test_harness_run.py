@@ -10,7 +10,7 @@ import pytest
 from contract.results import read_metrics
 from harness.plan import plan_runs, preset_values
 
-from conftest import REPO
+from conftest import REPO, as_in_a_terminal
 
 TINY = ["--preset", "smoke", "--batch-size", "2", "--uratio", "1", "--eval-subset", "100", "--eval-batch-size", "100",
         "--device", "cpu", "--no-warmup"]
@@ -47,7 +47,8 @@ def test_plan_gives_every_implementation_the_same_split(tmp_path):
 
 def _run_all(out, *extra, **kw):
     return subprocess.Popen([sys.executable, "run_all.py", "--impls", "own", "--out", str(out), *TINY, *extra],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=as_in_a_terminal, **kw)
 
 
 def test_killed_run_resumes_and_finished_runs_are_skipped(shared_archive, cifar, tmp_path):
