@@ -8,8 +8,8 @@ A configuration is precision (fp32 | tf32 | bf16 autocast, as contract/precision
 (channels_last) and `-compile` (torch.compile of the augmentation and of forward + loss + backward, as
 own_impl.compile does it). All configurations are built first (compilation timed apart, as `compile_s`), then each
 gets `warmup` untimed steps, then `repeats` rounds run `window` timed steps of every configuration in turn, so that
-load from other processes on a shared machine falls on all of them alike. The device is synchronized only at the ends of a window (a GPU runs ahead of the
-host as in training). Prints per configuration the median wall time per step (steps/s), the fastest window, the
+load from other processes on a shared machine falls on all of them alike. The device is synchronized only at the
+ends of a window (a GPU runs ahead of the host as in training). Prints per configuration the median wall time per step (steps/s), the fastest window, the
 process's CPU seconds per step (all threads), the host seconds per step spent issuing the data preparation and the
 step (on a GPU: launch overhead, unless the queue is full), and one JSON line. Images are random uint8 (the step's
 cost does not depend on pixel values), so no data set is needed.

@@ -249,5 +249,6 @@ def read_spec(path: Path) -> tuple[RunSpec, RunFiles]:
     except (KeyError, TypeError) as e:
         raise ValueError(f"run spec {path} is not a run spec file ({type(e).__name__}: {e})") from None
     if payload.get("spec_hash") not in (None, spec.hash()):
-        raise ValueError(f"run spec {path}: stored hash {payload['spec_hash']} != recomputed {spec.hash()} (edited by hand?)")
+        raise ValueError(f"run spec {path}: stored hash {payload['spec_hash']} != recomputed {spec.hash()} "
+                         "(edited by hand?)")
     return spec, files

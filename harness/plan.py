@@ -153,7 +153,8 @@ def resolve_devices(device: str, gpus: list[int] | None) -> list[str]:
             raise UsageError(f"--device {device}: torch sees no GPU here; accepted: auto, cpu")
         index = device.partition(":")[2] or "0"
         if not index.isdigit() or int(index) >= torch.cuda.device_count():
-            raise UsageError(f"--device {device} is not a GPU here; accepted: cuda:0..cuda:{torch.cuda.device_count() - 1}")
+            raise UsageError(f"--device {device} is not a GPU here; accepted: "
+                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
         return [f"cuda:{index}"]
     raise UsageError(f"--device {device!r} is not accepted; accepted: auto, cpu, cuda, cuda:N")
 

@@ -33,7 +33,8 @@ def warmup_estimate(runs: list[PlannedRun], shared: RunFiles, n_test: int, devic
         probe_steps = 8
         spec = dataclasses.replace(mine[0].spec, steps=probe_steps, eval_every=probe_steps,
                                    checkpoint_every=probe_steps, log_every=1)
-        with scratch_folder(warmup_root(runs), f"{impl}-{algorithm}-") as tmp:  # removed on every exit, or by the next call
+        # the scratch folder is removed on every exit, or by the next call
+        with scratch_folder(warmup_root(runs), f"{impl}-{algorithm}-") as tmp:
             probe = PlannedRun(spec, Path(tmp) / "run", mine[0].split_file)
             prepare(probe, shared, device)
             t0 = time.perf_counter()

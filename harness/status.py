@@ -73,8 +73,9 @@ class RunView:
                 self.log_end(job, log_lines)
         name, reason, requeues = state
         self.step_shown, self.shown_at = latest_progress(self.run_dir).step, time.monotonic()
+        detail = f" ({reason})" if reason not in ("", "None") else ""
         what = {"PENDING": f"pending ({reason})", "RUNNING": f"running, {self.progress()}",
-                "SUBMITTED": "submitted"}.get(name, name.lower() + (f" ({reason})" if reason not in ("", "None") else ""))
+                "SUBMITTED": "submitted"}.get(name, name.lower() + detail)
         if requeues:
             what += f"; requeued {requeues}x"
         return head + what + (f" [{note}]" if note else "")

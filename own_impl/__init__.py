@@ -1,1 +1,2 @@
-"""FixMatch written from scratch: model, loss, optimizer pieces and the training entry point (python -m own_impl.train)."""
+"""FixMatch and MixMatch written from scratch: model, augmentations, algorithms, optimizer pieces and the training
+entry point (python -m own_impl.train)."""

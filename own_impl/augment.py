@@ -9,7 +9,8 @@ probability 0.5, at a magnitude drawn uniformly from the op's range, independent
 
 Magnitude of each op: its unit, the range we draw from, and the other conventions found in the reference code.
 Our ranges are the paper's Table 12, which TorchSSL (datasets/augmentation/randaugment.py, augment_list) uses
-verbatim, so our RA and TorchSSL's draw the same magnitudes; the PIL calls are TorchSSL's too (see tests/augment_ref.py).
+verbatim, so our RA and TorchSSL's draw the same magnitudes; the PIL calls are TorchSSL's too (see
+tests/augment_ref.py).
 
 | op           | magnitude m, unit                              | range (paper Table 12) | official TF, l ~ U{1..9} |
 |--------------|------------------------------------------------|------------------------|--------------------------|

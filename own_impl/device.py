@@ -1,4 +1,5 @@
-"""The run's device settings for this process (precision, current GPU, cuDNN), autocast, and its GPU generator on resume."""
+"""The run's device settings for this process (precision, current GPU, cuDNN), autocast, and its GPU generator on
+resume."""
 from __future__ import annotations
 
 import torch

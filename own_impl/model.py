@@ -157,8 +157,9 @@ class WideResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, num_classes), float32 under any autocast: the classifier runs outside it, in its parameters'
-        dtype (float32), as mixed-precision practice recommends. bf16 logits would keep 8 significant bits, a rounding that can move a
-        softmax confidence across the pseudo-label threshold; the speed of autocast lies in the convolutions."""
+        dtype (float32), as mixed-precision practice recommends. bf16 logits would keep 8 significant bits, a rounding
+        that can move a softmax confidence across the pseudo-label threshold; the speed of autocast lies in the
+        convolutions."""
         features = self.features(x)  # (N, 64w), bf16 under bf16 autocast
         with torch.autocast(device_type=x.device.type, enabled=False):
             return self.fc(features.to(self.fc.weight.dtype))  # the classifier's own dtype: float32 in training

@@ -99,8 +99,8 @@ def test_a_failed_run_is_reported_and_the_others_go_on(cifar, tmp_path, capsys):
     splits = {(n, 0): ensure_split(tmp_path, "cifar10", cifar.train_y, n, 0, cifar.identity.data_sha256)
               for n in (40, 250)}
     values = preset_values("smoke", {"steps": 2, "eval_every": 2, "batch_size": 2, "uratio": 1, "eval_subset": 100})
-    runs = plan_runs(budgets=[40, 250], seeds=[0], impls=["own"], values=values, out_dir=tmp_path, data_kind=cifar.identity.kind, data_sha256=cifar.identity.data_sha256,
-                     splits=splits)
+    runs = plan_runs(budgets=[40, 250], seeds=[0], impls=["own"], values=values, out_dir=tmp_path,
+                     data_kind=cifar.identity.kind, data_sha256=cifar.identity.data_sha256, splits=splits)
     broken = runs[0].split_file
     payload = json.loads(broken.read_text())
     payload["labeled_indices"][0] += 1  # the split file no longer matches its checksum: the run must refuse it

@@ -124,7 +124,8 @@ def power_table(check: dict) -> list[str]:
             f = p["first_difference"] or {}
             rows.append({"planted bug (in our code only)": p["bug"], "network": c["network"],
                          "caught": "yes" if p["caught"] else "**NO**", "at step": f.get("step", "–"),
-                         "first quantity to differ": f.get("quantity", "–"), "relative difference": fmt_rel(f.get("rel")),
+                         "first quantity to differ": f.get("quantity", "–"),
+                         "relative difference": fmt_rel(f.get("rel")),
                          "above float noise": "yes" if p["above_noise"] else "no: bit-exactness alone catches it"})
     return markdown(pd.DataFrame(rows), right=("at step", "relative difference")) if rows else []
 

@@ -168,7 +168,8 @@ def settings_tables(runs: list[dict]) -> list[str]:
                   "third_party/torchssl/README.md and third_party/usb/README.md say why TorchSSL's and USB's "
                   "differ):", "", *markdown(pd.DataFrame(rows))]
     machines = [{"run": arm_name(a), "device": first[a].get("device"), "machine": first[a].get("device_name", "–"),
-                 "torch": first[a].get("torch_version"), "our code version": short_version(first[a].get("code_version")),
+                 "torch": first[a].get("torch_version"),
+                 "our code version": short_version(first[a].get("code_version")),
                  "reference commit": str(first[a].get("torchssl_commit") or first[a].get("usb_commit") or "–")[:12],
                  "run-time patches": len(first[a].get("patches", []))} for a in arms]
     lines += ["", *markdown(pd.DataFrame(machines), right=("run-time patches",))]
