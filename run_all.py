@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Run our FixMatch and TorchSSL's side by side on CIFAR-10 and write the report: `python run_all.py --help`.
+"""Run our FixMatch and MixMatch beside TorchSSL's and USB's on CIFAR-10 and write the report: `--help` says how.
 The same command as the installed console script `fixmatch-bench`; everything lives in harness/cli.py."""
 import sys
 

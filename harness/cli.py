@@ -78,8 +78,8 @@ def non_negative_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="fixmatch-bench", formatter_class=HelpFormatter,
-                      description="Run our FixMatch and MixMatch and TorchSSL's side by side on CIFAR-10 and write "
-                                  "the report.", allow_abbrev=False)
+                      description="Run our FixMatch and MixMatch beside TorchSSL's and USB's on CIFAR-10 and "
+                                  "write the report.", allow_abbrev=False)
     p.add_argument("command", nargs="?", default="run", choices=["run", "identity"],
                    help="run: the identity check, the training runs and the report; identity: the identity check "
                         "and the report only")
@@ -110,14 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: $USB_SOURCE, else https://github.com/microsoft/Semi-supervised-learning)")
     p.add_argument("--out", default="results", help="results folder: splits/, runs/, RESULTS.md, figures/")
     p.add_argument("--cache-dir", default=None,
-                   help="where decoded data and the TorchSSL checkout are cached "
+                   help="where decoded data and the TorchSSL and USB checkouts are cached "
                         "(default: $FIXMATCH_BENCH_CACHE, else ~/.cache/fixmatch_bench)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and write the split files only")
     p.add_argument("--report-only", action="store_true", help="rebuild RESULTS.md and figures from result files")
     p.add_argument("--no-warmup", action="store_true", help="skip the measured warm-up and time estimate")
     p.add_argument("--no-identity", action="store_true",
-                   help="skip the identity check (ours and TorchSSL's training code in lockstep on the CPU, run "
-                        "first whenever both implementations of an algorithm are asked for)")
+                   help="skip the identity check (ours and each reference's training code in lockstep on the CPU, "
+                        "run first whenever two implementations of an algorithm are asked for)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile our augmentation and training step (default: own_impl/compile.py's policy: "
                         "on for CUDA, and on the CPU for runs of 1000 steps or more); not part of the run spec")

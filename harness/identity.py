@@ -31,7 +31,8 @@ class Pair(NamedTuple):
 
     @property
     def name(self) -> str:
-        """The file name's stem: <algorithm> for ours against TorchSSL, as before a second reference existed."""
+        """The file name's stem: <algorithm> for ours against TorchSSL, <algorithm>-usb against USB, and
+        <algorithm>-usb-vs-torchssl for USB against TorchSSL."""
         if self.subject == "own":
             return self.algorithm if self.reference == "torchssl" else f"{self.algorithm}-{self.reference}"
         return f"{self.algorithm}-{self.subject}-vs-{self.reference}"

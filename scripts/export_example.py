@@ -1,7 +1,7 @@
 """python scripts/export_example.py OUT results/examples/NAME
 
 Copy a results folder's small files into an example folder: every run's spec.json, result.json and metrics.jsonl,
-the split files and the identity check's JSON, with this machine's paths written as `<cache>/...` and
+the split files and the identity check's JSON and spec files, with this machine's paths written as `<cache>/...` and
 `results/examples/NAME/...`; checkpoints, logs and TensorBoard events are left out. Then rebuild the report there
 (`python run_all.py --report-only --out results/examples/NAME` rebuilds it again at any time).
 """
@@ -31,6 +31,7 @@ def main(out: str, dest: str) -> int:
         shutil.rmtree(dest)
     files = [p for p in (out / "runs").glob("*/*") if p.name in KEPT]
     files += list((out / "splits").glob("*.json")) + list((out / "identity").glob("*.json"))
+    files += list((out / "identity").glob("*/spec.json"))  # what each identity check's rerun line names
     for src in files:
         target = dest / src.relative_to(out)
         target.parent.mkdir(parents=True, exist_ok=True)

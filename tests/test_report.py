@@ -307,3 +307,15 @@ def test_report_opens_with_the_identity_verdict(tmp_path):
     assert "✅ 2 finished runs: 1 pixel checksum(s)" in text  # the data side, from the runs' checksums
     fake_identity(tmp_path, "fixmatch", exact_ok=True)
     assert "✅ **FixMatch, ours against TorchSSL**: identical in exact mode for 3 steps" in report(tmp_path)
+
+
+@pytest.mark.parametrize("arms, title", [
+    (("own", "torchssl"), "ours against TorchSSL"),
+    (("own", "own-tssl"), "ours, recipe against recipe"),  # no reference ran: none is named
+    ((), "ours against TorchSSL"),                           # nothing ran yet: what a run would compare
+])
+def test_the_title_names_the_references_that_ran(tmp_path, arms, title):
+    for who in arms:
+        fake_run(tmp_path, who, 40, 0, [10.0, 20.0])
+    algorithms = "FixMatch" if arms else "FixMatch and MixMatch"  # with no run, every algorithm the project has
+    assert report(tmp_path).splitlines()[0] == f"# {algorithms} on CIFAR-10: {title}"
