@@ -14,7 +14,8 @@ from harness.stats import paired, t975
 
 from conftest import REPO, flat
 
-ARM = {"own": ("own", "paper"), "own-tssl": ("own", "torchssl"), "torchssl": ("torchssl", "torchssl")}
+ARM = {"own": ("own", "paper"), "own-tssl": ("own", "torchssl"), "torchssl": ("torchssl", "torchssl"),
+       "own-usb": ("own", "usb"), "usb": ("usb", "usb")}
 
 
 # MixMatch runs as the harness plans them: their own settings over the same protocol
@@ -311,6 +312,8 @@ def test_report_opens_with_the_identity_verdict(tmp_path):
 
 @pytest.mark.parametrize("arms, title", [
     (("own", "torchssl"), "ours against TorchSSL"),
+    (("own-usb", "usb"), "ours against USB"),
+    (("own", "torchssl", "usb"), "ours against TorchSSL and USB"),
     (("own", "own-tssl"), "ours, recipe against recipe"),  # no reference ran: none is named
     ((), "ours against TorchSSL"),                           # nothing ran yet: what a run would compare
 ])
