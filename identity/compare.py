@@ -53,7 +53,7 @@ def difference(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -
     return Difference((sq_diff ** 0.5) / scale if scale > 0 else math.inf, where, n_diff, n)
 
 
-def nudged(t: torch.Tensor) -> torch.Tensor:
-    """Every non-zero element moved one ulp away from zero: the smallest relative change float arithmetic can make
-    (zeros stay: one step from 0 is a subnormal, a change of another kind)."""
-    return torch.where(t == 0, t, torch.nextafter(t, t * 2))
+def nudged(t: torch.Tensor, toward_zero: bool = False) -> torch.Tensor:
+    """Every non-zero element moved one ulp away from zero (or toward it): the smallest relative change float
+    arithmetic can make (zeros stay: one step from 0 is a subnormal, a change of another kind)."""
+    return torch.where(t == 0, t, torch.nextafter(t, torch.zeros_like(t) if toward_zero else t * 2))

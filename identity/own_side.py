@@ -26,7 +26,8 @@ class Variant:
     name: str
     sgd_loop: bool = True  # SGD as the per-parameter loop (the references' arithmetic); False: fused, as shipped
     ema_per_tensor: bool = True  # the EMA as the references' expression; False: one multi-tensor lerp, as shipped
-    nudge: bool = False  # every starting weight one ulp up: how far float noise alone carries in K steps
+    nudge: str = ""  # "away" or "toward": every starting weight one ulp away from zero, or toward it: how far float
+    # noise alone carries in K steps
     bug: Callable[[], ContextManager] | None = None  # planted in our code while it builds and steps
 
 
@@ -34,7 +35,8 @@ EXACT = Variant("exact")
 SHIPPED = Variant("as shipped", sgd_loop=False, ema_per_tensor=False)
 SHIPPED_SGD = Variant("as shipped, SGD only", sgd_loop=False)
 SHIPPED_EMA = Variant("as shipped, EMA only", ema_per_tensor=False)
-NOISE = Variant("exact, weights one ulp up", nudge=True)
+NOISE = Variant("exact, weights one ulp up", nudge="away")
+NOISE_DOWN = Variant("exact, weights one ulp down", nudge="toward")
 
 
 @contextlib.contextmanager
@@ -62,7 +64,8 @@ class OwnSide:
         with self.planted():
             model, ema, optimizer = build(spec, device, reference_arithmetic=variant.sgd_loop)
             ema.per_tensor = variant.ema_per_tensor
-            start = {k: nudged(v) if variant.nudge and v.is_floating_point() else v for k, v in initial.items()}
+            start = {k: nudged(v, variant.nudge == "toward") if variant.nudge and v.is_floating_point() else v
+                     for k, v in initial.items()}
             model.load_state_dict(start)
             ema.model.load_state_dict(start)  # the EMA starts as the live weights, as the references' train() register
             samplers = RECIPES[spec.recipe].samplers(spec, data)

@@ -29,6 +29,29 @@ def test_nudged_moves_every_nonzero_element_one_ulp():
     n = nudged(t)
     assert n[2] == 0 and torch.all(n[[0, 1, 3]].abs() > t[[0, 1, 3]].abs())
     assert torch.equal(torch.nextafter(n, torch.zeros(4))[[0, 1, 3]], t[[0, 1, 3]])  # one step back is the original
+    down = nudged(t, toward_zero=True)
+    assert down[2] == 0 and torch.all(down[[0, 1, 3]].abs() < t[[0, 1, 3]].abs())
+    assert torch.equal(torch.nextafter(down, t * 2)[[0, 1, 3]], t[[0, 1, 3]])
+
+
+def test_float_noise_is_the_larger_of_its_measurements_at_each_step():
+    """envelope: per step and quantity the larger difference of the two noise runs, then float_noise's running
+    maximum (and one ulp per step for carried state)."""
+    from identity.check import ULP, Trace, envelope, float_noise
+    from identity.compare import Difference
+    from identity.own_side import NOISE, NOISE_DOWN
+
+    def trace(variant, losses, params):
+        return Trace(variant, [{"loss": Difference(a, "", 1, 1), "params": Difference(b, "", 1, 1)}
+                               for a, b in zip(losses, params)], Difference(losses[-1], "", 1, 1))
+
+    up = trace(NOISE, [1e-7, 1e-3, 1e-5], [0.0, 2e-7, 1e-3])
+    down = trace(NOISE_DOWN, [2e-7, 1e-4, 5e-3], [0.0, 1e-7, 1e-4])
+    both = envelope([up, down])
+    assert [s["loss"].rel for s in both.steps] == [2e-7, 1e-3, 5e-3] and both.eval_logits.rel == 5e-3
+    bound = float_noise(both)
+    assert bound["loss"] == [2e-7, 1e-3, 5e-3]  # running maximum of the larger
+    assert bound["params"] == [ULP, 2 * ULP, 1e-3]  # at least one ulp per step for state carried across steps
 
 
 @pytest.fixture

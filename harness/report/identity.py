@@ -132,7 +132,8 @@ def power_table(check: dict) -> list[str]:
 
 def identity_figure(check: dict, path: Path) -> None:
     """Per step, the largest relative difference of each quantity group: as shipped against TorchSSL, and one ulp
-    in every starting weight (float noise), in the first case of each setting; log scale, bit-equal at FLOOR."""
+    up or down in every starting weight (float noise, the larger), in the first case of each setting; log scale,
+    bit-equal at FLOOR."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,8 +196,9 @@ def identity_section(out_dir: Path, runs: list[dict], fig_dir: Path) -> tuple[li
                   "update, parameters, EMA), then the evaluated model's logits. Ours follows the reference's recipe. "
                   "*Exact mode* runs our code with SGD as the per-parameter loop and the EMA as the reference's "
                   "expression: the answer is bit for bit. *As shipped* runs the training step our runs use (fused "
-                  "SGD, multi-tensor EMA), held to float noise measured in the same lockstep: what one ulp in every "
-                  "starting weight does to each quantity, and one ulp per step for state carried across steps. "
+                  "SGD, multi-tensor EMA), held to float noise measured in the same lockstep: what one ulp up or "
+                  "down in every starting weight does to each quantity (the larger of the two), and one ulp per step "
+                  "for state carried across steps. "
                   "*Planted bugs* put a known mistake in our code only; the check must catch each one. USB against "
                   "TorchSSL runs USB's loop on TorchSSL's network and on its own, and must find what is known of "
                   "them. Seeds are for the other question: the tables below.", ""]
@@ -220,8 +222,8 @@ def identity_section(out_dir: Path, runs: list[dict], fig_dir: Path) -> tuple[li
         lines += [f"![identity check, {title(check)}](figures/{name})", "",
                   f"*Figure: per step, the largest relative difference from {ref} (‖ours − {ref}‖ / ‖{ref}‖ "
                   f"over all tensors of a quantity) of our step as shipped (solid) and of the float-noise "
-                  f"reference, one ulp in every starting weight (dotted), by quantity; exact mode is 0 everywhere "
-                  f"(the black line). Rerun: `{check.get('command', 'python run_all.py identity')}`; "
+                  f"reference, one ulp up or down in every starting weight, the larger (dotted), by quantity; exact "
+                  f"mode is 0 everywhere (the black line). Rerun: `{check.get('command', 'python run_all.py identity')}`; "
                   f"{check.get('threads', 1)} thread, torch {check.get('torch_version')}.*", ""]
     lines += ["### Same inputs? The data side", "", *data_rows(runs), "",
               *markdown(pd.DataFrame(DATA_EVIDENCE, columns=["evidence", "what it shows", "recheck"]))]
