@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,6 +24,9 @@ from contract.results import latest_progress, read_metrics
 from harness.lifeline import processes_naming
 
 from conftest import REPO, as_in_a_terminal, wait_until
+
+sys.path.insert(0, str(REPO / "checks"))
+import faults  # noqa: E402  (checks/faults.py: the fault suite's mounts)
 
 TINY = ["--impls", "own", "--budgets", "40", "--preset", "smoke", "--batch-size", "2", "--uratio", "1",
         "--eval-subset", "100", "--eval-batch-size", "100", "--device", "cpu", "--log-every", "1", "--no-warmup",
@@ -71,47 +74,29 @@ def training_process(run_dir: Path) -> int:
 
 
 @contextmanager
-def filesystem(where: Path, size: str = "1m", read_only: bool = False):
-    """A small tmpfs mounted at `where` for the block (a fresh, empty filesystem of `size`), else a loop-mounted
-    ext4 image; skips where neither can be mounted (it needs root)."""
-    where.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        pytest.skip(f"mounting a small filesystem needs root; this runs as uid {os.geteuid()}")
-    mounts = [["mount", "-t", "tmpfs", "-o", f"size={size}" + (",ro" if read_only else ""), "tmpfs", str(where)]]
-    image = where.parent / f".{where.name}.img"
-    if shutil.which("mkfs.ext4"):
-        mounts.append(["sh", "-c", f"truncate -s {size.upper()} {image} && mkfs.ext4 -q {image} && mount -o loop"
-                                   f"{',ro' if read_only else ''} {image} {where}"])
-    why = []
-    for cmd in mounts:
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode == 0:
-            break
-        why.append(f"{cmd[0]} {cmd[2] if cmd[0] == 'mount' else 'loop'}: {r.stderr.strip()[-200:]}")
-    else:
-        pytest.skip(f"cannot mount a small filesystem at {where}: {'; '.join(why)}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=True)
-        image.unlink(missing_ok=True)
+def or_skip(mount):
+    """The fault suite's mount (checks/faults.py: filesystem, read_only_view) for the block; skips, saying why,
+    where this machine cannot make it (it needs root)."""
+    if why := faults.cannot_mount():
+        pytest.skip(why)
+    with ExitStack() as stack:
+        try:
+            made = stack.enter_context(mount)
+        except OSError as e:
+            pytest.skip(str(e))
+        yield made
 
 
 @contextmanager
+def filesystem(where: Path, size: str = "1m", read_only: bool = False):
+    """A small fresh filesystem mounted at `where` for the block (tmpfs, else a loop-mounted ext4 image): its path."""
+    with or_skip(faults.filesystem(where, size, read_only)) as mount:
+        yield mount.where
+
+
 def read_only_view(source: Path, where: Path):
-    """`source` seen read-only at `where` (a bind mount remounted read-only); skips where it cannot be made."""
-    where.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        pytest.skip(f"a read-only bind mount needs root; this runs as uid {os.geteuid()}")
-    for cmd in (["mount", "--bind", str(source), str(where)], ["mount", "-o", "remount,bind,ro", str(where)]):
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            subprocess.run(["umount", str(where)], capture_output=True)
-            pytest.skip(f"cannot make a read-only view of {source}: {r.stderr.strip()[-200:]}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=True)
+    """`source` seen read-only at `where` for the block: its path."""
+    return or_skip(faults.read_only_view(source, where))
 
 
 @pytest.fixture(scope="module")
